@@ -1,0 +1,61 @@
+//! `membersync check`: one line per prerequisite, ✓ or ✗ with a hint that says how to fix it.
+
+mod kafka;
+mod postgres;
+
+use std::fmt;
+
+use crate::config::Config;
+
+/// The outcome of one check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    pub ok: bool,
+    pub label: String,
+    pub detail: String,
+    /// What to do about a ✗ (never set on ✓).
+    pub hint: Option<String>,
+}
+
+impl Item {
+    pub fn pass(label: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self {
+            ok: true,
+            label: label.into(),
+            detail: detail.into(),
+            hint: None,
+        }
+    }
+
+    pub fn fail(
+        label: impl Into<String>,
+        detail: impl Into<String>,
+        hint: impl Into<String>,
+    ) -> Self {
+        Self {
+            ok: false,
+            label: label.into(),
+            detail: detail.into(),
+            hint: Some(hint.into()),
+        }
+    }
+}
+
+impl fmt::Display for Item {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mark = if self.ok { '✓' } else { '✗' };
+        write!(f, "{mark} {}: {}", self.label, self.detail)?;
+        if let Some(hint) = &self.hint {
+            write!(f, "\n    fix: {hint}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs every check. Postgres and Kafka are checked concurrently; the order of the
+/// returned items is stable (Postgres first).
+pub async fn run(config: &Config) -> Vec<Item> {
+    let (mut pg, kafka) = tokio::join!(postgres::check(config), kafka::check(config));
+    pg.extend(kafka);
+    pg
+}

@@ -1,0 +1,43 @@
+//! Command-line interface.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "membersync",
+    version,
+    about = "Keeps Memberstack members and a Supabase database in sync through Kafka",
+    long_about = "Keeps Memberstack members and a Supabase (PostgreSQL) database in sync, in both \
+                  directions, through Kafka.\n\nConfiguration: a TOML file (--config) with environment \
+                  overrides MEMBERSYNC__SECTION__KEY; secrets only from the environment or *_file keys. \
+                  See docs/configuration.md."
+)]
+pub struct Cli {
+    /// TOML configuration file; without it, defaults plus environment overrides.
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "MEMBERSYNC_CONFIG",
+        value_name = "PATH"
+    )]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: every role in one process, the ops server on telemetry.metrics_addr,
+    /// until SIGTERM or SIGINT (then drain, bounded by shutdown.drain_timeout_secs).
+    Run,
+    /// Apply the database migrations (schemas/migrations) as database.admin_user: tables, row-level
+    /// security, the membersync role's grants and the publication. Safe to re-run.
+    Migrate,
+    /// Check configuration, Postgres and Kafka; one line per item with ✓ or ✗ and a fix hint.
+    /// Exits 1 if any item fails.
+    Check,
+}

@@ -1,0 +1,487 @@
+//! Loading: defaults ← TOML file ← environment, then secret resolution and validation.
+
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use secrecy::SecretString;
+
+use super::error::from_figment;
+use super::{Config, ConfigError};
+
+/// Environment overrides look like `MEMBERSYNC__DATABASE__PORT=6543`.
+pub const ENV_PREFIX: &str = "MEMBERSYNC__";
+
+/// Keys whose values are secrets: they may come from the environment or a `<key>_file`,
+/// never from the config file itself (files get committed, copied and pasted into tickets).
+const SECRET_KEYS: [&str; 4] = [
+    "database.password",
+    "database.admin_password",
+    "kafka.sasl_password",
+    "telemetry.sentry_dsn",
+];
+
+/// Loads the configuration the daemon runs with.
+pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+    load_from(path, ENV_PREFIX)
+}
+
+/// Like [`load`], with another environment prefix (lets tests isolate themselves).
+pub fn load_from(path: Option<&Path>, env_prefix: &str) -> Result<Config, ConfigError> {
+    let mut figment = Figment::new();
+    if let Some(path) = path {
+        if !path.is_file() {
+            return Err(ConfigError::new(
+                "",
+                format!(
+                    "config file {} does not exist or is not a file",
+                    path.display()
+                ),
+            ));
+        }
+        figment = figment.merge(Toml::file_exact(path));
+    }
+    let figment = figment.merge(Env::prefixed(env_prefix).split("__"));
+
+    for key in SECRET_KEYS {
+        if let Some(meta) = figment.find_metadata(key) {
+            if matches!(meta.source, Some(figment::Source::File(_))) {
+                let var = format!("{env_prefix}{}", key.to_uppercase().replace('.', "__"));
+                return Err(ConfigError::new(
+                    key,
+                    format!(
+                        "secrets may not be written in the config file; set {var} or `{key}_file` instead"
+                    ),
+                ));
+            }
+        }
+    }
+
+    let mut config: Config = figment.extract().map_err(|e| from_figment(e, env_prefix))?;
+    resolve_secrets(&mut config)?;
+    validate(&config)?;
+    Ok(config)
+}
+
+fn resolve_secrets(c: &mut Config) -> Result<(), ConfigError> {
+    resolve(
+        "database.password",
+        &mut c.database.password,
+        c.database.password_file.take(),
+    )?;
+    resolve(
+        "database.admin_password",
+        &mut c.database.admin_password,
+        c.database.admin_password_file.take(),
+    )?;
+    resolve(
+        "kafka.sasl_password",
+        &mut c.kafka.sasl_password,
+        c.kafka.sasl_password_file.take(),
+    )?;
+    resolve(
+        "telemetry.sentry_dsn",
+        &mut c.telemetry.sentry_dsn,
+        c.telemetry.sentry_dsn_file.take(),
+    )?;
+    if c.telemetry.sentry_dsn.is_none() {
+        // Sentry's own convention; honoured so existing deployments keep working.
+        if let Ok(dsn) = std::env::var("SENTRY_DSN") {
+            if !dsn.trim().is_empty() {
+                c.telemetry.sentry_dsn = Some(SecretString::from(dsn.trim().to_owned()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads `<key>_file` into the secret slot; both set at once is ambiguous and refused.
+fn resolve(
+    key: &str,
+    slot: &mut Option<SecretString>,
+    file: Option<PathBuf>,
+) -> Result<(), ConfigError> {
+    let Some(file) = file else { return Ok(()) };
+    if slot.is_some() {
+        return Err(ConfigError::new(
+            key,
+            format!("set either `{key}` or `{key}_file`, not both"),
+        ));
+    }
+    let text = std::fs::read_to_string(&file).map_err(|e| {
+        ConfigError::new(
+            format!("{key}_file"),
+            format!("cannot read {}: {}", file.display(), e.kind()),
+        )
+    })?;
+    let value = text.trim_end_matches(['\n', '\r']);
+    if value.is_empty() {
+        return Err(ConfigError::new(
+            format!("{key}_file"),
+            format!("{} is empty", file.display()),
+        ));
+    }
+    *slot = Some(SecretString::from(value.to_owned()));
+    Ok(())
+}
+
+fn validate(c: &Config) -> Result<(), ConfigError> {
+    let db = &c.database;
+    non_empty("database.host", &db.host)?;
+    non_empty("database.dbname", &db.dbname)?;
+    non_empty("database.user", &db.user)?;
+    non_empty("database.admin_user", &db.admin_user)?;
+    if db.port == 0 {
+        return Err(ConfigError::new(
+            "database.port",
+            "must be between 1 and 65535",
+        ));
+    }
+    if db.connect_timeout_secs == 0 {
+        return Err(ConfigError::new(
+            "database.connect_timeout_secs",
+            "must be at least 1",
+        ));
+    }
+
+    let k = &c.kafka;
+    validate_brokers(&k.brokers)?;
+    non_empty("kafka.client_id", &k.client_id)?;
+    if k.topic_prefix.is_empty()
+        || k.topic_prefix.len() > 200
+        || !k
+            .topic_prefix
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-'))
+    {
+        return Err(ConfigError::new(
+            "kafka.topic_prefix",
+            "must be 1 to 200 characters of a-z, A-Z, 0-9, '.', '_' or '-' (Kafka topic name rules)",
+        ));
+    }
+    if k.security_protocol.uses_sasl() {
+        if k.sasl_mechanism.is_none() {
+            return Err(ConfigError::new(
+                "kafka.sasl_mechanism",
+                "required when security_protocol is sasl_plaintext or sasl_ssl (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)",
+            ));
+        }
+        if k.sasl_username.as_deref().is_none_or(str::is_empty) {
+            return Err(ConfigError::new(
+                "kafka.sasl_username",
+                "required when SASL is used",
+            ));
+        }
+        if k.sasl_password.is_none() {
+            return Err(ConfigError::new(
+                "kafka.sasl_password",
+                "required when SASL is used (MEMBERSYNC__KAFKA__SASL_PASSWORD or kafka.sasl_password_file)",
+            ));
+        }
+    }
+    if k.message_timeout_ms == 0 {
+        return Err(ConfigError::new(
+            "kafka.message_timeout_ms",
+            "must be at least 1",
+        ));
+    }
+    if k.request_timeout_ms == 0 {
+        return Err(ConfigError::new(
+            "kafka.request_timeout_ms",
+            "must be at least 1",
+        ));
+    }
+    if k.topic_partitions < 1 {
+        return Err(ConfigError::new(
+            "kafka.topic_partitions",
+            "must be at least 1",
+        ));
+    }
+    if k.topic_replication_factor < 1 {
+        return Err(ConfigError::new(
+            "kafka.topic_replication_factor",
+            "must be at least 1",
+        ));
+    }
+
+    let cdc = &c.cdc;
+    if !is_pg_name(&cdc.slot) || cdc.slot.chars().any(|ch| ch.is_ascii_uppercase()) {
+        return Err(ConfigError::new(
+            "cdc.slot",
+            "must be 1 to 63 characters of lower-case letters, digits and '_' (Postgres slot name rules)",
+        ));
+    }
+    if cdc.slot == "supabase_realtime" || cdc.publication == "supabase_realtime" {
+        return Err(ConfigError::new(
+            if cdc.slot == "supabase_realtime" {
+                "cdc.slot"
+            } else {
+                "cdc.publication"
+            },
+            "must not be `supabase_realtime`: that belongs to Supabase Realtime; membersync uses its own",
+        ));
+    }
+    if !is_pg_name(&cdc.publication) {
+        return Err(ConfigError::new(
+            "cdc.publication",
+            "must be 1 to 63 characters of letters, digits and '_'",
+        ));
+    }
+    if cdc.tables.is_empty() {
+        return Err(ConfigError::new(
+            "cdc.tables",
+            "must name at least one table (`schema.table`)",
+        ));
+    }
+    for table in &cdc.tables {
+        match table.split_once('.') {
+            Some((schema, name)) if is_pg_name(schema) && is_pg_name(name) => {}
+            _ => {
+                return Err(ConfigError::new(
+                    "cdc.tables",
+                    format!("`{table}` is not of the form `schema.table` (letters, digits, '_')"),
+                ));
+            }
+        }
+    }
+
+    let t = &c.telemetry;
+    if tracing_subscriber::EnvFilter::try_new(&t.log_level).is_err() {
+        return Err(ConfigError::new(
+            "telemetry.log_level",
+            format!(
+                "`{}` is not a valid filter (e.g. `info` or `membersync=debug,rdkafka=warn`)",
+                t.log_level
+            ),
+        ));
+    }
+    if let Some(dsn) = &t.sentry_dsn {
+        use secrecy::ExposeSecret;
+        if dsn.expose_secret().parse::<sentry::types::Dsn>().is_err() {
+            // The value itself stays out of the message: a DSN carries the project's key.
+            return Err(ConfigError::new(
+                "telemetry.sentry_dsn",
+                "is not a valid Sentry DSN",
+            ));
+        }
+    }
+    if !(0.0..=1.0).contains(&t.sentry_traces_sample_rate) {
+        return Err(ConfigError::new(
+            "telemetry.sentry_traces_sample_rate",
+            "must be between 0.0 and 1.0",
+        ));
+    }
+    if c.shutdown.drain_timeout_secs == 0 {
+        return Err(ConfigError::new(
+            "shutdown.drain_timeout_secs",
+            "must be at least 1",
+        ));
+    }
+    Ok(())
+}
+
+fn non_empty(key: &str, value: &str) -> Result<(), ConfigError> {
+    if value.trim().is_empty() {
+        Err(ConfigError::new(key, "must not be empty"))
+    } else {
+        Ok(())
+    }
+}
+
+fn is_pg_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+        && !s.starts_with(|ch: char| ch.is_ascii_digit())
+}
+
+fn validate_brokers(brokers: &str) -> Result<(), ConfigError> {
+    let bad = |what: String| ConfigError::new("kafka.brokers", what);
+    if brokers.trim().is_empty() {
+        return Err(bad("must list at least one `host:port`".into()));
+    }
+    for entry in brokers.split(',').map(str::trim) {
+        let Some((host, port)) = entry.rsplit_once(':') else {
+            return Err(bad(format!("`{entry}` is not `host:port`")));
+        };
+        if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(bad(format!(
+                "`{entry}` is not `host:port` with a port from 1 to 65535"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+    use std::io::Write;
+
+    const NO_ENV: &str = "MEMBERSYNC_UNIT_TEST_UNSET_PREFIX__";
+
+    fn load_toml(toml: &str) -> Result<Config, ConfigError> {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(toml.as_bytes()).unwrap();
+        load_from(Some(file.path()), NO_ENV)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = load_from(None, NO_ENV).unwrap();
+        assert_eq!(c.database.port, 5432);
+        assert_eq!(c.cdc.tables, vec!["public.members".to_string()]);
+    }
+
+    #[test]
+    fn each_invalid_value_names_its_key() {
+        let cases = [
+            (
+                "[database]\nport = \"abc\"",
+                "database.port",
+                "expected u16",
+            ),
+            (
+                "[database]\nport = 0",
+                "database.port",
+                "between 1 and 65535",
+            ),
+            ("[database]\nhots = \"x\"", "database.hots", "unknown key"),
+            ("[nope]\na = 1", "nope", "unknown key"),
+            (
+                "[kafka]\nbrokers = \"localhost\"",
+                "kafka.brokers",
+                "not `host:port`",
+            ),
+            ("[kafka]\nbrokers = \"\"", "kafka.brokers", "at least one"),
+            (
+                "[kafka]\ntopic_prefix = \"a b\"",
+                "kafka.topic_prefix",
+                "Kafka topic name rules",
+            ),
+            (
+                "[kafka]\nsecurity_protocol = \"sasl_ssl\"",
+                "kafka.sasl_mechanism",
+                "required",
+            ),
+            (
+                "[kafka]\nsecurity_protocol = \"tls\"",
+                "kafka.security_protocol",
+                "unknown value `tls`",
+            ),
+            (
+                "[kafka]\ntopic_partitions = 0",
+                "kafka.topic_partitions",
+                "at least 1",
+            ),
+            ("[cdc]\nslot = \"Bad-Slot\"", "cdc.slot", "slot name rules"),
+            (
+                "[cdc]\nslot = \"supabase_realtime\"",
+                "cdc.slot",
+                "supabase_realtime",
+            ),
+            ("[cdc]\ntables = []", "cdc.tables", "at least one"),
+            (
+                "[cdc]\ntables = [\"members\"]",
+                "cdc.tables",
+                "schema.table",
+            ),
+            (
+                "[telemetry]\nlog_format = \"xml\"",
+                "telemetry.log_format",
+                "unknown value `xml`",
+            ),
+            (
+                "[telemetry]\nlog_level = \"info,=[\"",
+                "telemetry.log_level",
+                "not a valid filter",
+            ),
+            (
+                "[telemetry]\nmetrics_addr = \"nowhere\"",
+                "telemetry.metrics_addr",
+                "invalid socket address",
+            ),
+            (
+                "[telemetry]\nsentry_traces_sample_rate = 2.0",
+                "telemetry.sentry_traces_sample_rate",
+                "between",
+            ),
+            (
+                "[shutdown]\ndrain_timeout_secs = 0",
+                "shutdown.drain_timeout_secs",
+                "at least 1",
+            ),
+            ("database = 5", "database", "expected"),
+        ];
+        for (toml, key, problem) in cases {
+            let err = load_toml(toml).expect_err(toml);
+            assert_eq!(err.key, key, "{toml} → {err}");
+            assert!(err.problem.contains(problem), "{toml} → {err}");
+        }
+    }
+
+    #[test]
+    fn secrets_in_the_file_are_refused_without_echoing_them() {
+        for (toml, key) in [
+            (
+                "[database]\npassword = \"hunter2-secret\"",
+                "database.password",
+            ),
+            (
+                "[database]\nadmin_password = \"hunter2-secret\"",
+                "database.admin_password",
+            ),
+            (
+                "[kafka]\nsasl_password = \"hunter2-secret\"",
+                "kafka.sasl_password",
+            ),
+            (
+                "[telemetry]\nsentry_dsn = \"https://hunter2-secret@o1.ingest.sentry.io/1\"",
+                "telemetry.sentry_dsn",
+            ),
+        ] {
+            let err = load_toml(toml).unwrap_err();
+            assert_eq!(err.key, key);
+            assert!(
+                err.problem
+                    .contains("may not be written in the config file"),
+                "{err}"
+            );
+            assert!(!err.to_string().contains("hunter2"), "{err}");
+        }
+    }
+
+    #[test]
+    fn secret_files_are_read_and_redacted_in_debug() {
+        let mut secret = tempfile::NamedTempFile::new().unwrap();
+        secret.write_all(b"s3cr3t-value\n").unwrap();
+        let toml = format!("[database]\npassword_file = {:?}", secret.path());
+        let c = load_toml(&toml).unwrap();
+        assert_eq!(
+            c.database.password.as_ref().unwrap().expose_secret(),
+            "s3cr3t-value"
+        );
+        assert!(!format!("{c:?}").contains("s3cr3t-value"));
+    }
+
+    #[test]
+    fn missing_or_empty_secret_file_is_precise() {
+        let err = load_toml("[database]\npassword_file = \"/nonexistent/pw\"").unwrap_err();
+        assert_eq!(err.key, "database.password_file");
+        assert!(err.problem.contains("cannot read /nonexistent/pw"), "{err}");
+        let empty = tempfile::NamedTempFile::new().unwrap();
+        let err =
+            load_toml(&format!("[kafka]\nsasl_password_file = {:?}", empty.path())).unwrap_err();
+        assert_eq!(err.key, "kafka.sasl_password_file");
+        assert!(err.problem.contains("is empty"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_and_bad_toml_are_reported() {
+        let err = load_from(Some(Path::new("/nonexistent/membersync.toml")), NO_ENV).unwrap_err();
+        assert!(err.problem.contains("does not exist"), "{err}");
+        let err = load_toml("[database\nport = 1").unwrap_err();
+        assert!(!err.problem.is_empty());
+    }
+}

@@ -1,0 +1,14 @@
+//! Typed configuration: a TOML file layered under `MEMBERSYNC__SECTION__KEY` environment
+//! overrides, validated once at start.
+//!
+//! Secrets never live in the file: a secret key may only come from the environment or from a
+//! `<key>_file` path, and is held in a [`SecretString`] so that it cannot reach `Debug`
+//! output, logs or errors by accident.
+
+mod error;
+mod load;
+mod sections;
+
+pub use error::ConfigError;
+pub use load::{ENV_PREFIX, load, load_from};
+pub use sections::*;

@@ -1,0 +1,241 @@
+//! The configuration sections and their defaults. Every key here is documented, with its
+//! default, in `docs/configuration.md`; keep the two in step.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub kafka: KafkaConfig,
+    pub cdc: CdcConfig,
+    pub telemetry: TelemetryConfig,
+    pub shutdown: ShutdownConfig,
+}
+
+/// The Supabase Postgres database. Use the direct connection (not the pooler): logical
+/// replication does not work through Supavisor.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    pub host: String,
+    pub port: u16,
+    pub dbname: String,
+    /// The daemon's own least-privilege role (LOGIN REPLICATION), created by `migrate`.
+    pub user: String,
+    /// Secret: only from `MEMBERSYNC__DATABASE__PASSWORD` or `password_file`.
+    pub password: Option<SecretString>,
+    pub password_file: Option<PathBuf>,
+    /// The owner role `migrate` connects as (Supabase: `postgres`).
+    pub admin_user: String,
+    /// Secret: only from `MEMBERSYNC__DATABASE__ADMIN_PASSWORD` or `admin_password_file`.
+    pub admin_password: Option<SecretString>,
+    pub admin_password_file: Option<PathBuf>,
+    pub connect_timeout_secs: u64,
+    pub application_name: String,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 5432,
+            dbname: "postgres".into(),
+            user: "membersync".into(),
+            password: None,
+            password_file: None,
+            admin_user: "postgres".into(),
+            admin_password: None,
+            admin_password_file: None,
+            connect_timeout_secs: 10,
+            application_name: "membersync".into(),
+        }
+    }
+}
+
+impl DatabaseConfig {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.connect_timeout_secs)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecurityProtocol {
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    pub fn as_librdkafka(self) -> &'static str {
+        match self {
+            Self::Plaintext => "plaintext",
+            Self::Ssl => "ssl",
+            Self::SaslPlaintext => "sasl_plaintext",
+            Self::SaslSsl => "sasl_ssl",
+        }
+    }
+
+    pub fn uses_sasl(self) -> bool {
+        matches!(self, Self::SaslPlaintext | Self::SaslSsl)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum SaslMechanism {
+    #[serde(rename = "PLAIN")]
+    Plain,
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    pub fn as_librdkafka(self) -> &'static str {
+        match self {
+            Self::Plain => "PLAIN",
+            Self::ScramSha256 => "SCRAM-SHA-256",
+            Self::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Comma-separated `host:port` bootstrap list.
+    pub brokers: String,
+    pub client_id: String,
+    /// Every topic name starts with this prefix (`<prefix>.memberstack`, `<prefix>.cdc.…`).
+    pub topic_prefix: String,
+    pub security_protocol: SecurityProtocol,
+    pub sasl_mechanism: Option<SaslMechanism>,
+    pub sasl_username: Option<String>,
+    /// Secret: only from `MEMBERSYNC__KAFKA__SASL_PASSWORD` or `sasl_password_file`.
+    pub sasl_password: Option<SecretString>,
+    pub sasl_password_file: Option<PathBuf>,
+    pub ssl_ca_location: Option<PathBuf>,
+    /// How long the producer may try to deliver one message before it is reported failed.
+    pub message_timeout_ms: u64,
+    pub linger_ms: u64,
+    /// Timeout of metadata and admin requests.
+    pub request_timeout_ms: u64,
+    /// Create missing topics at start (with `topic_partitions` / `topic_replication_factor`).
+    pub create_topics: bool,
+    pub topic_partitions: i32,
+    pub topic_replication_factor: i32,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            client_id: "membersync".into(),
+            topic_prefix: "membersync".into(),
+            security_protocol: SecurityProtocol::Plaintext,
+            sasl_mechanism: None,
+            sasl_username: None,
+            sasl_password: None,
+            sasl_password_file: None,
+            ssl_ca_location: None,
+            message_timeout_ms: 30_000,
+            linger_ms: 5,
+            request_timeout_ms: 10_000,
+            create_topics: true,
+            topic_partitions: 6,
+            topic_replication_factor: 1,
+        }
+    }
+}
+
+impl KafkaConfig {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CdcConfig {
+    /// The daemon's own logical replication slot (never `supabase_realtime`'s).
+    pub slot: String,
+    /// The daemon's own publication, created by `migrate`.
+    pub publication: String,
+    /// Captured tables, `schema.table`.
+    pub tables: Vec<String>,
+}
+
+impl Default for CdcConfig {
+    fn default() -> Self {
+        Self {
+            slot: "membersync".into(),
+            publication: "membersync".into(),
+            tables: vec!["public.members".into()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    pub log_format: LogFormat,
+    /// A `tracing` filter directive (`info`, `membersync=debug,rdkafka=warn`); `RUST_LOG` wins.
+    pub log_level: String,
+    /// Address of the metrics / health server (`/metrics`, `/healthz`, `/readyz`).
+    pub metrics_addr: SocketAddr,
+    /// Secret: only from `MEMBERSYNC__TELEMETRY__SENTRY_DSN`, `sentry_dsn_file` or `SENTRY_DSN`.
+    pub sentry_dsn: Option<SecretString>,
+    pub sentry_dsn_file: Option<PathBuf>,
+    pub sentry_environment: Option<String>,
+    pub sentry_traces_sample_rate: f32,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            log_format: LogFormat::Json,
+            log_level: "info".into(),
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            sentry_dsn: None,
+            sentry_dsn_file: None,
+            sentry_environment: None,
+            sentry_traces_sample_rate: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// After SIGTERM/SIGINT, how long roles may take to finish in-flight work before exit.
+    pub drain_timeout_secs: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            drain_timeout_secs: 30,
+        }
+    }
+}
+
+impl ShutdownConfig {
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_secs)
+    }
+}

@@ -1,0 +1,199 @@
+//! `membersync run`: the process frame every role runs in — the ops server, the roles as
+//! supervised tasks, and a graceful shutdown bounded by `shutdown.drain_timeout_secs`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::db::{self, Login};
+use crate::http::ops::{self, OpsServer, Probe};
+use crate::kafka::admin::KafkaAdmin;
+use crate::telemetry::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+    #[error("role {role} failed: {message}")]
+    Role { role: &'static str, message: String },
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// A role's task: runs until its token is cancelled, then drains and returns.
+type RoleResult = Result<(), String>;
+
+/// Named tasks that share one shutdown token. The first task to fail cancels the rest.
+struct Supervisor {
+    tasks: JoinSet<(&'static str, RoleResult)>,
+    shutdown: CancellationToken,
+}
+
+impl Supervisor {
+    fn new(shutdown: CancellationToken) -> Self {
+        Self {
+            tasks: JoinSet::new(),
+            shutdown,
+        }
+    }
+
+    fn spawn<F>(&mut self, role: &'static str, task: F)
+    where
+        F: Future<Output = RoleResult> + Send + 'static,
+    {
+        self.tasks.spawn(task.map(move |r| (role, r)));
+    }
+
+    /// Waits for shutdown (or the first failure), then for the drain, bounded by `drain`.
+    async fn run(mut self, drain: std::time::Duration) -> Result<(), DaemonError> {
+        let mut failure = None;
+        tokio::select! {
+            _ = self.shutdown.cancelled() => {}
+            Some(joined) = self.tasks.join_next() => {
+                failure = outcome(joined);
+                if failure.is_none() {
+                    tracing::warn!("a role stopped on its own; shutting down");
+                }
+                self.shutdown.cancel();
+            }
+        }
+        let drained = tokio::time::timeout(drain, async {
+            while let Some(joined) = self.tasks.join_next().await {
+                if let Some(e) = outcome(joined) {
+                    failure.get_or_insert(e);
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::error!(
+                timeout_secs = drain.as_secs(),
+                "drain timed out; aborting the remaining tasks"
+            );
+            self.tasks.abort_all();
+        }
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+fn outcome(
+    joined: Result<(&'static str, RoleResult), tokio::task::JoinError>,
+) -> Option<DaemonError> {
+    match joined {
+        Ok((role, Ok(()))) => {
+            tracing::info!(role, "role stopped");
+            None
+        }
+        Ok((role, Err(message))) => {
+            tracing::error!(role, error = %message, "role failed");
+            Some(DaemonError::Role { role, message })
+        }
+        Err(e) => Some(DaemonError::Role {
+            role: "task",
+            message: e.to_string(),
+        }),
+    }
+}
+
+/// Runs the daemon until SIGTERM/SIGINT.
+pub async fn run(config: Config) -> Result<(), DaemonError> {
+    let shutdown = CancellationToken::new();
+    crate::shutdown::install(shutdown.clone()).map_err(DaemonError::Signals)?;
+    let metrics = Metrics::new();
+    let probes = probes(&config)?;
+    let addr = config.telemetry.metrics_addr;
+    let server = OpsServer::bind(addr, ops::router(metrics.clone(), probes))
+        .await
+        .map_err(|source| DaemonError::Bind { addr, source })?;
+    tracing::info!(addr = %server.local_addr().unwrap_or(addr), "ops server listening (/metrics, /healthz, /readyz)");
+
+    if config.kafka.create_topics {
+        let admin =
+            KafkaAdmin::new(&config.kafka).map_err(|e| DaemonError::Setup(e.to_string()))?;
+        let topics = crate::kafka::topics::Topics::new(&config.kafka.topic_prefix).all(&config);
+        let created = admin
+            .ensure_topics(&topics)
+            .await
+            .map_err(|e| DaemonError::Setup(e.to_string()))?;
+        if !created.is_empty() {
+            tracing::info!(?created, "created missing topics");
+        }
+    }
+
+    let mut supervisor = Supervisor::new(shutdown.clone());
+    let token = shutdown.clone();
+    supervisor.spawn("ops", async move {
+        server.serve(token).await.map_err(|e| e.to_string())
+    });
+
+    tracing::info!(
+        version = crate::telemetry::BUILD_VERSION,
+        "membersync running"
+    );
+    supervisor.run(config.shutdown.drain_timeout()).await
+}
+
+fn probes(config: &Config) -> Result<Vec<Box<dyn Probe>>, DaemonError> {
+    let admin = KafkaAdmin::new(&config.kafka).map_err(|e| DaemonError::Setup(e.to_string()))?;
+    Ok(vec![
+        Box::new(PostgresProbe {
+            config: config.database.clone(),
+        }),
+        Box::new(KafkaProbe { admin }),
+    ])
+}
+
+struct PostgresProbe {
+    config: crate::config::DatabaseConfig,
+}
+
+impl Probe for PostgresProbe {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
+        async move {
+            let client = db::connect(&self.config, Login::Daemon)
+                .await
+                .map_err(|e| e.to_string())?;
+            client
+                .simple_query("select 1")
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+struct KafkaProbe {
+    admin: KafkaAdmin,
+}
+
+impl Probe for KafkaProbe {
+    fn name(&self) -> &'static str {
+        "kafka"
+    }
+
+    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
+        async move {
+            self.admin
+                .cluster_info()
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+        .boxed()
+    }
+}

@@ -1,0 +1,110 @@
+//! Applies `schemas/migrations/` (embedded at build time) with refinery: ordered, each in its
+//! own transaction, checksummed — an applied migration whose file changed is refused.
+
+use tokio_postgres::Client;
+
+mod embedded {
+    refinery::embed_migrations!("schemas/migrations");
+}
+
+/// Bookkeeping lives outside `public`: Supabase grants `anon` and `authenticated` every table in
+/// `public` by default privileges, and PostgREST exposes that schema.
+const META_SCHEMA: &str = "membersync_meta";
+const HISTORY_TABLE: &str = "membersync_meta.schema_history";
+/// The daemon role the migrations create; it may read the history (for `check`).
+const DAEMON_ROLE: &str = "membersync";
+
+/// Serialises concurrent `migrate` runs against one database (e.g. several pods starting).
+const MIGRATION_LOCK_KEY: i64 = 0x6d73_796e_635f_6d69; // "msync_mi"
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationReport {
+    /// Names (`V1__core_tables`) of the migrations applied by this run; empty when up to date.
+    pub applied: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("migration failed: {0}")]
+    Refinery(#[source] refinery::Error),
+    #[error("cannot prepare the migration history: {0}")]
+    Setup(#[source] tokio_postgres::Error),
+    #[error("cannot take the migration lock: {0}")]
+    Lock(#[source] tokio_postgres::Error),
+}
+
+/// Every migration this build knows, as `(version, name)`.
+pub fn known() -> Vec<(i32, String)> {
+    embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|m| (m.version(), m.name().to_owned()))
+        .collect()
+}
+
+pub async fn migrate(client: &mut Client) -> Result<MigrationReport, MigrateError> {
+    client
+        .execute("select pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
+        .await
+        .map_err(MigrateError::Lock)?;
+    let result = run_locked(client).await;
+    // Best effort: the lock also dies with the session.
+    let _ = client
+        .execute("select pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
+        .await;
+    let report = result?;
+    Ok(MigrationReport {
+        applied: report
+            .applied_migrations()
+            .iter()
+            .map(|m| format!("V{}__{}", m.version(), m.name()))
+            .collect(),
+    })
+}
+
+async fn run_locked(client: &mut Client) -> Result<refinery::Report, MigrateError> {
+    client
+        .batch_execute(&format!(
+            "create schema if not exists {META_SCHEMA}; revoke all on schema {META_SCHEMA} from public"
+        ))
+        .await
+        .map_err(MigrateError::Setup)?;
+    let mut runner = embedded::migrations::runner()
+        .set_abort_divergent(true)
+        .set_abort_missing(true);
+    runner.set_migration_table_name(HISTORY_TABLE);
+    let report = runner
+        .run_async(client)
+        .await
+        .map_err(MigrateError::Refinery)?;
+    client
+        .batch_execute(&format!(
+            "do $$ begin
+               if exists (select from pg_roles where rolname = '{DAEMON_ROLE}') then
+                 grant usage on schema {META_SCHEMA} to {DAEMON_ROLE};
+                 grant select on {HISTORY_TABLE} to {DAEMON_ROLE};
+               end if;
+             end $$"
+        ))
+        .await
+        .map_err(MigrateError::Setup)?;
+    Ok(report)
+}
+
+/// Versions recorded as applied in the database (empty when the history table is missing).
+pub async fn applied_versions(client: &Client) -> Result<Vec<i32>, tokio_postgres::Error> {
+    let exists: bool = client
+        .query_one("select to_regclass($1) is not null", &[&HISTORY_TABLE])
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            &format!("select version from {HISTORY_TABLE} order by version"),
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}

@@ -1,0 +1,3 @@
+//! HTTP servers. `ops` serves metrics and health on its own port.
+
+pub mod ops;

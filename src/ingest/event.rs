@@ -1,0 +1,1227 @@
+//! Typed views of the webhook bodies `ingest` accepts, after their signature was verified.
+//!
+//! Both parsers take the raw body bytes, keep the original JSON value (`raw`) for the Kafka
+//! record, and pull out the few fields routing needs, with errors precise enough for a 400
+//! response body and a metrics label ([`ParseError::reason`]). Parse errors never contain
+//! body text: only a position and fixed wording.
+//!
+//! Memberstack (external-apis.md §1.3, §1.4): the docs disagree, so every documented shape
+//! is accepted:
+//! - envelope `{event, timestamp, payload}` or `{event, timestamp, data}`; `type` is accepted
+//!   as an alias of `event` (some handlers send or expect it); `event` wins if both exist,
+//!   as does `payload` over `data`;
+//! - `timestamp` is Unix **milliseconds**, normally a JSON integer; a float or a digit string
+//!   is tolerated, and a missing/null one is `None` (the signed `svix-timestamp` is the
+//!   authoritative time);
+//! - the member id is `payload.id` (`"mem_…"`), or `payload.memberId` for team events;
+//! - shapes that vary between docs (`customFields`, `metaData`, `planConnections`,
+//!   `planConnection`) are kept as raw [`serde_json::Value`];
+//! - unknown event names are accepted as [`MemberstackEventKind::Unknown`] ("re-fetch the
+//!   member", DESIGN §3).
+//!
+//! Stripe (external-apis.md §4): `{id: "evt_…", type, created, data: {object}}`, plus
+//! helpers for `customer.subscription.*` events and for choosing the Kafka key.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Longest member id / event name / Stripe id accepted, in bytes.
+pub const MAX_ID_LEN: usize = 256;
+
+/// Metadata key on Stripe objects that carries the Memberstack member id.
+pub const MEMBERSTACK_ID_METADATA_KEY: &str = "memberstack_user_id";
+
+/// Why a body could not be parsed. Maps to HTTP 400.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    /// Not JSON at all (or truncated). Only the position and category from serde_json are
+    /// kept, never the message (which could quote the body).
+    #[error("body is not valid JSON ({category} error at line {line}, column {column})")]
+    NotJson {
+        line: usize,
+        column: usize,
+        /// `"syntax"`, `"eof"`, `"data"` or `"io"`.
+        category: &'static str,
+    },
+    /// Valid JSON, but the top level is not an object.
+    #[error("body is not a JSON object")]
+    NotAnObject,
+    /// A required field is absent or null. The payload is the field's path.
+    #[error("{0} is missing")]
+    MissingField(&'static str),
+    /// A field is present with an unusable value.
+    #[error("{field} has the wrong type: expected {expected}")]
+    WrongType {
+        field: &'static str,
+        expected: &'static str,
+    },
+}
+
+impl ParseError {
+    /// A stable snake_case label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ParseError::NotJson { .. } => "not_json",
+            ParseError::NotAnObject => "not_an_object",
+            ParseError::MissingField(_) => "missing_field",
+            ParseError::WrongType { .. } => "wrong_type",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Memberstack
+// ---------------------------------------------------------------------------------------
+
+/// What a Memberstack event means for the sync, whatever name the sender used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberstackEventKind {
+    MemberCreated,
+    MemberUpdated,
+    MemberDeleted,
+    PlanAdded,
+    PlanUpdated,
+    PlanCanceled,
+    TeamMemberAdded,
+    TeamMemberRemoved,
+    /// A name not in the table (including the unconfirmed `member.plan.replaced`): treat as
+    /// "re-fetch the member".
+    Unknown,
+}
+
+impl MemberstackEventKind {
+    /// Classifies an event name (ASCII case-insensitive). The table follows
+    /// external-apis.md §1.3: the confirmed names, the Pipedream/handler names
+    /// (`member.plan.*`), the older docs' `member.plan.created` and
+    /// `member.planConnection.*`, British `cancelled` spellings, and the team events.
+    pub fn from_event_name(name: &str) -> Self {
+        const TABLE: &[(&str, MemberstackEventKind)] = &[
+            ("member.created", MemberstackEventKind::MemberCreated),
+            ("member.updated", MemberstackEventKind::MemberUpdated),
+            ("member.deleted", MemberstackEventKind::MemberDeleted),
+            ("member.plan.added", MemberstackEventKind::PlanAdded),
+            ("member.plan.created", MemberstackEventKind::PlanAdded),
+            (
+                "member.planconnection.created",
+                MemberstackEventKind::PlanAdded,
+            ),
+            (
+                "member.planconnection.added",
+                MemberstackEventKind::PlanAdded,
+            ),
+            ("member.plan.updated", MemberstackEventKind::PlanUpdated),
+            (
+                "member.planconnection.updated",
+                MemberstackEventKind::PlanUpdated,
+            ),
+            ("member.plan.canceled", MemberstackEventKind::PlanCanceled),
+            ("member.plan.cancelled", MemberstackEventKind::PlanCanceled),
+            (
+                "member.planconnection.canceled",
+                MemberstackEventKind::PlanCanceled,
+            ),
+            (
+                "member.planconnection.cancelled",
+                MemberstackEventKind::PlanCanceled,
+            ),
+            ("team.member.added", MemberstackEventKind::TeamMemberAdded),
+            (
+                "team.member.removed",
+                MemberstackEventKind::TeamMemberRemoved,
+            ),
+        ];
+        TABLE
+            .iter()
+            .find(|(known, _)| known.eq_ignore_ascii_case(name))
+            .map_or(MemberstackEventKind::Unknown, |(_, kind)| *kind)
+    }
+
+    /// A stable snake_case label (metrics, logs).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            MemberstackEventKind::MemberCreated => "member_created",
+            MemberstackEventKind::MemberUpdated => "member_updated",
+            MemberstackEventKind::MemberDeleted => "member_deleted",
+            MemberstackEventKind::PlanAdded => "plan_added",
+            MemberstackEventKind::PlanUpdated => "plan_updated",
+            MemberstackEventKind::PlanCanceled => "plan_canceled",
+            MemberstackEventKind::TeamMemberAdded => "team_member_added",
+            MemberstackEventKind::TeamMemberRemoved => "team_member_removed",
+            MemberstackEventKind::Unknown => "unknown",
+        }
+    }
+
+    /// Team events name the member in `memberId` rather than `id`.
+    pub fn is_team_event(&self) -> bool {
+        matches!(
+            self,
+            MemberstackEventKind::TeamMemberAdded | MemberstackEventKind::TeamMemberRemoved
+        )
+    }
+}
+
+/// Which envelope key carried the payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PayloadKey {
+    /// `payload` (developers.memberstack.com, Admin and DOM docs).
+    Payload,
+    /// `data` (Help Center variant).
+    Data,
+}
+
+impl PayloadKey {
+    fn pick(self, payload_path: &'static str, data_path: &'static str) -> &'static str {
+        match self {
+            PayloadKey::Payload => payload_path,
+            PayloadKey::Data => data_path,
+        }
+    }
+}
+
+/// The member-related fields of a Memberstack payload. Everything is optional except what
+/// [`MemberstackEvent::member_id`] needs; shapes that vary stay raw JSON.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberstackPayload {
+    /// `payload.id` (`"mem_…"` for member and plan events).
+    pub id: Option<String>,
+    /// `payload.memberId` (team events).
+    pub member_id: Option<String>,
+    /// `payload.ownerId` (team events).
+    pub owner_id: Option<String>,
+    /// `payload.teamId` (team events).
+    pub team_id: Option<String>,
+    /// `payload.auth.email`.
+    pub email: Option<String>,
+    /// `payload.customFields`, as sent.
+    pub custom_fields: Option<Value>,
+    /// `payload.metaData` (also accepted: `metadata`), as sent.
+    pub meta_data: Option<Value>,
+    /// `payload.planConnections` (member objects), as sent.
+    pub plan_connections: Option<Value>,
+    /// `payload.planConnection` (plan events), as sent.
+    pub plan_connection: Option<Value>,
+    /// `payload.stripeCustomerId`, when the member object carries it.
+    pub stripe_customer_id: Option<String>,
+}
+
+/// A parsed Memberstack webhook.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberstackEvent {
+    /// The event name exactly as sent (`event`, or `type`).
+    pub event: String,
+    /// Its classification.
+    pub kind: MemberstackEventKind,
+    /// The member the event is about: the Kafka key.
+    pub member_id: String,
+    /// Envelope `timestamp`, Unix milliseconds, if sent.
+    pub timestamp_ms: Option<i64>,
+    /// Which envelope key held the payload.
+    pub payload_key: PayloadKey,
+    /// The typed payload fields.
+    pub payload: MemberstackPayload,
+    /// The whole body as parsed.
+    pub raw: Value,
+}
+
+/// Parses a (verified) Memberstack webhook body.
+pub fn parse_memberstack(body: &[u8]) -> Result<MemberstackEvent, ParseError> {
+    let raw = parse_object(body)?;
+    let root = raw.as_object().ok_or(ParseError::NotAnObject)?;
+
+    let event = match (present(root, "event"), present(root, "type")) {
+        (Some(v), _) => bounded_str(v, "event")?,
+        (None, Some(v)) => bounded_str(v, "type")?,
+        (None, None) => return Err(ParseError::MissingField("event")),
+    }
+    .to_owned();
+    let kind = MemberstackEventKind::from_event_name(&event);
+
+    let (payload_key, payload_value) = match (present(root, "payload"), present(root, "data")) {
+        (Some(v), _) => (PayloadKey::Payload, v),
+        (None, Some(v)) => (PayloadKey::Data, v),
+        (None, None) => return Err(ParseError::MissingField("payload")),
+    };
+    let obj = payload_value.as_object().ok_or(ParseError::WrongType {
+        field: payload_key.pick("payload", "data"),
+        expected: "object",
+    })?;
+
+    let timestamp_ms = match present(root, "timestamp") {
+        None => None,
+        Some(v) => Some(timestamp_millis(v).ok_or(ParseError::WrongType {
+            field: "timestamp",
+            expected: "number (Unix milliseconds)",
+        })?),
+    };
+
+    let p = |payload_path, data_path| payload_key.pick(payload_path, data_path);
+    let email = match present(obj, "auth") {
+        None => None,
+        Some(auth) => {
+            let auth = auth.as_object().ok_or(ParseError::WrongType {
+                field: p("payload.auth", "data.auth"),
+                expected: "object",
+            })?;
+            opt_string(auth, "email", p("payload.auth.email", "data.auth.email"))?
+        }
+    };
+    let payload = MemberstackPayload {
+        id: opt_string(obj, "id", p("payload.id", "data.id"))?,
+        member_id: opt_string(obj, "memberId", p("payload.memberId", "data.memberId"))?,
+        owner_id: opt_string(obj, "ownerId", p("payload.ownerId", "data.ownerId"))?,
+        team_id: opt_string(obj, "teamId", p("payload.teamId", "data.teamId"))?,
+        email,
+        custom_fields: present(obj, "customFields").cloned(),
+        meta_data: present(obj, "metaData")
+            .or_else(|| present(obj, "metadata"))
+            .cloned(),
+        plan_connections: present(obj, "planConnections").cloned(),
+        plan_connection: present(obj, "planConnection").cloned(),
+        stripe_customer_id: opt_string(
+            obj,
+            "stripeCustomerId",
+            p("payload.stripeCustomerId", "data.stripeCustomerId"),
+        )?,
+    };
+
+    // Team events name the member `memberId` (their `id`, if any, may be something else);
+    // everything else uses `id`, with `memberId` as a fallback.
+    let (first, second, missing) = if kind.is_team_event() {
+        (
+            &payload.member_id,
+            &payload.id,
+            p("payload.memberId", "data.memberId"),
+        )
+    } else {
+        (&payload.id, &payload.member_id, p("payload.id", "data.id"))
+    };
+    let member_id = first
+        .as_ref()
+        .or(second.as_ref())
+        .ok_or(ParseError::MissingField(missing))?;
+    if !is_valid_key(member_id) {
+        let field = if first.is_some() {
+            missing
+        } else if kind.is_team_event() {
+            p("payload.id", "data.id")
+        } else {
+            p("payload.memberId", "data.memberId")
+        };
+        return Err(ParseError::WrongType {
+            field,
+            expected: "non-empty id without whitespace, at most 256 bytes",
+        });
+    }
+    let member_id = member_id.clone();
+
+    Ok(MemberstackEvent {
+        event,
+        kind,
+        member_id,
+        timestamp_ms,
+        payload_key,
+        payload,
+        raw,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Stripe
+// ---------------------------------------------------------------------------------------
+
+/// A parsed Stripe (v1 "snapshot") event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StripeEvent {
+    /// `id`, `"evt_…"`: the idempotency key.
+    pub id: String,
+    /// `type`, e.g. `customer.subscription.updated`.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// `created`, Unix seconds, if sent.
+    pub created: Option<i64>,
+    /// `livemode`, if sent.
+    pub livemode: Option<bool>,
+    /// `api_version`, if sent.
+    pub api_version: Option<String>,
+    /// `data.object`: the object the event is about.
+    pub object: Value,
+    /// `data.previous_attributes`, on `*.updated` events.
+    pub previous_attributes: Option<Value>,
+    /// The whole body as parsed.
+    pub raw: Value,
+}
+
+/// The sync-relevant fields of a subscription (`customer.subscription.*` events).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StripeSubscription {
+    /// `data.object.id` (`"sub_…"`).
+    pub id: Option<String>,
+    /// `data.object.metadata.memberstack_user_id`.
+    pub memberstack_id: Option<String>,
+    /// `data.object.customer` (`"cus_…"`; an expanded customer object gives its `id`).
+    pub customer: Option<String>,
+    /// `data.object.status` (`active`, `trialing`, `past_due`, `canceled`, …).
+    pub status: Option<String>,
+    /// `data.object.items.data[0].price.id`.
+    pub price_id: Option<String>,
+}
+
+/// The Kafka key for a Stripe event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutingKey {
+    /// The Memberstack member id, or else the Stripe customer id.
+    pub key: String,
+    /// `true` when `key` is a Stripe customer id that `merge` must map to a member.
+    pub needs_lookup: bool,
+}
+
+impl StripeEvent {
+    /// Whether this is a `customer.subscription.*` event.
+    pub fn is_subscription_event(&self) -> bool {
+        self.event_type.starts_with("customer.subscription.")
+    }
+
+    /// The subscription fields, for `customer.subscription.*` events (else `None`).
+    /// Tolerant: a field that is absent or of an unexpected type is `None`.
+    pub fn subscription(&self) -> Option<StripeSubscription> {
+        if !self.is_subscription_event() {
+            return None;
+        }
+        let object = self.object.as_object()?;
+        let price_id = object
+            .get("items")
+            .and_then(|items| items.get("data"))
+            .and_then(|data| data.get(0))
+            .and_then(|item| item.get("price"))
+            .and_then(id_or_expanded);
+        Some(StripeSubscription {
+            id: str_field(object, "id"),
+            memberstack_id: self.memberstack_id(),
+            customer: object.get("customer").and_then(id_or_expanded),
+            status: str_field(object, "status"),
+            price_id,
+        })
+    }
+
+    /// `data.object.metadata.memberstack_user_id`, when it is a usable id.
+    pub fn memberstack_id(&self) -> Option<String> {
+        self.object
+            .get("metadata")
+            .and_then(|m| m.get(MEMBERSTACK_ID_METADATA_KEY))
+            .and_then(Value::as_str)
+            .filter(|id| is_valid_key(id))
+            .map(str::to_owned)
+    }
+
+    /// The Stripe customer this event is about: `data.object.customer` (string or expanded
+    /// object), or `data.object.id` when the object is itself a customer (`customer.*`).
+    pub fn customer_id(&self) -> Option<String> {
+        if let Some(customer) = self.object.get("customer").and_then(id_or_expanded) {
+            return Some(customer);
+        }
+        if self.object.get("object").and_then(Value::as_str) == Some("customer") {
+            return self.object.get("id").and_then(id_or_expanded);
+        }
+        None
+    }
+
+    /// The Kafka key: the Memberstack id from the object's metadata when present, else the
+    /// Stripe customer id with `needs_lookup: true`; `None` if the event names neither.
+    pub fn routing_key(&self) -> Option<RoutingKey> {
+        if let Some(key) = self.memberstack_id() {
+            return Some(RoutingKey {
+                key,
+                needs_lookup: false,
+            });
+        }
+        self.customer_id().map(|key| RoutingKey {
+            key,
+            needs_lookup: true,
+        })
+    }
+}
+
+/// Parses a (verified) Stripe webhook body.
+pub fn parse_stripe(body: &[u8]) -> Result<StripeEvent, ParseError> {
+    let raw = parse_object(body)?;
+    let root = raw.as_object().ok_or(ParseError::NotAnObject)?;
+
+    let id = present(root, "id").ok_or(ParseError::MissingField("id"))?;
+    let id = id.as_str().ok_or(ParseError::WrongType {
+        field: "id",
+        expected: "string",
+    })?;
+    if id.len() <= "evt_".len() || !id.starts_with("evt_") || !is_valid_key(id) {
+        return Err(ParseError::WrongType {
+            field: "id",
+            expected: "event id starting with evt_",
+        });
+    }
+
+    let event_type = bounded_str(
+        present(root, "type").ok_or(ParseError::MissingField("type"))?,
+        "type",
+    )?;
+
+    let created = match present(root, "created") {
+        None => None,
+        Some(v) => Some(v.as_i64().ok_or(ParseError::WrongType {
+            field: "created",
+            expected: "integer (Unix seconds)",
+        })?),
+    };
+
+    let data = present(root, "data").ok_or(ParseError::MissingField("data"))?;
+    let data = data.as_object().ok_or(ParseError::WrongType {
+        field: "data",
+        expected: "object",
+    })?;
+    let object = present(data, "object").ok_or(ParseError::MissingField("data.object"))?;
+    if !object.is_object() {
+        return Err(ParseError::WrongType {
+            field: "data.object",
+            expected: "object",
+        });
+    }
+
+    let id = id.to_owned();
+    let event_type = event_type.to_owned();
+    let livemode = root.get("livemode").and_then(Value::as_bool);
+    let api_version = str_field(root, "api_version");
+    let object = object.clone();
+    let previous_attributes = present(data, "previous_attributes").cloned();
+    Ok(StripeEvent {
+        id,
+        event_type,
+        created,
+        livemode,
+        api_version,
+        object,
+        previous_attributes,
+        raw,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// helpers
+// ---------------------------------------------------------------------------------------
+
+fn parse_object(body: &[u8]) -> Result<Value, ParseError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| ParseError::NotJson {
+        line: e.line(),
+        column: e.column(),
+        category: match e.classify() {
+            serde_json::error::Category::Io => "io",
+            serde_json::error::Category::Syntax => "syntax",
+            serde_json::error::Category::Data => "data",
+            serde_json::error::Category::Eof => "eof",
+        },
+    })?;
+    if !value.is_object() {
+        return Err(ParseError::NotAnObject);
+    }
+    Ok(value)
+}
+
+/// A field that is present and not `null`.
+fn present<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+    obj.get(key).filter(|v| !v.is_null())
+}
+
+/// A non-empty string of at most [`MAX_ID_LEN`] bytes.
+fn bounded_str<'a>(value: &'a Value, field: &'static str) -> Result<&'a str, ParseError> {
+    match value.as_str() {
+        Some(s) if !s.is_empty() && s.len() <= MAX_ID_LEN => Ok(s),
+        Some(_) => Err(ParseError::WrongType {
+            field,
+            expected: "non-empty string of at most 256 bytes",
+        }),
+        None => Err(ParseError::WrongType {
+            field,
+            expected: "string",
+        }),
+    }
+}
+
+/// An optional string field: absent/null is `None`, a non-string is an error.
+fn opt_string(
+    obj: &Map<String, Value>,
+    key: &str,
+    path: &'static str,
+) -> Result<Option<String>, ParseError> {
+    match present(obj, key) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(ParseError::WrongType {
+            field: path,
+            expected: "string",
+        }),
+    }
+}
+
+/// A string field, tolerant: anything else is `None`.
+fn str_field(obj: &Map<String, Value>, key: &str) -> Option<String> {
+    obj.get(key).and_then(Value::as_str).map(str::to_owned)
+}
+
+/// A Stripe reference: either the id string, or an expanded object with an `id`.
+fn id_or_expanded(value: &Value) -> Option<String> {
+    let id = match value {
+        Value::String(s) => s.as_str(),
+        Value::Object(o) => o.get("id")?.as_str()?,
+        _ => return None,
+    };
+    is_valid_key(id).then(|| id.to_owned())
+}
+
+/// Usable as a Kafka key: non-empty, at most [`MAX_ID_LEN`] bytes, no whitespace or
+/// control characters.
+fn is_valid_key(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && !id.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+/// Unix milliseconds from an integer, a float (truncated) or a string of digits.
+fn timestamp_millis(value: &Value) -> Option<i64> {
+    match value {
+        Value::Number(n) => n.as_i64().or_else(|| {
+            let f = n.as_f64()?;
+            // `as` saturates; the range check keeps that from passing off garbage.
+            (f.is_finite() && f >= i64::MIN as f64 && f < i64::MAX as f64).then_some(f as i64)
+        }),
+        Value::String(s)
+            if !s.is_empty() && s.len() <= 19 && s.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            s.parse().ok()
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn ms(body: Value) -> Result<MemberstackEvent, ParseError> {
+        parse_memberstack(&serde_json::to_vec(&body).unwrap())
+    }
+
+    fn stripe(body: Value) -> Result<StripeEvent, ParseError> {
+        parse_stripe(&serde_json::to_vec(&body).unwrap())
+    }
+
+    // --- Memberstack: envelope variants ---------------------------------------------
+
+    #[test]
+    fn documented_member_created_with_payload() {
+        // developers.memberstack.com/docs/webhooks example shape.
+        let body = br#"{
+            "event": "member.created",
+            "timestamp": 1633486880169,
+            "payload": {
+                "id": "mem_abc123",
+                "auth": { "email": "jane@example.com" },
+                "metaData": { "plan": "gold" },
+                "customFields": { "first-name": "Jane" }
+            }
+        }"#;
+        let e = parse_memberstack(body).unwrap();
+        assert_eq!(e.event, "member.created");
+        assert_eq!(e.kind, MemberstackEventKind::MemberCreated);
+        assert_eq!(e.member_id, "mem_abc123");
+        assert_eq!(e.timestamp_ms, Some(1_633_486_880_169));
+        assert_eq!(e.payload_key, PayloadKey::Payload);
+        assert_eq!(e.payload.email.as_deref(), Some("jane@example.com"));
+        assert_eq!(e.payload.custom_fields, Some(json!({"first-name": "Jane"})));
+        assert_eq!(e.payload.meta_data, Some(json!({"plan": "gold"})));
+        assert_eq!(e.raw["payload"]["id"], "mem_abc123");
+    }
+
+    #[test]
+    fn help_center_variant_with_data() {
+        let e = ms(json!({
+            "event": "member.updated",
+            "timestamp": 1633486880169u64,
+            "data": { "id": "mem_1", "customFields": {"x": 1}, "metadata": {"y": 2} }
+        }))
+        .unwrap();
+        assert_eq!(e.kind, MemberstackEventKind::MemberUpdated);
+        assert_eq!(e.payload_key, PayloadKey::Data);
+        assert_eq!(e.member_id, "mem_1");
+        assert_eq!(e.payload.meta_data, Some(json!({"y": 2})));
+    }
+
+    #[test]
+    fn type_is_an_alias_of_event() {
+        let e = ms(json!({"type": "member.deleted", "payload": {"id": "mem_9"}})).unwrap();
+        assert_eq!(e.event, "member.deleted");
+        assert_eq!(e.kind, MemberstackEventKind::MemberDeleted);
+        assert_eq!(e.timestamp_ms, None);
+        // `event` wins when both are present; `payload` wins over `data`.
+        let e = ms(json!({
+            "event": "member.created", "type": "something.else",
+            "payload": {"id": "mem_p"}, "data": {"id": "mem_d"}
+        }))
+        .unwrap();
+        assert_eq!(e.kind, MemberstackEventKind::MemberCreated);
+        assert_eq!(e.member_id, "mem_p");
+        // A null `event` falls back to `type`.
+        let e = ms(json!({"event": null, "type": "member.updated", "payload": {"id": "mem_1"}}))
+            .unwrap();
+        assert_eq!(e.kind, MemberstackEventKind::MemberUpdated);
+    }
+
+    #[test]
+    fn plan_events_with_plan_connection() {
+        let e = ms(json!({
+            "event": "member.planConnection.created",
+            "timestamp": 1633486880169i64,
+            "payload": {
+                "id": "mem_1",
+                "planConnection": {"id": "con_1", "active": true, "status": "ACTIVE", "type": "SUBSCRIPTION"}
+            }
+        }))
+        .unwrap();
+        assert_eq!(e.kind, MemberstackEventKind::PlanAdded);
+        assert_eq!(e.payload.plan_connection.unwrap()["id"], "con_1");
+
+        let e = ms(json!({
+            "event": "member.updated",
+            "payload": {"id": "mem_1", "planConnections": [{"id": "con_1", "planId": "pln_1"}]}
+        }))
+        .unwrap();
+        assert_eq!(e.payload.plan_connections.unwrap()[0]["planId"], "pln_1");
+    }
+
+    #[test]
+    fn team_events_use_member_id() {
+        let e = ms(json!({
+            "event": "team.member.added",
+            "payload": {"memberId": "mem_t", "ownerId": "mem_o", "teamId": "team_1"}
+        }))
+        .unwrap();
+        assert_eq!(e.kind, MemberstackEventKind::TeamMemberAdded);
+        assert_eq!(e.member_id, "mem_t");
+        assert_eq!(e.payload.owner_id.as_deref(), Some("mem_o"));
+        assert_eq!(e.payload.team_id.as_deref(), Some("team_1"));
+        // memberId wins over id for team events…
+        let e = ms(
+            json!({"event": "team.member.removed", "payload": {"id": "x_1", "memberId": "mem_t"}}),
+        )
+        .unwrap();
+        assert_eq!(e.member_id, "mem_t");
+        // …and id is the fallback for them.
+        let e = ms(json!({"event": "team.member.removed", "payload": {"id": "mem_x"}})).unwrap();
+        assert_eq!(e.member_id, "mem_x");
+        // A missing member on a team event names memberId.
+        assert_eq!(
+            ms(json!({"event": "team.member.added", "payload": {"teamId": "t"}})),
+            Err(ParseError::MissingField("payload.memberId"))
+        );
+        // Member events fall back to memberId.
+        let e = ms(json!({"event": "member.updated", "payload": {"memberId": "mem_m"}})).unwrap();
+        assert_eq!(e.member_id, "mem_m");
+    }
+
+    #[test]
+    fn event_name_table() {
+        use MemberstackEventKind::*;
+        for (name, kind) in [
+            ("member.created", MemberCreated),
+            ("member.updated", MemberUpdated),
+            ("member.deleted", MemberDeleted),
+            ("member.plan.added", PlanAdded),
+            ("member.plan.created", PlanAdded),
+            ("member.planConnection.created", PlanAdded),
+            ("member.plan.updated", PlanUpdated),
+            ("member.planConnection.updated", PlanUpdated),
+            ("member.plan.canceled", PlanCanceled),
+            ("member.plan.cancelled", PlanCanceled),
+            ("member.planConnection.canceled", PlanCanceled),
+            ("team.member.added", TeamMemberAdded),
+            ("team.member.removed", TeamMemberRemoved),
+            ("MEMBER.CREATED", MemberCreated),
+            ("member.plan.replaced", Unknown),
+            ("member.something.new", Unknown),
+            ("", Unknown),
+        ] {
+            assert_eq!(MemberstackEventKind::from_event_name(name), kind, "{name}");
+        }
+        assert_eq!(PlanCanceled.as_str(), "plan_canceled");
+        assert_eq!(
+            serde_json::to_value(TeamMemberAdded).unwrap(),
+            json!("team_member_added")
+        );
+    }
+
+    #[test]
+    fn unknown_event_names_are_accepted() {
+        let e = ms(json!({"event": "member.plan.replaced", "payload": {"id": "mem_1"}})).unwrap();
+        assert_eq!(e.kind, MemberstackEventKind::Unknown);
+        assert_eq!(e.event, "member.plan.replaced");
+    }
+
+    #[test]
+    fn timestamp_variants() {
+        for (ts, expected) in [
+            (json!(1633486880169i64), Some(1_633_486_880_169)),
+            (json!(1633486880169.7), Some(1_633_486_880_169)),
+            (json!("1633486880169"), Some(1_633_486_880_169)),
+            (json!(null), None),
+        ] {
+            let e =
+                ms(json!({"event": "member.created", "timestamp": ts, "payload": {"id": "mem_1"}}))
+                    .unwrap();
+            assert_eq!(e.timestamp_ms, expected, "{ts}");
+        }
+        for ts in [
+            json!("yesterday"),
+            json!(true),
+            json!({}),
+            json!(1e300),
+            json!(u64::MAX),
+        ] {
+            assert_eq!(
+                ms(json!({"event": "member.created", "timestamp": ts, "payload": {"id": "mem_1"}})),
+                Err(ParseError::WrongType {
+                    field: "timestamp",
+                    expected: "number (Unix milliseconds)"
+                }),
+                "{ts}"
+            );
+        }
+    }
+
+    // --- Memberstack: errors ---------------------------------------------------------
+
+    #[test]
+    fn memberstack_errors() {
+        assert_eq!(
+            ms(json!({"event": "member.created", "payload": {}}))
+                .unwrap_err()
+                .to_string(),
+            "payload.id is missing"
+        );
+        assert_eq!(
+            ms(json!({"event": "member.created", "payload": {"id": null}})),
+            Err(ParseError::MissingField("payload.id"))
+        );
+        assert_eq!(
+            ms(json!({"event": "member.created", "data": {}})),
+            Err(ParseError::MissingField("data.id"))
+        );
+        assert_eq!(
+            ms(json!({"payload": {"id": "mem_1"}})),
+            Err(ParseError::MissingField("event"))
+        );
+        assert_eq!(
+            ms(json!({"event": "member.created"})),
+            Err(ParseError::MissingField("payload"))
+        );
+        assert_eq!(
+            ms(json!({"event": 5, "payload": {"id": "mem_1"}})),
+            Err(ParseError::WrongType {
+                field: "event",
+                expected: "string"
+            })
+        );
+        assert_eq!(
+            ms(json!({"type": ["x"], "payload": {"id": "mem_1"}})),
+            Err(ParseError::WrongType {
+                field: "type",
+                expected: "string"
+            })
+        );
+        assert_eq!(
+            ms(json!({"event": "", "payload": {"id": "mem_1"}})),
+            Err(ParseError::WrongType {
+                field: "event",
+                expected: "non-empty string of at most 256 bytes"
+            })
+        );
+        assert_eq!(
+            ms(json!({"event": "member.created", "payload": "mem_1"})),
+            Err(ParseError::WrongType {
+                field: "payload",
+                expected: "object"
+            })
+        );
+        assert_eq!(
+            ms(json!({"event": "member.created", "data": []})),
+            Err(ParseError::WrongType {
+                field: "data",
+                expected: "object"
+            })
+        );
+        assert_eq!(
+            ms(json!({"event": "member.created", "payload": {"id": 42}})),
+            Err(ParseError::WrongType {
+                field: "payload.id",
+                expected: "string"
+            })
+        );
+        let bad_id = ParseError::WrongType {
+            field: "payload.id",
+            expected: "non-empty id without whitespace, at most 256 bytes",
+        };
+        for id in [
+            json!(""),
+            json!("mem 1"),
+            json!("mem_\n"),
+            json!("m".repeat(257)),
+        ] {
+            assert_eq!(
+                ms(json!({"event": "member.created", "payload": {"id": id}})),
+                Err(bad_id),
+                "{id}"
+            );
+        }
+        assert_eq!(
+            ms(json!({"event": "member.created", "payload": {"memberId": ""}})),
+            Err(ParseError::WrongType {
+                field: "payload.memberId",
+                expected: "non-empty id without whitespace, at most 256 bytes"
+            })
+        );
+        assert_eq!(
+            ms(json!({"event": "member.created", "payload": {"id": "mem_1", "auth": "x"}})),
+            Err(ParseError::WrongType {
+                field: "payload.auth",
+                expected: "object"
+            })
+        );
+        assert_eq!(
+            ms(json!({"event": "member.created", "data": {"id": "mem_1", "auth": {"email": 1}}})),
+            Err(ParseError::WrongType {
+                field: "data.auth.email",
+                expected: "string"
+            })
+        );
+    }
+
+    #[test]
+    fn not_json_and_not_object() {
+        let err = parse_memberstack(b"{\n  \"event\": \"member.created\",\n  oops\n}").unwrap_err();
+        assert_eq!(
+            err,
+            ParseError::NotJson {
+                line: 3,
+                column: 3,
+                category: "syntax"
+            }
+        );
+        assert_eq!(err.reason(), "not_json");
+        assert!(!err.to_string().contains("oops"));
+        assert!(matches!(
+            parse_memberstack(b"{\"event\": \"member.cre"),
+            Err(ParseError::NotJson {
+                category: "eof",
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse_memberstack(b""),
+            Err(ParseError::NotJson { .. })
+        ));
+        assert!(matches!(
+            parse_memberstack(b"\xff\xfe"),
+            Err(ParseError::NotJson { .. })
+        ));
+        // A string value containing a secret-looking token is not echoed.
+        let err = parse_stripe(b"{\"id\": \"evt_1\", \"type\": \"sk_live_SECRET\" x}").unwrap_err();
+        assert!(!err.to_string().contains("SECRET"), "{err}");
+        for body in [&b"[]"[..], b"\"member.created\"", b"42", b"null", b"true"] {
+            assert_eq!(parse_memberstack(body), Err(ParseError::NotAnObject));
+            assert_eq!(parse_stripe(body), Err(ParseError::NotAnObject));
+        }
+        // Deep nesting hits serde_json's recursion limit instead of the stack.
+        let deep = format!("{{\"a\":{}{}}}", "[".repeat(10_000), "]".repeat(10_000));
+        assert!(matches!(
+            parse_memberstack(deep.as_bytes()),
+            Err(ParseError::NotJson { .. })
+        ));
+    }
+
+    #[test]
+    fn parse_error_reasons() {
+        assert_eq!(ParseError::NotAnObject.reason(), "not_an_object");
+        assert_eq!(ParseError::MissingField("x").reason(), "missing_field");
+        assert_eq!(
+            ParseError::WrongType {
+                field: "x",
+                expected: "y"
+            }
+            .reason(),
+            "wrong_type"
+        );
+    }
+
+    // --- Stripe ----------------------------------------------------------------------
+
+    fn subscription_event(metadata: Value, customer: Value) -> Value {
+        json!({
+            "id": "evt_1NG8Du2eZvKYlo2CUI79vXWy",
+            "object": "event",
+            "api_version": "2023-10-16",
+            "created": 1686089970,
+            "livemode": false,
+            "type": "customer.subscription.updated",
+            "data": {
+                "object": {
+                    "id": "sub_1",
+                    "object": "subscription",
+                    "customer": customer,
+                    "status": "active",
+                    "metadata": metadata,
+                    "items": {"object": "list", "data": [
+                        {"id": "si_1", "price": {"id": "price_gold", "object": "price"}},
+                        {"id": "si_2", "price": {"id": "price_other", "object": "price"}}
+                    ]}
+                },
+                "previous_attributes": {"status": "trialing"}
+            }
+        })
+    }
+
+    #[test]
+    fn stripe_subscription_with_memberstack_id() {
+        let e = stripe(subscription_event(
+            json!({"memberstack_user_id": "mem_1"}),
+            json!("cus_1"),
+        ))
+        .unwrap();
+        assert_eq!(e.id, "evt_1NG8Du2eZvKYlo2CUI79vXWy");
+        assert_eq!(e.event_type, "customer.subscription.updated");
+        assert_eq!(e.created, Some(1_686_089_970));
+        assert_eq!(e.livemode, Some(false));
+        assert_eq!(e.api_version.as_deref(), Some("2023-10-16"));
+        assert_eq!(e.previous_attributes, Some(json!({"status": "trialing"})));
+        assert!(e.is_subscription_event());
+        assert_eq!(
+            e.subscription(),
+            Some(StripeSubscription {
+                id: Some("sub_1".into()),
+                memberstack_id: Some("mem_1".into()),
+                customer: Some("cus_1".into()),
+                status: Some("active".into()),
+                price_id: Some("price_gold".into()),
+            })
+        );
+        assert_eq!(
+            e.routing_key(),
+            Some(RoutingKey {
+                key: "mem_1".into(),
+                needs_lookup: false
+            })
+        );
+    }
+
+    #[test]
+    fn stripe_routing_falls_back_to_customer() {
+        // No metadata key; expanded customer object.
+        let e = stripe(subscription_event(
+            json!({}),
+            json!({"id": "cus_9", "object": "customer"}),
+        ))
+        .unwrap();
+        let sub = e.subscription().unwrap();
+        assert_eq!(sub.memberstack_id, None);
+        assert_eq!(sub.customer.as_deref(), Some("cus_9"));
+        assert_eq!(
+            e.routing_key(),
+            Some(RoutingKey {
+                key: "cus_9".into(),
+                needs_lookup: true
+            })
+        );
+        // An unusable metadata value also falls back.
+        let e = stripe(subscription_event(
+            json!({"memberstack_user_id": ""}),
+            json!("cus_2"),
+        ))
+        .unwrap();
+        assert_eq!(e.routing_key().unwrap().key, "cus_2");
+        // customer.* events: the object is the customer.
+        let e = stripe(json!({
+            "id": "evt_2", "type": "customer.updated",
+            "data": {"object": {"id": "cus_3", "object": "customer", "metadata": {}}}
+        }))
+        .unwrap();
+        assert!(!e.is_subscription_event());
+        assert_eq!(e.subscription(), None);
+        assert_eq!(
+            e.routing_key(),
+            Some(RoutingKey {
+                key: "cus_3".into(),
+                needs_lookup: true
+            })
+        );
+        // Nothing to route on.
+        let e = stripe(json!({
+            "id": "evt_3", "type": "terminal.reader.action_succeeded",
+            "data": {"object": {"id": "rdr_123", "object": "terminal.reader"}}
+        }))
+        .unwrap();
+        assert_eq!(e.routing_key(), None);
+        assert_eq!(e.created, None);
+    }
+
+    #[test]
+    fn stripe_subscription_is_tolerant_of_odd_shapes() {
+        let e = stripe(json!({
+            "id": "evt_4", "type": "customer.subscription.deleted",
+            "data": {"object": {"status": 5, "items": {"data": []}, "metadata": "x"}}
+        }))
+        .unwrap();
+        assert_eq!(
+            e.subscription(),
+            Some(StripeSubscription {
+                id: None,
+                memberstack_id: None,
+                customer: None,
+                status: None,
+                price_id: None
+            })
+        );
+    }
+
+    #[test]
+    fn stripe_python_dummy_payload_parses() {
+        // stripe-python tests/test_webhook.py DUMMY_WEBHOOK_PAYLOAD: no `type`.
+        let body = b"{\n  \"id\": \"evt_test_webhook\",\n  \"object\": \"event\",\n  \"data\": { \"object\": { \"id\": \"rdr_123\", \"object\": \"terminal.reader\" } }\n}";
+        assert_eq!(parse_stripe(body), Err(ParseError::MissingField("type")));
+    }
+
+    #[test]
+    fn stripe_errors() {
+        let ok = json!({"id": "evt_1", "type": "x.y", "created": 1, "data": {"object": {}}});
+        assert!(stripe(ok.clone()).is_ok());
+        let with = |key: &str, value: Value| {
+            let mut v = ok.clone();
+            v[key] = value;
+            stripe(v)
+        };
+        let without = |key: &str| {
+            let mut v = ok.clone();
+            v.as_object_mut().unwrap().remove(key);
+            stripe(v)
+        };
+        assert_eq!(without("id"), Err(ParseError::MissingField("id")));
+        assert_eq!(without("type"), Err(ParseError::MissingField("type")));
+        assert_eq!(without("data"), Err(ParseError::MissingField("data")));
+        assert!(without("created").is_ok());
+        assert_eq!(
+            with("id", json!(7)),
+            Err(ParseError::WrongType {
+                field: "id",
+                expected: "string"
+            })
+        );
+        for id in ["ch_1", "evt_", "evt_ 1", ""] {
+            let err = with("id", json!(id)).unwrap_err();
+            assert_eq!(
+                err,
+                ParseError::WrongType {
+                    field: "id",
+                    expected: "event id starting with evt_"
+                },
+                "{id}"
+            );
+        }
+        assert_eq!(
+            with("type", json!(null)),
+            Err(ParseError::MissingField("type"))
+        );
+        assert_eq!(
+            with("type", json!({})),
+            Err(ParseError::WrongType {
+                field: "type",
+                expected: "string"
+            })
+        );
+        assert_eq!(
+            with("created", json!("yesterday")),
+            Err(ParseError::WrongType {
+                field: "created",
+                expected: "integer (Unix seconds)"
+            })
+        );
+        assert_eq!(
+            with("data", json!([])),
+            Err(ParseError::WrongType {
+                field: "data",
+                expected: "object"
+            })
+        );
+        assert_eq!(
+            with("data", json!({})),
+            Err(ParseError::MissingField("data.object"))
+        );
+        assert_eq!(
+            with("data", json!({"object": "sub_1"})),
+            Err(ParseError::WrongType {
+                field: "data.object",
+                expected: "object"
+            })
+        );
+        // A v2 "thin" event is refused (ISO `created`, and no data.object).
+        assert_eq!(
+            stripe(
+                json!({"id": "evt_234", "object": "v2.core.event", "type": "v1.billing.meter.error_report_triggered", "livemode": true, "created": "2022-02-15T00:27:45.330Z"})
+            ),
+            Err(ParseError::WrongType {
+                field: "created",
+                expected: "integer (Unix seconds)"
+            })
+        );
+    }
+
+    #[test]
+    fn parsed_events_serialise() {
+        let e = ms(json!({"event": "member.created", "payload": {"id": "mem_1"}})).unwrap();
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["kind"], "member_created");
+        assert_eq!(v["member_id"], "mem_1");
+        let back: MemberstackEvent = serde_json::from_value(v).unwrap();
+        assert_eq!(back, e);
+        let s = stripe(subscription_event(json!({}), json!("cus_1"))).unwrap();
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["type"], "customer.subscription.updated");
+        assert_eq!(serde_json::from_value::<StripeEvent>(v).unwrap(), s);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn parsers_never_panic_on_bytes(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_memberstack(&body);
+            let _ = parse_stripe(&body);
+        }
+
+        #[test]
+        fn parsers_never_panic_on_json_shapes(
+            event in prop_oneof![Just(json!(null)), any::<String>().prop_map(Value::from), any::<i64>().prop_map(Value::from)],
+            id in prop_oneof![Just(json!(null)), "[ -~]{0,20}".prop_map(Value::from), any::<f64>().prop_map(Value::from)],
+            ts in prop_oneof![Just(json!(null)), any::<f64>().prop_map(Value::from), any::<u64>().prop_map(Value::from), "[0-9a-z]{0,25}".prop_map(Value::from)],
+            use_data in any::<bool>(),
+        ) {
+            let key = if use_data { "data" } else { "payload" };
+            let mut body = json!({"event": event, "timestamp": ts});
+            body[key] = json!({"id": id.clone(), "memberId": id.clone(), "auth": {"email": id}});
+            let _ = ms(body);
+        }
+
+        #[test]
+        fn any_valid_member_id_round_trips(id in "[A-Za-z0-9_-]{1,64}", name in "[a-z.]{1,40}") {
+            let e = ms(json!({"event": name, "payload": {"id": id.clone()}})).unwrap();
+            prop_assert_eq!(e.member_id, id);
+        }
+    }
+}

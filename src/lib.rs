@@ -1,0 +1,12 @@
+//! membersync: keeps Memberstack members and a Supabase (PostgreSQL) database in sync, in both
+//! directions, through Kafka. See `docs/architecture.md` for the data flow.
+
+pub mod check;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod db;
+pub mod http;
+pub mod kafka;
+pub mod shutdown;
+pub mod telemetry;

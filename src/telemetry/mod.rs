@@ -1,0 +1,7 @@
+//! Logs (tracing, JSON or human), optional Sentry, and the Prometheus registry.
+
+mod logging;
+mod metrics;
+
+pub use logging::{TelemetryGuard, init};
+pub use metrics::{BUILD_COMMIT, BUILD_VERSION, Metrics};

@@ -1,0 +1,147 @@
+//! Configuration errors as an operator meets them: the real binary, exit code 2, a message
+//! naming the key and the problem, and no secret in any output.
+
+use std::io::Write;
+
+use crate::support::membersync;
+
+fn toml_file(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    f
+}
+
+/// Runs `membersync check` with `env`, expecting exit 2; returns stderr.
+fn expect_config_error(config: Option<&str>, env: &[(&str, &str)]) -> String {
+    let file = config.map(toml_file);
+    let mut cmd = membersync();
+    if let Some(f) = &file {
+        cmd.arg("--config").arg(f.path());
+    }
+    cmd.arg("check").envs(env.iter().copied());
+    let out = cmd.output().expect("run membersync");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(
+        out.stdout.is_empty(),
+        "nothing on stdout for a config error"
+    );
+    stderr
+}
+
+#[test]
+fn invalid_values_exit_2_naming_key_and_problem() {
+    let cases: &[(Option<&str>, &[(&str, &str)], &str)] = &[
+        (
+            Some("[database]\nport = \"five\""),
+            &[],
+            "`database.port`: expected u16, found string \"five\"",
+        ),
+        (
+            Some("[database]\nprot = 1"),
+            &[],
+            "`database.prot`: unknown key",
+        ),
+        (
+            Some("[kafka]\nbrokers = \"nohost\""),
+            &[],
+            "`kafka.brokers`: `nohost` is not `host:port`",
+        ),
+        (
+            None,
+            &[("MEMBERSYNC__DATABASE__PORT", "x")],
+            "from environment variable MEMBERSYNC__DATABASE__PORT",
+        ),
+        (None, &[("MEMBERSYNC__CDC__SLOT", "UPPER")], "`cdc.slot`"),
+        (
+            None,
+            &[("MEMBERSYNC__TELEMETRY__LOG_FORMAT", "yaml")],
+            "`telemetry.log_format`: unknown value `yaml`",
+        ),
+        (
+            Some("[database]\npassword_file = \"/nonexistent/secret\""),
+            &[],
+            "`database.password_file`: cannot read",
+        ),
+    ];
+    for (config, env, expected) in cases {
+        let stderr = expect_config_error(*config, env);
+        assert!(stderr.contains("invalid configuration"), "{stderr}");
+        assert!(
+            stderr.contains(expected),
+            "expected {expected:?} in {stderr}"
+        );
+    }
+}
+
+#[test]
+fn missing_config_file_exits_2() {
+    let out = membersync()
+        .args(["--config", "/nonexistent/membersync.toml", "check"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("/nonexistent/membersync.toml does not exist")
+    );
+}
+
+#[test]
+fn secret_written_in_file_is_refused_and_not_echoed() {
+    let stderr = expect_config_error(
+        Some("[database]\npassword = \"correct-horse-battery\""),
+        &[],
+    );
+    assert!(
+        stderr.contains("`database.password`: secrets may not be written in the config file"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("MEMBERSYNC__DATABASE__PASSWORD"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("correct-horse-battery"), "{stderr}");
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    // The file's port is invalid, the environment's valid one replaces it; the next problem
+    // reported is then the environment's broker list, proving both layers were read in order.
+    let stderr = expect_config_error(
+        Some("[database]\nport = 0\n[kafka]\nbrokers = \"127.0.0.1:9092\""),
+        &[
+            ("MEMBERSYNC__DATABASE__PORT", "5432"),
+            ("MEMBERSYNC__KAFKA__BROKERS", "bad"),
+        ],
+    );
+    assert!(
+        stderr.contains("`kafka.brokers`: `bad` is not `host:port`"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_example_config_is_valid() {
+    let example = crate::support::repo_root().join("membersync.example.toml");
+    let out = membersync()
+        .arg("--config")
+        .arg(&example)
+        .args(["check"])
+        // Point at nothing so check fails fast on connections, not on config.
+        .env("MEMBERSYNC__DATABASE__PORT", "1")
+        .env("MEMBERSYNC__KAFKA__BROKERS", "127.0.0.1:1")
+        .env("MEMBERSYNC__KAFKA__REQUEST_TIMEOUT_MS", "500")
+        .env("MEMBERSYNC__DATABASE__CONNECT_TIMEOUT_SECS", "1")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("✗ postgres connection"), "{stdout}");
+    assert!(stdout.contains("✗ kafka broker"), "{stdout}");
+}

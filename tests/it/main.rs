@@ -1,0 +1,10 @@
+//! Integration tests, compiled as one binary. They run against the real local services
+//! (`scripts/dev-services up`) and fail loudly when those are missing.
+
+mod check;
+mod config;
+mod kafka;
+mod migrations;
+mod ops;
+mod rls;
+mod support;
