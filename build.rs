@@ -16,6 +16,9 @@ fn main() {
         commit.unwrap_or_else(|| "unknown".into())
     );
     println!("cargo:rerun-if-env-changed=MEMBERSYNC_GIT_COMMIT");
+    // refinery embeds schemas/migrations at compile time without telling cargo about the
+    // files; a new or changed migration must rebuild the crate.
+    println!("cargo:rerun-if-changed=schemas/migrations");
     println!("cargo:rerun-if-changed=.git/HEAD");
     println!("cargo:rerun-if-changed=.git/refs/heads");
 }

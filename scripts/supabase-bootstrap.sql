@@ -11,7 +11,7 @@
 --     every cluster-wide change is taken under a cluster-wide lock, re-checked, and
 --     wrapped in an exception handler that tolerates a concurrent creator;
 --   * plain SQL for the simple-query protocol (tokio-postgres `batch_execute`, or
---     `psql -f`): no psql meta-commands. The statements of one simple query run as one
+--     `psql --single-transaction -f`): no psql meta-commands. One simple query runs as one
 --     implicit transaction, so the lock below is held until the end of the script.
 --
 -- What it follows (see ../shared/reference/external-apis.md §8):

@@ -3,6 +3,8 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -105,17 +107,47 @@ fn outcome(
     }
 }
 
-/// Runs the daemon until SIGTERM/SIGINT.
-pub async fn run(config: Config) -> Result<(), DaemonError> {
+/// A role the process can run; `membersync run` runs all of them, `membersync <role>` one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Ingest,
+}
+
+impl Role {
+    pub const ALL: &'static [Role] = &[Role::Ingest];
+
+    fn needs_postgres(self) -> bool {
+        match self {
+            Role::Ingest => false,
+        }
+    }
+}
+
+/// Runs `roles` until SIGTERM/SIGINT.
+pub async fn run(config: Config, roles: &[Role]) -> Result<(), DaemonError> {
     let shutdown = CancellationToken::new();
     crate::shutdown::install(shutdown.clone()).map_err(DaemonError::Signals)?;
     let metrics = Metrics::new();
-    let probes = probes(&config)?;
+    let started = Arc::new(AtomicBool::new(false));
+    let mut probes = probes(&config, roles)?;
+    probes.insert(
+        0,
+        Box::new(StartupProbe {
+            started: Arc::clone(&started),
+        }),
+    );
     let addr = config.telemetry.metrics_addr;
     let server = OpsServer::bind(addr, ops::router(metrics.clone(), probes))
         .await
         .map_err(|source| DaemonError::Bind { addr, source })?;
     tracing::info!(addr = %server.local_addr().unwrap_or(addr), "ops server listening (/metrics, /healthz, /readyz)");
+
+    // Liveness and metrics answer from here on, while the roles start.
+    let mut supervisor = Supervisor::new(shutdown.clone());
+    let token = shutdown.clone();
+    supervisor.spawn("ops", async move {
+        server.serve(token).await.map_err(|e| e.to_string())
+    });
 
     if config.kafka.create_topics {
         let admin =
@@ -130,12 +162,19 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         }
     }
 
-    let mut supervisor = Supervisor::new(shutdown.clone());
-    let token = shutdown.clone();
-    supervisor.spawn("ops", async move {
-        server.serve(token).await.map_err(|e| e.to_string())
-    });
+    if roles.contains(&Role::Ingest) {
+        let ingest = crate::ingest::IngestServer::bind(&config, &metrics)
+            .await
+            .map_err(|e| DaemonError::Setup(e.to_string()))?;
+        let addr = ingest.local_addr().unwrap_or(config.ingest.listen_addr);
+        tracing::info!(%addr, "webhook ingest listening");
+        let token = shutdown.clone();
+        supervisor.spawn("ingest", async move {
+            ingest.serve(token).await.map_err(|e| e.to_string())
+        });
+    }
 
+    started.store(true, Ordering::Release);
     tracing::info!(
         version = crate::telemetry::BUILD_VERSION,
         "membersync running"
@@ -143,14 +182,39 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     supervisor.run(config.shutdown.drain_timeout()).await
 }
 
-fn probes(config: &Config) -> Result<Vec<Box<dyn Probe>>, DaemonError> {
+/// Readiness covers what the selected roles depend on; Kafka is needed by every role, and
+/// the full daemon (`run`) also streams from Postgres.
+fn probes(config: &Config, roles: &[Role]) -> Result<Vec<Box<dyn Probe>>, DaemonError> {
     let admin = KafkaAdmin::new(&config.kafka).map_err(|e| DaemonError::Setup(e.to_string()))?;
-    Ok(vec![
-        Box::new(PostgresProbe {
-            config: config.database.clone(),
-        }),
-        Box::new(KafkaProbe { admin }),
-    ])
+    let mut probes: Vec<Box<dyn Probe>> = vec![Box::new(KafkaProbe { admin })];
+    if roles == Role::ALL || roles.iter().any(|r| r.needs_postgres()) {
+        let config = config.database.clone();
+        probes.insert(0, Box::new(PostgresProbe { config }));
+    }
+    Ok(probes)
+}
+
+/// Not ready until every role of this process has started (listeners bound, topics ready).
+struct StartupProbe {
+    started: Arc<AtomicBool>,
+}
+
+impl Probe for StartupProbe {
+    fn name(&self) -> &'static str {
+        "startup"
+    }
+
+    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
+        let started = self.started.load(Ordering::Acquire);
+        async move {
+            if started {
+                Ok(())
+            } else {
+                Err("roles are starting".to_owned())
+            }
+        }
+        .boxed()
+    }
 }
 
 struct PostgresProbe {

@@ -7,6 +7,7 @@ pub mod config;
 pub mod daemon;
 pub mod db;
 pub mod http;
+pub mod ingest;
 pub mod kafka;
 pub mod shutdown;
 pub mod telemetry;

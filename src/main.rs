@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use membersync::cli::{Cli, Command};
 use membersync::config::{self, Config};
+use membersync::daemon::Role;
 use membersync::db::{self, Login};
 
 fn main() -> ExitCode {
@@ -43,7 +44,11 @@ fn main() -> ExitCode {
 async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run => {
-            membersync::daemon::run(config).await?;
+            membersync::daemon::run(config, Role::ALL).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ingest => {
+            membersync::daemon::run(config, &[Role::Ingest]).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate => {

@@ -14,11 +14,13 @@ pub const ENV_PREFIX: &str = "MEMBERSYNC__";
 
 /// Keys whose values are secrets: they may come from the environment or a `<key>_file`,
 /// never from the config file itself (files get committed, copied and pasted into tickets).
-const SECRET_KEYS: [&str; 4] = [
+const SECRET_KEYS: [&str; 6] = [
     "database.password",
     "database.admin_password",
     "kafka.sasl_password",
     "telemetry.sentry_dsn",
+    "ingest.memberstack_webhook_secrets",
+    "ingest.stripe_webhook_secrets",
 ];
 
 /// Loads the configuration the daemon runs with.
@@ -84,6 +86,16 @@ fn resolve_secrets(c: &mut Config) -> Result<(), ConfigError> {
         &mut c.telemetry.sentry_dsn,
         c.telemetry.sentry_dsn_file.take(),
     )?;
+    resolve(
+        "ingest.memberstack_webhook_secrets",
+        &mut c.ingest.memberstack_webhook_secrets,
+        c.ingest.memberstack_webhook_secrets_file.take(),
+    )?;
+    resolve(
+        "ingest.stripe_webhook_secrets",
+        &mut c.ingest.stripe_webhook_secrets,
+        c.ingest.stripe_webhook_secrets_file.take(),
+    )?;
     if c.telemetry.sentry_dsn.is_none() {
         // Sentry's own convention; honoured so existing deployments keep working.
         if let Ok(dsn) = std::env::var("SENTRY_DSN") {
@@ -114,6 +126,8 @@ fn resolve(
             format!("cannot read {}: {}", file.display(), e.kind()),
         )
     })?;
+    // Trailing newlines are an artefact of editors and `echo`; multi-value secrets (webhook
+    // secrets during rotation) may put one value per line.
     let value = text.trim_end_matches(['\n', '\r']);
     if value.is_empty() {
         return Err(ConfigError::new(
@@ -204,6 +218,8 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
         ));
     }
 
+    validate_ingest(&c.ingest)?;
+
     let cdc = &c.cdc;
     if !is_pg_name(&cdc.slot) || cdc.slot.chars().any(|ch| ch.is_ascii_uppercase()) {
         return Err(ConfigError::new(
@@ -276,6 +292,54 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
             "shutdown.drain_timeout_secs",
             "must be at least 1",
         ));
+    }
+    Ok(())
+}
+
+fn validate_ingest(i: &crate::config::IngestConfig) -> Result<(), ConfigError> {
+    if i.body_limit_bytes == 0 {
+        return Err(ConfigError::new(
+            "ingest.body_limit_bytes",
+            "must be at least 1",
+        ));
+    }
+    if i.request_timeout_ms == 0 {
+        return Err(ConfigError::new(
+            "ingest.request_timeout_ms",
+            "must be at least 1",
+        ));
+    }
+    if i.kafka_ack_timeout_ms == 0 || i.kafka_ack_timeout_ms >= i.request_timeout_ms {
+        return Err(ConfigError::new(
+            "ingest.kafka_ack_timeout_ms",
+            "must be at least 1 and below ingest.request_timeout_ms",
+        ));
+    }
+    if i.concurrency_limit == 0 {
+        return Err(ConfigError::new(
+            "ingest.concurrency_limit",
+            "must be at least 1",
+        ));
+    }
+    for (key, secrets) in [
+        (
+            "ingest.memberstack_webhook_secrets",
+            &i.memberstack_webhook_secrets,
+        ),
+        ("ingest.stripe_webhook_secrets", &i.stripe_webhook_secrets),
+    ] {
+        let Some(secrets) = secrets else { continue };
+        let parts = crate::config::split_secrets(secrets);
+        if parts.is_empty() {
+            return Err(ConfigError::new(key, "is empty"));
+        }
+        let usable = if key.contains("memberstack") {
+            crate::ingest::verify::svix::SvixVerifier::new(&parts).map(|_| ())
+        } else {
+            crate::ingest::verify::stripe::StripeVerifier::new(&parts).map(|_| ())
+        };
+        // KeyError's text never contains the secret.
+        usable.map_err(|e| ConfigError::new(key, e.to_string()))?;
     }
     Ok(())
 }

@@ -14,6 +14,7 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub kafka: KafkaConfig,
     pub cdc: CdcConfig,
+    pub ingest: IngestConfig,
     pub telemetry: TelemetryConfig,
     pub shutdown: ShutdownConfig,
 }
@@ -181,6 +182,67 @@ impl Default for CdcConfig {
             tables: vec!["public.members".into()],
         }
     }
+}
+
+/// The webhook endpoint (`POST /webhooks/memberstack`, `POST /webhooks/stripe`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    pub listen_addr: SocketAddr,
+    /// Larger bodies are refused with 413 before they are read to the end.
+    pub body_limit_bytes: usize,
+    /// Whole-request budget (reading the body, verifying, producing); then 408.
+    pub request_timeout_ms: u64,
+    /// How long a delivery may wait for Kafka's acknowledgement; then 503 and the sender
+    /// retries. Keep it well under Svix's 15 s.
+    pub kafka_ack_timeout_ms: u64,
+    /// Requests processed at once; more wait in line (until their timeout).
+    pub concurrency_limit: usize,
+    /// Secret: Svix signing secrets (`whsec_…`), several separated by spaces or commas while
+    /// rotating. Only from `MEMBERSYNC__INGEST__MEMBERSTACK_WEBHOOK_SECRETS` or the `_file`.
+    /// Unset: the Memberstack route answers 404.
+    pub memberstack_webhook_secrets: Option<SecretString>,
+    pub memberstack_webhook_secrets_file: Option<PathBuf>,
+    /// Secret: Stripe endpoint secrets (`whsec_…`), as above. Unset: the Stripe route answers 404.
+    pub stripe_webhook_secrets: Option<SecretString>,
+    pub stripe_webhook_secrets_file: Option<PathBuf>,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            body_limit_bytes: 1024 * 1024,
+            request_timeout_ms: 10_000,
+            kafka_ack_timeout_ms: 5_000,
+            concurrency_limit: 1024,
+            memberstack_webhook_secrets: None,
+            memberstack_webhook_secrets_file: None,
+            stripe_webhook_secrets: None,
+            stripe_webhook_secrets_file: None,
+        }
+    }
+}
+
+impl IngestConfig {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    pub fn kafka_ack_timeout(&self) -> Duration {
+        Duration::from_millis(self.kafka_ack_timeout_ms)
+    }
+}
+
+/// Splits a secret holding several values (rotation) into its parts.
+pub fn split_secrets(secrets: &SecretString) -> Vec<SecretString> {
+    use secrecy::ExposeSecret;
+    secrets
+        .expose_secret()
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|s| !s.is_empty())
+        .map(|s| SecretString::from(s.to_owned()))
+        .collect()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -13,7 +13,9 @@
 //! - `timestamp` is Unix **milliseconds**, normally a JSON integer; a float or a digit string
 //!   is tolerated, and a missing/null one is `None` (the signed `svix-timestamp` is the
 //!   authoritative time);
-//! - the member id is `payload.id` (`"mem_…"`), or `payload.memberId` for team events;
+//! - the member id is `payload.id` (`"mem_…"`), or `payload.memberId` for team events; it
+//!   is the Kafka key, so it is the only payload field whose absence or type is an error;
+//!   other typed fields (`auth.email`, `ownerId`, …) of an unexpected type are `None`;
 //! - shapes that vary between docs (`customFields`, `metaData`, `planConnections`,
 //!   `planConnection`) are kept as raw [`serde_json::Value`];
 //! - unknown event names are accepted as [`MemberstackEventKind::Unknown`] ("re-fetch the
@@ -258,64 +260,61 @@ pub fn parse_memberstack(body: &[u8]) -> Result<MemberstackEvent, ParseError> {
     };
 
     let p = |payload_path, data_path| payload_key.pick(payload_path, data_path);
-    let email = match present(obj, "auth") {
-        None => None,
-        Some(auth) => {
-            let auth = auth.as_object().ok_or(ParseError::WrongType {
-                field: p("payload.auth", "data.auth"),
-                expected: "object",
-            })?;
-            opt_string(auth, "email", p("payload.auth.email", "data.auth.email"))?
-        }
+
+    // The member id is the one field that must be right: it is the Kafka key. Team events
+    // name the member `memberId` (their `id`, if any, may be something else); everything
+    // else uses `id`, with `memberId` as a fallback when `id` is absent.
+    let (preferred, preferred_path, fallback, fallback_path) = if kind.is_team_event() {
+        (
+            "memberId",
+            p("payload.memberId", "data.memberId"),
+            "id",
+            p("payload.id", "data.id"),
+        )
+    } else {
+        (
+            "id",
+            p("payload.id", "data.id"),
+            "memberId",
+            p("payload.memberId", "data.memberId"),
+        )
     };
+    let (member_id, member_id_path) = match (present(obj, preferred), present(obj, fallback)) {
+        (Some(v), _) => (v, preferred_path),
+        (None, Some(v)) => (v, fallback_path),
+        (None, None) => return Err(ParseError::MissingField(preferred_path)),
+    };
+    let member_id = member_id.as_str().ok_or(ParseError::WrongType {
+        field: member_id_path,
+        expected: "string",
+    })?;
+    if !is_valid_key(member_id) {
+        return Err(ParseError::WrongType {
+            field: member_id_path,
+            expected: "non-empty id without whitespace, at most 256 bytes",
+        });
+    }
+    let member_id = member_id.to_owned();
+
+    // Everything else is informational (the raw JSON is kept, and `merge` re-reads the
+    // member): a field of an unexpected type is `None` rather than a rejected delivery.
     let payload = MemberstackPayload {
-        id: opt_string(obj, "id", p("payload.id", "data.id"))?,
-        member_id: opt_string(obj, "memberId", p("payload.memberId", "data.memberId"))?,
-        owner_id: opt_string(obj, "ownerId", p("payload.ownerId", "data.ownerId"))?,
-        team_id: opt_string(obj, "teamId", p("payload.teamId", "data.teamId"))?,
-        email,
+        id: str_field(obj, "id"),
+        member_id: str_field(obj, "memberId"),
+        owner_id: str_field(obj, "ownerId"),
+        team_id: str_field(obj, "teamId"),
+        email: obj
+            .get("auth")
+            .and_then(Value::as_object)
+            .and_then(|auth| str_field(auth, "email")),
         custom_fields: present(obj, "customFields").cloned(),
         meta_data: present(obj, "metaData")
             .or_else(|| present(obj, "metadata"))
             .cloned(),
         plan_connections: present(obj, "planConnections").cloned(),
         plan_connection: present(obj, "planConnection").cloned(),
-        stripe_customer_id: opt_string(
-            obj,
-            "stripeCustomerId",
-            p("payload.stripeCustomerId", "data.stripeCustomerId"),
-        )?,
+        stripe_customer_id: str_field(obj, "stripeCustomerId"),
     };
-
-    // Team events name the member `memberId` (their `id`, if any, may be something else);
-    // everything else uses `id`, with `memberId` as a fallback.
-    let (first, second, missing) = if kind.is_team_event() {
-        (
-            &payload.member_id,
-            &payload.id,
-            p("payload.memberId", "data.memberId"),
-        )
-    } else {
-        (&payload.id, &payload.member_id, p("payload.id", "data.id"))
-    };
-    let member_id = first
-        .as_ref()
-        .or(second.as_ref())
-        .ok_or(ParseError::MissingField(missing))?;
-    if !is_valid_key(member_id) {
-        let field = if first.is_some() {
-            missing
-        } else if kind.is_team_event() {
-            p("payload.id", "data.id")
-        } else {
-            p("payload.memberId", "data.memberId")
-        };
-        return Err(ParseError::WrongType {
-            field,
-            expected: "non-empty id without whitespace, at most 256 bytes",
-        });
-    }
-    let member_id = member_id.clone();
 
     Ok(MemberstackEvent {
         event,
@@ -541,22 +540,6 @@ fn bounded_str<'a>(value: &'a Value, field: &'static str) -> Result<&'a str, Par
         }),
         None => Err(ParseError::WrongType {
             field,
-            expected: "string",
-        }),
-    }
-}
-
-/// An optional string field: absent/null is `None`, a non-string is an error.
-fn opt_string(
-    obj: &Map<String, Value>,
-    key: &str,
-    path: &'static str,
-) -> Result<Option<String>, ParseError> {
-    match present(obj, key) {
-        None => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(ParseError::WrongType {
-            field: path,
             expected: "string",
         }),
     }
@@ -889,20 +872,52 @@ mod tests {
                 expected: "non-empty id without whitespace, at most 256 bytes"
             })
         );
+        // The chosen id field decides; a bad `id` does not matter on a team event…
+        let e =
+            ms(json!({"event": "team.member.added", "payload": {"id": 7, "memberId": "mem_t"}}))
+                .unwrap();
+        assert_eq!(e.member_id, "mem_t");
+        assert_eq!(e.payload.id, None);
+        // …but does on a member event, even when memberId could stand in.
         assert_eq!(
-            ms(json!({"event": "member.created", "payload": {"id": "mem_1", "auth": "x"}})),
+            ms(json!({"event": "member.created", "payload": {"id": 7, "memberId": "mem_t"}})),
             Err(ParseError::WrongType {
-                field: "payload.auth",
-                expected: "object"
-            })
-        );
-        assert_eq!(
-            ms(json!({"event": "member.created", "data": {"id": "mem_1", "auth": {"email": 1}}})),
-            Err(ParseError::WrongType {
-                field: "data.auth.email",
+                field: "payload.id",
                 expected: "string"
             })
         );
+        assert_eq!(
+            ms(json!({"event": "member.created", "data": {"memberId": false}})),
+            Err(ParseError::WrongType {
+                field: "data.memberId",
+                expected: "string"
+            })
+        );
+    }
+
+    #[test]
+    fn informational_fields_of_odd_types_are_tolerated() {
+        for payload in [
+            json!({"id": "mem_1", "auth": "x", "ownerId": 1, "teamId": [], "stripeCustomerId": {}}),
+            json!({"id": "mem_1", "auth": {"email": 1}}),
+            json!({"id": "mem_1", "auth": null, "customFields": null}),
+        ] {
+            let e = ms(json!({"event": "member.created", "payload": payload})).unwrap();
+            assert_eq!(e.member_id, "mem_1");
+            assert_eq!(e.payload.email, None);
+            assert_eq!(e.payload.owner_id, None);
+            assert_eq!(e.payload.team_id, None);
+            assert_eq!(e.payload.stripe_customer_id, None);
+            assert_eq!(e.payload.custom_fields, None);
+            assert_eq!(e.raw["payload"], payload);
+        }
+        let e = ms(json!({
+            "event": "member.updated",
+            "payload": {"id": "mem_1", "stripeCustomerId": "cus_1", "customFields": "odd"}
+        }))
+        .unwrap();
+        assert_eq!(e.payload.stripe_customer_id.as_deref(), Some("cus_1"));
+        assert_eq!(e.payload.custom_fields, Some(json!("odd")));
     }
 
     #[test]

@@ -1,2 +1,10 @@
+//! Ingest: Memberstack (Svix-signed) and Stripe (Stripe-signed) webhooks → Kafka.
+
+pub mod envelope;
 pub mod event;
+pub mod metrics;
+pub mod rejection;
+pub mod server;
 pub mod verify;
+
+pub use server::{IngestError, IngestServer};

@@ -1,6 +1,7 @@
 //! Kafka: client settings, topic names, topic administration.
 
 pub mod admin;
+pub mod producer;
 pub mod topics;
 
 use rdkafka::ClientConfig;

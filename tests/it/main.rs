@@ -3,6 +3,7 @@
 
 mod check;
 mod config;
+mod ingest;
 mod kafka;
 mod migrations;
 mod ops;

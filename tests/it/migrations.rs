@@ -474,6 +474,96 @@ async fn daemon_role_is_created_least_privileged() {
     assert!(can_emit);
 }
 
+/// What the API roles may do (V3, narrowed by V5), exactly as docs/schema.md lists it.
+#[tokio::test]
+async fn api_roles_are_least_privileged() {
+    let db = TestDb::migrated().await;
+    let admin = db.admin().await;
+
+    // Table-level privileges, per role and table.
+    let privileges = strings(
+        &admin,
+        "select r.role || ':' || c.relname || ':' || string_agg(p.privilege_type, ',' order by p.privilege_type)
+         from pg_class c
+         cross join (values ('anon'), ('authenticated'), ('service_role')) r(role)
+         cross join lateral (select unnest(array['SELECT','INSERT','UPDATE','DELETE','TRUNCATE','REFERENCES','TRIGGER']) as privilege_type) p
+         where c.relnamespace = 'public'::regnamespace and c.relkind = 'r'
+           and has_table_privilege(r.role, c.oid, p.privilege_type)
+         group by r.role, c.relname order by 1",
+    )
+    .await;
+    let all = "DELETE,INSERT,REFERENCES,SELECT,TRIGGER,TRUNCATE,UPDATE";
+    let mut expected = vec![
+        "authenticated:members:SELECT".to_owned(),
+        "authenticated:user_logs:SELECT".to_owned(),
+    ];
+    // service_role keeps Supabase's default privileges (everything; it has BYPASSRLS).
+    let mut tables = TABLES.to_vec();
+    tables.sort();
+    expected.extend(tables.iter().map(|t| format!("service_role:{t}:{all}")));
+    assert_eq!(privileges, expected);
+
+    // Column-level privileges beyond those: authenticated may update three columns of members.
+    let columns = strings(
+        &admin,
+        "select r.role || ':' || c.relname || '.' || a.attname || ':' || p.privilege_type
+         from pg_class c
+         join pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
+         cross join (values ('anon'), ('authenticated')) r(role)
+         cross join lateral (select unnest(array['SELECT','INSERT','UPDATE','REFERENCES']) as privilege_type) p
+         where c.relnamespace = 'public'::regnamespace and c.relkind = 'r'
+           and has_column_privilege(r.role, c.oid, a.attnum, p.privilege_type)
+           and not has_table_privilege(r.role, c.oid, p.privilege_type)
+         order by 1",
+    )
+    .await;
+    assert_eq!(
+        columns,
+        [
+            "authenticated:members.custom_fields:UPDATE",
+            "authenticated:members.project_data:UPDATE",
+            "authenticated:members.usage_stats:UPDATE",
+        ]
+    );
+
+    // The API roles' policies: read own rows, update own members row; nothing else.
+    let policies = strings(
+        &admin,
+        "select tablename || ':' || policyname || ':' || cmd || ':' || permissive || ':'
+                || array_to_string(roles, ',') || ':' || coalesce(qual, '-') || ':' || coalesce(with_check, '-')
+         from pg_policies
+         where schemaname = 'public' and roles && array['anon', 'authenticated', 'public']::name[]
+         order by 1",
+    )
+    .await;
+    let own = "( SELECT auth.uid() AS uid) = user_id";
+    assert_eq!(
+        policies,
+        [
+            format!("members:members_select_own:SELECT:PERMISSIVE:authenticated:({own}):-"),
+            format!("members:members_update_own:UPDATE:PERMISSIVE:authenticated:({own}):({own})"),
+            format!("user_logs:user_logs_select_own:SELECT:PERMISSIVE:authenticated:({own}):-"),
+        ]
+    );
+
+    // The updated_at trigger function is not callable by the API roles (and need not be:
+    // EXECUTE is checked when a trigger is created, not when it fires), nor SECURITY DEFINER.
+    let row = admin
+        .query_one(
+            "select has_function_privilege('authenticated', 'public.membersync_set_updated_at()', 'execute'),
+                    has_function_privilege('anon', 'public.membersync_set_updated_at()', 'execute'),
+                    prosecdef
+             from pg_proc where oid = 'public.membersync_set_updated_at()'::regprocedure",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (0..3).map(|i| row.get::<_, bool>(i)).collect::<Vec<_>>(),
+        [false, false, false]
+    );
+}
+
 #[tokio::test]
 async fn supabase_bootstrap_is_idempotent_and_supabase_shaped() {
     let db = TestDb::bootstrapped().await;

@@ -1,59 +1,9 @@
 //! The daemon's process frame, end to end: the ops server answers, readiness follows the
 //! dependencies, topics are created at start, SIGTERM drains and exits 0.
 
-use std::process::{Child, Stdio};
-use std::time::Duration;
-
 use membersync::kafka::admin::KafkaAdmin;
 
-use crate::support::{self, TestDb, membersync, wait_for};
-
-struct Daemon {
-    child: Child,
-    base: String,
-}
-
-impl Daemon {
-    fn start(env: Vec<(String, String)>) -> Daemon {
-        let port = support::free_port();
-        let child = membersync()
-            .arg("run")
-            .envs(env)
-            .env(
-                "MEMBERSYNC__TELEMETRY__METRICS_ADDR",
-                format!("127.0.0.1:{port}"),
-            )
-            .env("MEMBERSYNC__SHUTDOWN__DRAIN_TIMEOUT_SECS", "10")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start membersync run");
-        Daemon {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-        }
-    }
-
-    async fn get(&self, path: &str) -> Option<(u16, String)> {
-        let resp = reqwest::get(format!("{}{path}", self.base)).await.ok()?;
-        Some((resp.status().as_u16(), resp.text().await.ok()?))
-    }
-
-    fn signal(&self, sig: &str) {
-        let status = std::process::Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status();
-        assert!(status.unwrap().success());
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use crate::support::{self, TestDb, daemon::Daemon};
 
 fn env_for(db: &TestDb, prefix: &str) -> Vec<(String, String)> {
     let mut env = db.env();
@@ -69,13 +19,10 @@ fn env_for(db: &TestDb, prefix: &str) -> Vec<(String, String)> {
 async fn serves_metrics_health_and_readiness_then_drains_on_sigterm() {
     let db = TestDb::migrated().await;
     let kafka = support::kafka::config();
-    let mut daemon = Daemon::start(env_for(&db, &kafka.topic_prefix));
+    let mut daemon = Daemon::start("run", env_for(&db, &kafka.topic_prefix)).await;
 
-    let (status, _) = wait_for("/healthz", Duration::from_secs(30), || {
-        daemon.get("/healthz")
-    })
-    .await;
-    assert_eq!(status, 200);
+    let (status, body) = daemon.get("/healthz").await.unwrap();
+    assert_eq!(status, 200, "{body}");
 
     let (status, body) = daemon.get("/metrics").await.unwrap();
     assert_eq!(status, 200);
@@ -112,12 +59,7 @@ async fn serves_metrics_health_and_readiness_then_drains_on_sigterm() {
         );
     }
 
-    daemon.signal("TERM");
-    let status = wait_for("exit after SIGTERM", Duration::from_secs(15), || {
-        let exited = daemon.child.try_wait().unwrap();
-        async move { exited }
-    })
-    .await;
+    let status = daemon.terminate().await;
     assert!(status.success(), "exit status {status:?}");
 }
 
@@ -135,11 +77,7 @@ async fn readiness_reports_an_unreachable_database() {
         "MEMBERSYNC__DATABASE__CONNECT_TIMEOUT_SECS".into(),
         "1".into(),
     ));
-    let daemon = Daemon::start(env);
-    wait_for("/healthz", Duration::from_secs(30), || {
-        daemon.get("/healthz")
-    })
-    .await;
+    let daemon = Daemon::start("run", env).await;
     let (status, body) = daemon.get("/readyz").await.unwrap();
     assert_eq!(status, 503, "{body}");
     let ready: serde_json::Value = serde_json::from_str(&body).unwrap();

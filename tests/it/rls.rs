@@ -3,6 +3,10 @@
 //! superuser connection that sets the JWT claims the way PostgREST does and then
 //! `set local role`s to `authenticated`, `anon` or the daemon's `membersync`; the transaction
 //! is rolled back. See docs/schema.md.
+//!
+//! A signed-in user (`authenticated`) reads its own `members` and `user_logs` rows and
+//! updates only `project_data`, `usage_stats` and `custom_fields` of its own `members` row
+//! (V5); everything else is refused with "permission denied".
 
 use membersync::db::{Login, connect};
 use tokio_postgres::error::SqlState;
@@ -26,7 +30,8 @@ enum As {
 }
 
 /// A migrated database with two auth users, A and B, each with a `members` row and
-/// `user_logs`, plus a member without auth user.
+/// `user_logs`, plus a member without auth user; members rows were last updated at
+/// [`FIXTURE_UPDATED_AT`].
 struct Fixture {
     _db: TestDb,
     admin: Client,
@@ -48,11 +53,13 @@ impl Fixture {
             .expect("insert auth users");
         admin
             .execute(
-                "insert into public.members (user_id, memberstack_id, email, subscription_status, plan_id)
-                 values ($1, 'mem_a', 'a@example.com', 'active', 'pln_a'),
-                        ($2, 'mem_b', 'b@example.com', 'free', null),
-                        (null, 'mem_orphan', 'orphan@example.com', 'free', null)",
-                &[&USER_A, &USER_B],
+                "insert into public.members (user_id, memberstack_id, email, subscription_status, plan_id, created_at, updated_at)
+                 select user_id, memberstack_id, email, status, plan_id, $3::text::timestamptz, $3::text::timestamptz
+                 from (values ($1::uuid, 'mem_a', 'a@example.com', 'active', 'pln_a'),
+                              ($2::uuid, 'mem_b', 'b@example.com', 'free', null),
+                              (null, 'mem_orphan', 'orphan@example.com', 'free', null))
+                      as t(user_id, memberstack_id, email, status, plan_id)",
+                &[&USER_A, &USER_B, &FIXTURE_UPDATED_AT],
             )
             .await
             .expect("insert members");
@@ -152,10 +159,6 @@ impl Fixture {
     }
 }
 
-fn is_rls_violation(message: &str) -> bool {
-    message.contains("violates row-level security policy")
-}
-
 fn is_permission_denied(message: &str) -> bool {
     message.starts_with("permission denied") || message.starts_with("must be owner")
 }
@@ -240,137 +243,335 @@ async fn authenticated_sees_only_its_own_rows() {
     );
 }
 
-#[tokio::test]
-async fn authenticated_cannot_insert_rows_for_another_user() {
-    let mut f = Fixture::new().await;
-    let msg = f
-        .refused(
-            As::User(USER_A),
-            &format!("insert into public.members (user_id, memberstack_id) values ('{USER_B}', 'mem_forged')"),
-        )
-        .await;
-    assert!(is_rls_violation(&msg), "{msg}");
-    let msg = f
-        .refused(
-            As::User(USER_A),
-            "insert into public.members (user_id, memberstack_id) values (null, 'mem_forged')",
-        )
-        .await;
-    assert!(is_rls_violation(&msg), "{msg}");
-    let msg = f
-        .refused(
-            As::User(USER_A),
-            &format!(
-                "insert into public.user_logs (user_id, change_type, source) values ('{USER_B}', 'updated', 'supabase')"
-            ),
-        )
-        .await;
-    assert!(is_rls_violation(&msg), "{msg}");
+/// Columns of `members` a signed-in user may update (on its own row): the application's data.
+const APP_COLUMNS: [&str; 3] = ["project_data", "usage_stats", "custom_fields"];
 
-    // Its own rows it may insert.
-    let n = f
-        .allowed(
-            As::User(USER_A),
-            &format!(
-                "insert into public.user_logs (user_id, memberstack_id, change_type, source)
-                 values ('{USER_A}', 'mem_a', 'updated', 'supabase')"
-            ),
+/// Every other column of `members`, with a value a user might try to give it; `{me}` and
+/// `{other}` are replaced by the user's and the other user's id. Memberstack owns identity
+/// and subscription, the daemon the rest.
+const OTHER_COLUMNS: [(&str, &str); 13] = [
+    ("subscription_status", "'active'"),
+    ("subscription_status_raw", "'ACTIVE'"),
+    ("plan_id", "'pln_paid'"),
+    ("email", "'someone.else@example.com'"),
+    ("memberstack_id", "'mem_stolen'"),
+    ("user_id", "'{other}'"),
+    ("user_id", "null"),
+    ("user_id", "'{me}'"),
+    ("id", "gen_random_uuid()"),
+    ("deleted_at", "now()"),
+    ("created_at", "now()"),
+    ("updated_at", "'2000-01-01T00:00:00Z'"),
+    ("last_synced_at", "now()"),
+];
+
+/// What the fixture's members rows were created with.
+const FIXTURE_UPDATED_AT: &str = "2001-01-01T00:00:00Z";
+
+#[tokio::test]
+async fn authenticated_updates_the_application_columns_of_its_own_row() {
+    let mut f = Fixture::new().await;
+
+    for column in APP_COLUMNS {
+        let tx = f.tx(As::User(USER_A)).await;
+        // PostgREST's PATCH with `Prefer: return=representation` is an UPDATE ... RETURNING.
+        let row = tx
+            .query_one(
+                &format!(
+                    "update public.members set {column} = '{{\"edited\": \"{column}\"}}'
+                     where memberstack_id = 'mem_a'
+                     returning {column} ->> 'edited', updated_at = now(), updated_at > $1::text::timestamptz"
+                ),
+                &[&FIXTURE_UPDATED_AT],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("A updates its own {column}: {e}"));
+        assert_eq!(row.get::<_, Option<String>>(0).as_deref(), Some(column));
+        assert!(
+            row.get::<_, bool>(1) && row.get::<_, bool>(2),
+            "the trigger moves updated_at when A updates {column}"
+        );
+        drop(tx);
+    }
+
+    // A no-op update touches the row but keeps updated_at (the trigger's WHEN clause).
+    let tx = f.tx(As::User(USER_A)).await;
+    let n = tx
+        .execute(
+            "update public.members set usage_stats = usage_stats where memberstack_id = 'mem_a'",
+            &[],
         )
-        .await;
+        .await
+        .expect("no-op update");
     assert_eq!(n, 1);
+    let moved: bool = tx
+        .query_one(
+            "select updated_at <> $1::text::timestamptz from public.members where memberstack_id = 'mem_a'",
+            &[&FIXTURE_UPDATED_AT],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!moved, "a no-op update keeps updated_at");
+    drop(tx);
+
+    // All three at once, committed; checked as the owner: only they changed.
+    let tx = f.tx(As::User(USER_A)).await;
+    let n = tx
+        .execute(
+            "update public.members
+                set project_data = '{\"stage\": 2}', usage_stats = '{\"calls\": 7}',
+                    custom_fields = custom_fields || '{\"nickname\": \"ace\"}'",
+            &[],
+        )
+        .await
+        .expect("A updates its application columns");
+    assert_eq!(n, 1, "an unfiltered update reaches A's row only");
+    tx.commit().await.unwrap();
+    let row = f
+        .admin
+        .query_one(
+            "select project_data::text, usage_stats::text, custom_fields::text, updated_at > $1::text::timestamptz,
+                    user_id, email, subscription_status, plan_id, deleted_at is null, last_synced_at is null
+             from public.members where memberstack_id = 'mem_a'",
+            &[&FIXTURE_UPDATED_AT],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), r#"{"stage": 2}"#);
+    assert_eq!(row.get::<_, String>(1), r#"{"calls": 7}"#);
+    assert_eq!(row.get::<_, String>(2), r#"{"nickname": "ace"}"#);
+    assert!(row.get::<_, bool>(3), "updated_at moved");
+    assert_eq!(row.get::<_, Option<Uuid>>(4), Some(USER_A));
+    assert_eq!(
+        row.get::<_, Option<String>>(5).as_deref(),
+        Some("a@example.com")
+    );
+    assert_eq!(row.get::<_, String>(6), "active");
+    assert_eq!(row.get::<_, Option<String>>(7).as_deref(), Some("pln_a"));
+    assert!(row.get::<_, bool>(8) && row.get::<_, bool>(9));
+
+    // The table's CHECK constraints still apply to the user's writes.
+    let err = f
+        .run(
+            As::User(USER_A),
+            "update public.members set custom_fields = '[1]' where memberstack_id = 'mem_a'",
+        )
+        .await
+        .expect_err("custom_fields must stay an object");
+    assert_eq!(err.code(), Some(&SqlState::CHECK_VIOLATION), "{err}");
 }
 
 #[tokio::test]
-async fn authenticated_cannot_update_or_delete_another_users_rows() {
+async fn authenticated_cannot_update_memberstack_owned_or_daemon_columns() {
     let mut f = Fixture::new().await;
-    for sql in [
-        "update public.members set plan_id = 'pln_stolen' where memberstack_id = 'mem_b'",
-        "update public.members set plan_id = 'pln_stolen'",
-        "delete from public.members where memberstack_id = 'mem_b'",
-        "update public.user_logs set source = 'supabase' where memberstack_id = 'mem_b'",
-        "delete from public.user_logs where memberstack_id = 'mem_b'",
-        "update public.members set plan_id = 'x' where memberstack_id = 'mem_orphan'",
+
+    // The lists above cover every column of members: a new column needs a decision here.
+    let mut columns: Vec<String> = f
+        .admin
+        .query(
+            "select column_name::text from information_schema.columns
+             where table_schema = 'public' and table_name = 'members' order by 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut listed: Vec<String> = APP_COLUMNS
+        .iter()
+        .copied()
+        .chain(OTHER_COLUMNS.iter().map(|(c, _)| *c))
+        .map(str::to_owned)
+        .collect();
+    listed.sort();
+    listed.dedup();
+    columns.sort();
+    assert_eq!(columns, listed, "columns of public.members");
+
+    // Each user on its own row (B is the free member who would give itself a paid plan).
+    for (me, other, mem) in [(USER_A, USER_B, "mem_a"), (USER_B, USER_A, "mem_b")] {
+        for (column, value) in OTHER_COLUMNS {
+            let value = value
+                .replace("{me}", &me.to_string())
+                .replace("{other}", &other.to_string());
+            let sql = format!(
+                "update public.members set {column} = {value} where memberstack_id = '{mem}'"
+            );
+            let msg = f.refused(As::User(me), &sql).await;
+            assert!(is_permission_denied(&msg), "`{sql}`: {msg}");
+        }
+        // Mixed with an application column, the whole statement is refused.
+        let sql = format!(
+            "update public.members set project_data = '{{}}', plan_id = 'pln_paid', subscription_status = 'active'
+             where memberstack_id = '{mem}'"
+        );
+        let msg = f.refused(As::User(me), &sql).await;
+        assert!(is_permission_denied(&msg), "`{sql}`: {msg}");
+        // So is an upsert (it needs INSERT).
+        let sql = format!(
+            "insert into public.members (user_id, memberstack_id, plan_id) values ('{me}', '{mem}', 'pln_paid')
+             on conflict (memberstack_id) do update set plan_id = excluded.plan_id"
+        );
+        let msg = f.refused(As::User(me), &sql).await;
+        assert!(is_permission_denied(&msg), "`{sql}`: {msg}");
+    }
+
+    // Checked as the owner: nothing changed.
+    let rows: Vec<String> = f
+        .admin
+        .query(
+            "select concat_ws(':', memberstack_id, user_id, email, subscription_status, plan_id,
+                              (updated_at = $1::text::timestamptz)::text)
+             from public.members order by memberstack_id",
+            &[&FIXTURE_UPDATED_AT],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            format!("mem_a:{USER_A}:a@example.com:active:pln_a:true"),
+            format!("mem_b:{USER_B}:b@example.com:free:true"),
+            "mem_orphan:orphan@example.com:free:true".to_owned(),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn authenticated_cannot_update_another_users_row() {
+    let mut f = Fixture::new().await;
+    for (sql, expected) in [
+        (
+            "update public.members set project_data = '{\"pwned\": true}' where memberstack_id = 'mem_b'",
+            0,
+        ),
+        (
+            "update public.members set usage_stats = '{\"pwned\": true}' where memberstack_id = 'mem_orphan'",
+            0,
+        ),
+        (
+            "update public.members set custom_fields = '{\"pwned\": true}' where memberstack_id <> 'mem_a'",
+            0,
+        ),
+        // Unfiltered: RLS narrows it to A's own row.
+        (
+            "update public.members set project_data = '{\"mine\": true}'",
+            1,
+        ),
     ] {
         let tx = f.tx(As::User(USER_A)).await;
         let n = tx
             .execute(sql, &[])
             .await
             .unwrap_or_else(|e| panic!("`{sql}`: {e}"));
-        if sql.contains("mem_b") || sql.contains("mem_orphan") {
-            assert_eq!(n, 0, "`{sql}` affected another user's rows");
-        } else {
-            assert_eq!(n, 1, "`{sql}` should have touched A's row only");
-        }
+        assert_eq!(n, expected, "`{sql}`");
         tx.commit().await.unwrap();
     }
-    // Checked as the owner: B's and the orphan's rows are intact (the unfiltered update
-    // touched A's row only).
-    let row = f
+    // Checked as the owner: B's and the orphan's rows are intact.
+    let rows: Vec<String> = f
         .admin
-        .query_one(
-            "select (select count(*) from public.members where memberstack_id in ('mem_b', 'mem_orphan') and plan_id is null),
-                    (select count(*) from public.user_logs where memberstack_id = 'mem_b' and source = 'memberstack')",
+        .query(
+            "select memberstack_id || ':' || project_data::text || usage_stats::text || custom_fields::text
+             from public.members order by memberstack_id",
             &[],
         )
         .await
-        .unwrap();
-    assert_eq!(row.get::<_, i64>(0), 2);
-    assert_eq!(row.get::<_, i64>(1), 1);
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            r#"mem_a:{"mine": true}{}{}"#,
+            "mem_b:{}{}{}",
+            "mem_orphan:{}{}{}"
+        ]
+    );
 }
 
 #[tokio::test]
-async fn authenticated_cannot_move_its_own_row_to_another_user() {
+async fn authenticated_cannot_insert_or_delete_members() {
     let mut f = Fixture::new().await;
-    let msg = f
-        .refused(
-            As::User(USER_A),
-            &format!(
-                "update public.members set user_id = '{USER_B}' where memberstack_id = 'mem_a'"
-            ),
-        )
-        .await;
-    assert!(is_rls_violation(&msg), "{msg}");
-    let msg = f
-        .refused(
-            As::User(USER_A),
-            "update public.members set user_id = null where memberstack_id = 'mem_a'",
-        )
-        .await;
-    assert!(is_rls_violation(&msg), "{msg}");
-    let msg = f
-        .refused(
-            As::User(USER_A),
-            &format!(
-                "update public.user_logs set user_id = '{USER_B}' where memberstack_id = 'mem_a'"
-            ),
-        )
-        .await;
-    assert!(is_rls_violation(&msg), "{msg}");
+    for sql in [
+        // Its own row, another user's, one without user, a copy of its own.
+        format!(
+            "insert into public.members (user_id, memberstack_id) values ('{USER_A}', 'mem_a2')"
+        ),
+        format!(
+            "insert into public.members (user_id, memberstack_id) values ('{USER_B}', 'mem_forged')"
+        ),
+        "insert into public.members (user_id, memberstack_id) values (null, 'mem_forged')"
+            .to_owned(),
+        "insert into public.members (user_id, memberstack_id, plan_id)
+         select user_id, memberstack_id || '_2', 'pln_paid' from public.members"
+            .to_owned(),
+        "delete from public.members where memberstack_id = 'mem_a'".to_owned(),
+        "delete from public.members where memberstack_id = 'mem_b'".to_owned(),
+        "delete from public.members".to_owned(),
+    ] {
+        let msg = f.refused(As::User(USER_A), &sql).await;
+        assert!(is_permission_denied(&msg), "`{sql}`: {msg}");
+    }
+    let n: i64 = f
+        .admin
+        .query_one("select count(*) from public.members", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 3);
+}
 
-    // Updating its own row otherwise works, and the trigger keeps updated_at current.
-    let tx = f.tx(As::User(USER_A)).await;
-    let before: chrono::DateTime<chrono::Utc> = tx
-        .query_one(
-            "select updated_at from public.members where memberstack_id = 'mem_a'",
+#[tokio::test]
+async fn authenticated_cannot_write_user_logs() {
+    let mut f = Fixture::new().await;
+    for sql in [
+        format!(
+            "insert into public.user_logs (user_id, memberstack_id, change_type, source)
+             values ('{USER_A}', 'mem_a', 'updated', 'supabase')"
+        ),
+        format!(
+            "insert into public.user_logs (user_id, change_type, source) values ('{USER_B}', 'updated', 'supabase')"
+        ),
+        "insert into public.user_logs (change_type, source) values ('updated', 'supabase')"
+            .to_owned(),
+        // Rewriting or erasing its own audit trail, or another user's.
+        "update public.user_logs set new_data = '{}' where memberstack_id = 'mem_a'".to_owned(),
+        format!("update public.user_logs set user_id = '{USER_B}' where memberstack_id = 'mem_a'"),
+        "update public.user_logs set source = 'supabase' where memberstack_id = 'mem_b'".to_owned(),
+        "delete from public.user_logs where memberstack_id = 'mem_a'".to_owned(),
+        "delete from public.user_logs where memberstack_id = 'mem_b'".to_owned(),
+        "delete from public.user_logs".to_owned(),
+    ] {
+        let msg = f.refused(As::User(USER_A), &sql).await;
+        assert!(is_permission_denied(&msg), "`{sql}`: {msg}");
+    }
+    let rows: Vec<String> = f
+        .admin
+        .query(
+            "select concat_ws(':', memberstack_id, user_id, change_type, source, new_data::text)
+             from public.user_logs order by memberstack_id, change_type",
             &[],
         )
         .await
         .unwrap()
-        .get(0);
-    let n = tx
-        .execute("update public.members set project_data = '{\"stage\": 2}' where memberstack_id = 'mem_a'", &[])
-        .await
-        .expect("A updates its own row");
-    assert_eq!(n, 1);
-    let after: chrono::DateTime<chrono::Utc> = tx
-        .query_one(
-            "select updated_at from public.members where memberstack_id = 'mem_a'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(after >= before);
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            format!("mem_a:{USER_A}:created:memberstack:{{}}"),
+            format!(r#"mem_a:{USER_A}:subscription_updated:stripe:{{"status": "active"}}"#),
+            format!("mem_b:{USER_B}:created:memberstack:{{}}"),
+            "mem_orphan:created:memberstack:{}".to_owned(),
+        ]
+    );
 }
 
 #[tokio::test]
