@@ -34,6 +34,9 @@ pub enum Command {
     /// Run the daemon: every role in one process, the ops server on telemetry.metrics_addr,
     /// until SIGTERM or SIGINT (then drain, bounded by shutdown.drain_timeout_secs).
     Run,
+    /// Run only the CDC role: stream the captured tables' changes from the logical replication
+    /// slot to Kafka. Several instances may run; one streams, the others wait as hot standby.
+    Cdc,
     /// Run only the webhook ingest role: POST /webhooks/memberstack and /webhooks/stripe on
     /// ingest.listen_addr, verified and produced to Kafka (scale out behind a load balancer).
     Ingest,

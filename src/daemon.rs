@@ -110,14 +110,16 @@ fn outcome(
 /// A role the process can run; `membersync run` runs all of them, `membersync <role>` one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
+    Cdc,
     Ingest,
 }
 
 impl Role {
-    pub const ALL: &'static [Role] = &[Role::Ingest];
+    pub const ALL: &'static [Role] = &[Role::Cdc, Role::Ingest];
 
     fn needs_postgres(self) -> bool {
         match self {
+            Role::Cdc => true,
             Role::Ingest => false,
         }
     }
@@ -160,6 +162,15 @@ pub async fn run(config: Config, roles: &[Role]) -> Result<(), DaemonError> {
         if !created.is_empty() {
             tracing::info!(?created, "created missing topics");
         }
+    }
+
+    if roles.contains(&Role::Cdc) {
+        let cdc = crate::cdc::Cdc::new(&config, &metrics)
+            .map_err(|e| DaemonError::Setup(e.to_string()))?;
+        let token = shutdown.clone();
+        supervisor.spawn("cdc", async move {
+            cdc.run(token).await.map_err(|e| e.to_string())
+        });
     }
 
     if roles.contains(&Role::Ingest) {

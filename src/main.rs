@@ -47,6 +47,10 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             membersync::daemon::run(config, Role::ALL).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Cdc => {
+            membersync::daemon::run(config, &[Role::Cdc]).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Ingest => {
             membersync::daemon::run(config, &[Role::Ingest]).await?;
             Ok(ExitCode::SUCCESS)

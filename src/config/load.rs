@@ -261,6 +261,41 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
         }
     }
 
+    for (table, columns) in &cdc.key_columns {
+        if !cdc.tables.contains(table) {
+            return Err(ConfigError::new(
+                format!("cdc.key_columns.{table}"),
+                "names a table that is not in cdc.tables",
+            ));
+        }
+        if columns.is_empty() || columns.iter().any(|c| !is_pg_name(c)) {
+            return Err(ConfigError::new(
+                format!("cdc.key_columns.{table}"),
+                "must list one or more column names",
+            ));
+        }
+    }
+    if cdc.snapshot_fetch_rows == 0 {
+        return Err(ConfigError::new(
+            "cdc.snapshot_fetch_rows",
+            "must be at least 1",
+        ));
+    }
+    if cdc.status_interval_ms == 0 {
+        return Err(ConfigError::new(
+            "cdc.status_interval_ms",
+            "must be at least 1",
+        ));
+    }
+    if cdc.slot_poll_interval_secs == 0 || cdc.reconnect_max_backoff_secs == 0 {
+        let key = if cdc.slot_poll_interval_secs == 0 {
+            "cdc.slot_poll_interval_secs"
+        } else {
+            "cdc.reconnect_max_backoff_secs"
+        };
+        return Err(ConfigError::new(key, "must be at least 1"));
+    }
+
     let t = &c.telemetry;
     if tracing_subscriber::EnvFilter::try_new(&t.log_level).is_err() {
         return Err(ConfigError::new(

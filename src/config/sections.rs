@@ -163,6 +163,15 @@ impl KafkaConfig {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotMode {
+    /// Snapshot the captured tables when the slot is created (then stream).
+    Initial,
+    /// Never snapshot: stream changes from the slot's creation on.
+    Never,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CdcConfig {
@@ -172,14 +181,42 @@ pub struct CdcConfig {
     pub publication: String,
     /// Captured tables, `schema.table`.
     pub tables: Vec<String>,
+    /// Kafka key columns per table (`"public.members" = ["memberstack_id"]`); other tables
+    /// use their replica-identity key. One column → its text as the key; several → a JSON
+    /// object.
+    pub key_columns: std::collections::BTreeMap<String, Vec<String>>,
+    pub snapshot: SnapshotMode,
+    /// Rows fetched per round trip during a snapshot.
+    pub snapshot_fetch_rows: u32,
+    /// A logical message is written this often so the slot advances when only other
+    /// databases write (0 disables).
+    pub heartbeat_interval_secs: u64,
+    /// How often the acknowledged LSN is reported to Postgres at the latest.
+    pub status_interval_ms: u64,
+    /// How often slot lag and health are polled.
+    pub slot_poll_interval_secs: u64,
+    /// Upper bound of the reconnect backoff after a Postgres or Kafka error.
+    pub reconnect_max_backoff_secs: u64,
 }
 
 impl Default for CdcConfig {
     fn default() -> Self {
+        let mut key_columns = std::collections::BTreeMap::new();
+        key_columns.insert(
+            "public.members".to_owned(),
+            vec!["memberstack_id".to_owned()],
+        );
         Self {
             slot: "membersync".into(),
             publication: "membersync".into(),
             tables: vec!["public.members".into()],
+            key_columns,
+            snapshot: SnapshotMode::Initial,
+            snapshot_fetch_rows: 5_000,
+            heartbeat_interval_secs: 10,
+            status_interval_ms: 1_000,
+            slot_poll_interval_secs: 10,
+            reconnect_max_backoff_secs: 30,
         }
     }
 }

@@ -173,6 +173,11 @@ impl TestDb {
         }
     }
 
+    /// This database's replication slot name (slots are cluster-wide; tests must not share).
+    pub fn slot(&self) -> String {
+        self.name.clone()
+    }
+
     /// The same settings as `MEMBERSYNC__DATABASE__*` variables, for running the binary.
     pub fn env(&self) -> Vec<(String, String)> {
         let s = Services::get();
@@ -193,6 +198,8 @@ impl TestDb {
                 "MEMBERSYNC__DATABASE__ADMIN_PASSWORD_FILE".into(),
                 s.var("MEMBERSYNC_DEV_PG_SUPERUSER_PASSWORD_FILE").into(),
             ),
+            // Slots are cluster-wide: each test database gets its own.
+            ("MEMBERSYNC__CDC__SLOT".into(), self.slot()),
         ]
     }
 }

@@ -1,0 +1,68 @@
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+/// CDC's metric families (names are part of the alerting contract: deploy/ and docs/).
+#[derive(Clone)]
+pub struct CdcMetrics {
+    pub events: IntCounterVec,
+    pub transactions: IntCounter,
+    pub confirmed_lsn: IntGauge,
+    pub slot_lag_bytes: IntGauge,
+    pub commit_to_ack: Histogram,
+    pub leader: IntGauge,
+    pub slot_lost: IntGauge,
+    pub reconnects: IntCounter,
+    pub backpressure_waits: IntCounter,
+}
+
+impl CdcMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let m = Self {
+            events: IntCounterVec::new(
+                Opts::new("membersync_cdc_events_total", "Change events produced, by table and op (c/u/d/r/t)."),
+                &["table", "op"],
+            )?,
+            transactions: IntCounter::new(
+                "membersync_cdc_transactions_total",
+                "Transactions confirmed to Postgres after Kafka acknowledged all their events.",
+            )?,
+            confirmed_lsn: IntGauge::new(
+                "membersync_cdc_confirmed_lsn",
+                "The LSN acknowledged to Postgres (every change up to it is in Kafka).",
+            )?,
+            slot_lag_bytes: IntGauge::new(
+                "membersync_cdc_slot_lag_bytes",
+                "WAL the slot retains: pg_current_wal_lsn() minus confirmed_flush_lsn (polled).",
+            )?,
+            commit_to_ack: Histogram::with_opts(
+                HistogramOpts::new(
+                    "membersync_cdc_commit_to_ack_seconds",
+                    "From the Postgres commit to Kafka's acknowledgement of the transaction's last event.",
+                )
+                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+            )?,
+            leader: IntGauge::new("membersync_cdc_leader", "1 while this process holds the slot's leadership.")?,
+            slot_lost: IntGauge::new(
+                "membersync_cdc_slot_lost",
+                "1 when the slot's WAL was removed (wal_status = lost): changes were lost; CDC stopped.",
+            )?,
+            reconnects: IntCounter::new(
+                "membersync_cdc_reconnects_total",
+                "Times the stream was restarted after a Postgres or Kafka error.",
+            )?,
+            backpressure_waits: IntCounter::new(
+                "membersync_cdc_backpressure_waits_total",
+                "Events that waited for room in the full producer queue.",
+            )?,
+        };
+        registry.register(Box::new(m.events.clone()))?;
+        registry.register(Box::new(m.transactions.clone()))?;
+        registry.register(Box::new(m.confirmed_lsn.clone()))?;
+        registry.register(Box::new(m.slot_lag_bytes.clone()))?;
+        registry.register(Box::new(m.commit_to_ack.clone()))?;
+        registry.register(Box::new(m.leader.clone()))?;
+        registry.register(Box::new(m.slot_lost.clone()))?;
+        registry.register(Box::new(m.reconnects.clone()))?;
+        registry.register(Box::new(m.backpressure_waits.clone()))?;
+        Ok(m)
+    }
+}

@@ -1,0 +1,228 @@
+//! The control plane around the replication slot: single-active leadership through an
+//! advisory lock, the slot's health and lag, and the snapshot bookkeeping that makes an
+//! interrupted initial snapshot restart cleanly.
+
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use crate::config::{Config, DatabaseConfig};
+use crate::db::{self, DbError, Login};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SlotError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("postgres query failed: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    /// Loud and final: the WAL the slot needs is gone, so changes were lost. Re-creating the
+    /// slot silently would hide that (Debezium DBZ-5739); an operator must decide.
+    #[error(
+        "replication slot {0} is lost (wal_status = lost): Postgres removed WAL it still needed, \
+         so changes were lost. Drop the slot, restart membersync (it snapshots again) and run a \
+         backfill; raise max_slot_wal_keep_size to avoid a repeat"
+    )]
+    Lost(String),
+    #[error("replication slot {slot} uses plugin {plugin}, not pgoutput")]
+    WrongPlugin { slot: String, plugin: String },
+    #[error("publication {0} does not exist: run `membersync migrate`")]
+    NoPublication(String),
+}
+
+/// The advisory lock key of a slot: every membersync instance that would stream this slot
+/// computes the same key, and only the holder streams.
+fn lock_key(slot: &str) -> String {
+    format!("membersync.cdc.{slot}")
+}
+
+/// Leadership over one slot, held for as long as this connection lives.
+pub struct Leader {
+    client: Client,
+}
+
+impl Leader {
+    /// Waits (hot standby) until this process holds the lock, polling every `poll`.
+    /// Returns `None` if `cancel` fires first.
+    pub async fn acquire(
+        cfg: &DatabaseConfig,
+        slot: &str,
+        poll: Duration,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<Option<Leader>, SlotError> {
+        let client = db::connect(cfg, Login::Daemon).await?;
+        let key = lock_key(slot);
+        let mut logged = false;
+        loop {
+            let got: bool = client
+                .query_one(
+                    "select pg_try_advisory_lock(hashtextextended($1, 0))",
+                    &[&key],
+                )
+                .await?
+                .get(0);
+            if got {
+                return Ok(Some(Leader { client }));
+            }
+            if !logged {
+                tracing::info!(
+                    slot,
+                    "another instance streams this slot; waiting as hot standby"
+                );
+                logged = true;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(poll) => {}
+            }
+        }
+    }
+
+    /// Resolves when the lock connection is gone (leadership lost).
+    pub async fn lost(&self) {
+        loop {
+            if self.client.is_closed() {
+                return;
+            }
+            if self.client.simple_query("select 1").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// The leader's own connection, for control-plane queries.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+/// What the slot looks like right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotState {
+    Missing,
+    /// Exists and its snapshot (if any) completed: stream from its confirmed position.
+    Ready,
+    /// Exists, but its snapshot never completed: drop and start over.
+    SnapshotInterrupted,
+}
+
+pub async fn inspect(client: &Client, config: &Config) -> Result<SlotState, SlotError> {
+    let slot = &config.cdc.slot;
+    let publication: bool = client
+        .query_one(
+            "select exists(select 1 from pg_publication where pubname = $1)",
+            &[&config.cdc.publication],
+        )
+        .await?
+        .get(0);
+    if !publication {
+        return Err(SlotError::NoPublication(config.cdc.publication.clone()));
+    }
+    let row = client
+        .query_opt(
+            "select plugin, coalesce(wal_status, '') from pg_replication_slots
+             where slot_name = $1 and database = current_database()",
+            &[slot],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Ok(SlotState::Missing);
+    };
+    let (plugin, wal_status): (String, String) = (row.get(0), row.get(1));
+    if plugin != "pgoutput" {
+        return Err(SlotError::WrongPlugin {
+            slot: slot.clone(),
+            plugin,
+        });
+    }
+    if wal_status == "lost" {
+        return Err(SlotError::Lost(slot.clone()));
+    }
+    let snapshot = client
+        .query_opt("select completed_at is not null from membersync_meta.cdc_snapshots where slot_name = $1", &[slot])
+        .await?;
+    Ok(match snapshot {
+        Some(row) if !row.get::<_, bool>(0) => SlotState::SnapshotInterrupted,
+        _ => SlotState::Ready,
+    })
+}
+
+/// Records that a snapshot is about to start, before the slot exists (see V6).
+pub async fn snapshot_started(client: &Client, slot: &str) -> Result<(), SlotError> {
+    client
+        .execute(
+            "insert into membersync_meta.cdc_snapshots (slot_name) values ($1)
+             on conflict (slot_name) do update
+               set started_at = now(), completed_at = null, consistent_point = null, rows = 0",
+            &[&slot],
+        )
+        .await?;
+    Ok(())
+}
+
+pub async fn snapshot_completed(
+    client: &Client,
+    slot: &str,
+    consistent_point: &str,
+    rows: i64,
+) -> Result<(), SlotError> {
+    client
+        .execute(
+            "update membersync_meta.cdc_snapshots
+               set completed_at = now(), consistent_point = $2::text::pg_lsn, rows = $3
+             where slot_name = $1",
+            &[&slot, &consistent_point, &rows],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Drops a slot whose snapshot never completed (nothing past its consistent point was ever
+/// acknowledged, so nothing is lost by starting over).
+pub async fn drop_interrupted(client: &Client, slot: &str) -> Result<(), SlotError> {
+    tracing::warn!(
+        slot,
+        "the initial snapshot was interrupted; dropping its slot and starting over"
+    );
+    client
+        .execute("select pg_drop_replication_slot(slot_name) from pg_replication_slots where slot_name = $1", &[&slot])
+        .await?;
+    Ok(())
+}
+
+/// The slot's health, polled for metrics and the lost-slot alarm.
+#[derive(Debug, Clone)]
+pub struct SlotHealth {
+    pub lag_bytes: i64,
+    pub confirmed_flush_lsn: Option<u64>,
+    pub wal_status: String,
+}
+
+pub async fn health(client: &Client, slot: &str) -> Result<Option<SlotHealth>, SlotError> {
+    let row = client
+        .query_opt(
+            "select coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::bigint,
+                    (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint,
+                    coalesce(wal_status, '')
+             from pg_replication_slots where slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(row.map(|r| SlotHealth {
+        lag_bytes: r.get(0),
+        confirmed_flush_lsn: r.get::<_, Option<i64>>(1).map(|v| v as u64),
+        wal_status: r.get(2),
+    }))
+}
+
+/// Writes a non-transactional logical message so the slot sees WAL (and can advance) even
+/// when only other databases of the cluster write.
+pub async fn heartbeat(client: &Client) -> Result<(), SlotError> {
+    client
+        .execute(
+            "select pg_logical_emit_message(false, 'membersync.heartbeat', now()::text)",
+            &[],
+        )
+        .await?;
+    Ok(())
+}

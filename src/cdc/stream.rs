@@ -1,0 +1,347 @@
+//! The streaming loop: decode pgoutput as it arrives, produce each change at once (a large
+//! transaction is never buffered), and confirm LSNs strictly by the acknowledgement rule.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
+use serde_json::{Map, Value};
+use tokio_util::sync::CancellationToken;
+
+use super::envelope::{
+    Envelope, Op, Source, Transaction, UNCHANGED_TOAST, now_ms, pg_micros_to_unix_ms,
+};
+use super::pgoutput::{self, Message, OldTuple};
+use super::relation::{Relation, RelationCache};
+use super::slot::{self, Leader, SlotError};
+use super::{CdcError, ORIGIN_NAME, ORIGIN_PREFIX, StreamContext};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("undecodable pgoutput message: {0}")]
+    Decode(#[from] pgoutput::DecodeError),
+    #[error("change for relation {0} before its Relation message")]
+    UnknownRelation(u32),
+    #[error("row of {table} does not match its relation: {reason}")]
+    Row { table: String, reason: String },
+    #[error("the replication stream ended")]
+    Ended,
+}
+
+/// The transaction being streamed.
+struct OpenTx {
+    seq: u64,
+    xid: u32,
+    final_lsn: u64,
+    commit_ms: i64,
+    origin: bool,
+    total_order: u64,
+    per_table: HashMap<u32, u64>,
+}
+
+pub async fn run(
+    ctx: &StreamContext,
+    repl: &mut ReplicationClient,
+    leader: &Leader,
+    shutdown: &CancellationToken,
+) -> Result<(), CdcError> {
+    let cfg = &ctx.config.cdc;
+    let mut relations = RelationCache::new();
+    let mut tx: Option<OpenTx> = None;
+    let heartbeat_every = Duration::from_secs(cfg.heartbeat_interval_secs.max(1));
+    let mut heartbeat = tokio::time::interval_at(
+        tokio::time::Instant::now() + heartbeat_every,
+        heartbeat_every,
+    );
+    let mut poll = tokio::time::interval(Duration::from_secs(cfg.slot_poll_interval_secs));
+    loop {
+        confirm(ctx, repl);
+        if let Some(e) = ctx.tracker.take_failure() {
+            return Err(CdcError::Delivery(e));
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return drain(ctx, repl).await,
+            _ = ctx.tracker.changed() => {}
+            _ = poll.tick() => watch_slot(ctx, leader).await?,
+            _ = heartbeat.tick(), if cfg.heartbeat_interval_secs > 0 => {
+                if let Err(e) = slot::heartbeat(leader.client()).await {
+                    tracing::warn!(error = %e, "heartbeat message failed");
+                }
+            }
+            event = repl.recv() => {
+                let Some(event) = event? else { return Err(StreamError::Ended.into()) };
+                handle(ctx, repl, &mut relations, &mut tx, event).await?;
+            }
+        }
+    }
+}
+
+/// Confirms to Postgres every transaction Kafka fully acknowledged, in order.
+fn confirm(ctx: &StreamContext, repl: &ReplicationClient) {
+    if let Some(c) = ctx.tracker.take_confirmed() {
+        repl.update_applied_lsn(Lsn(c.lsn));
+        ctx.metrics.confirmed_lsn.set(c.lsn as i64);
+        ctx.metrics.transactions.inc_by(c.transactions);
+        if let Some(latency) = c.latency {
+            ctx.metrics.commit_to_ack.observe(latency.as_secs_f64());
+        }
+    }
+}
+
+/// On shutdown: wait (bounded) for what is in flight, confirm it, and stop the session.
+async fn drain(ctx: &StreamContext, repl: &mut ReplicationClient) -> Result<(), CdcError> {
+    let deadline = Instant::now() + ctx.config.shutdown.drain_timeout();
+    while !ctx.tracker.is_idle() && Instant::now() < deadline {
+        confirm(ctx, repl);
+        tokio::select! {
+            _ = ctx.tracker.changed() => {}
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+    confirm(ctx, repl);
+    // Gives the worker a moment to send the final standby status before the session ends.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _ = repl.shutdown().await;
+    Ok(())
+}
+
+async fn watch_slot(ctx: &StreamContext, leader: &Leader) -> Result<(), CdcError> {
+    match slot::health(leader.client(), &ctx.config.cdc.slot).await {
+        Ok(Some(h)) if h.wal_status == "lost" => {
+            Err(SlotError::Lost(ctx.config.cdc.slot.clone()).into())
+        }
+        Ok(Some(h)) => {
+            ctx.metrics.slot_lag_bytes.set(h.lag_bytes);
+            Ok(())
+        }
+        Ok(None) => Err(SlotError::Lost(ctx.config.cdc.slot.clone()).into()),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot poll the slot's health");
+            Ok(())
+        }
+    }
+}
+
+/// Postgres commit timestamp (µs since 2000) → the `Instant` it corresponds to here.
+fn instant_of(pg_micros: i64) -> Instant {
+    let age_ms = (now_ms() - pg_micros_to_unix_ms(pg_micros)).max(0) as u64;
+    Instant::now()
+        .checked_sub(Duration::from_millis(age_ms))
+        .unwrap_or_else(Instant::now)
+}
+
+async fn handle(
+    ctx: &StreamContext,
+    repl: &ReplicationClient,
+    relations: &mut RelationCache,
+    tx: &mut Option<OpenTx>,
+    event: ReplicationEvent,
+) -> Result<(), CdcError> {
+    match event {
+        ReplicationEvent::Begin {
+            final_lsn,
+            xid,
+            commit_time_micros,
+        } => {
+            *tx = Some(OpenTx {
+                seq: ctx.tracker.begin(),
+                xid,
+                final_lsn: final_lsn.as_u64(),
+                commit_ms: pg_micros_to_unix_ms(commit_time_micros),
+                origin: false,
+                total_order: 0,
+                per_table: HashMap::new(),
+            });
+        }
+        ReplicationEvent::Commit {
+            end_lsn,
+            commit_time_micros,
+            ..
+        } => {
+            if let Some(open) = tx.take() {
+                ctx.tracker
+                    .commit(open.seq, end_lsn.as_u64(), instant_of(commit_time_micros));
+            }
+        }
+        ReplicationEvent::Message {
+            transactional: true,
+            prefix,
+            ..
+        } if prefix == ORIGIN_PREFIX => {
+            if let Some(open) = tx.as_mut() {
+                open.origin = true;
+            }
+        }
+        ReplicationEvent::Message { .. } => {}
+        ReplicationEvent::KeepAlive { wal_end, .. } => {
+            // Idle: nothing open and nothing unacknowledged, so everything up to the server's
+            // position is either confirmed or irrelevant to this slot. Following it keeps the
+            // slot from pinning WAL that other tables or databases write.
+            if tx.is_none() && ctx.tracker.is_idle() && !wal_end.is_zero() {
+                repl.update_applied_lsn(wal_end);
+                ctx.metrics.confirmed_lsn.set(wal_end.as_u64() as i64);
+            }
+        }
+        ReplicationEvent::XLogData {
+            wal_start, data, ..
+        } => {
+            let message = pgoutput::decode(&data).map_err(StreamError::from)?;
+            change(ctx, relations, tx.as_mut(), wal_start.as_u64(), message).await?;
+        }
+        ReplicationEvent::StoppedAt { .. } => return Err(StreamError::Ended.into()),
+    }
+    Ok(())
+}
+
+/// One decoded pgoutput message inside a transaction.
+async fn change(
+    ctx: &StreamContext,
+    relations: &mut RelationCache,
+    tx: Option<&mut OpenTx>,
+    lsn: u64,
+    message: Message,
+) -> Result<(), CdcError> {
+    let (relation_id, op, old, new) = match message {
+        Message::Relation(rel) => {
+            relations.insert(rel);
+            return Ok(());
+        }
+        Message::Insert(m) => (m.relation_id, Op::Create, None, Some(m.new)),
+        Message::Update(m) => (m.relation_id, Op::Update, m.old, Some(m.new)),
+        Message::Delete(m) => (m.relation_id, Op::Delete, Some(m.old), None),
+        Message::Truncate(m) => {
+            let Some(tx) = tx else { return Ok(()) };
+            for id in m.relation_ids {
+                let rel = relations.get(id).ok_or(StreamError::UnknownRelation(id))?;
+                emit(ctx, tx, rel, id, Op::Truncate, lsn, None, None, &[]).await?;
+            }
+            return Ok(());
+        }
+        // Begin/Commit/Message arrive as their own events; Type and Origin carry nothing we publish.
+        _ => return Ok(()),
+    };
+    let Some(tx) = tx else { return Ok(()) };
+    let rel = relations
+        .get(relation_id)
+        .ok_or(StreamError::UnknownRelation(relation_id))?;
+    let row_error = |e: &dyn std::fmt::Display| StreamError::Row {
+        table: rel.qualified_name(),
+        reason: e.to_string(),
+    };
+    let before = match &old {
+        Some(OldTuple::Full(t)) | Some(OldTuple::Key(t)) => {
+            Some(rel.row(t).map_err(|e| row_error(&e))?)
+        }
+        None => None,
+    };
+    let mut after = match &new {
+        Some(t) => Some(rel.row(t).map_err(|e| row_error(&e))?),
+        None => None,
+    };
+    // An unchanged TOASTed value stays marked, unless the old full row (REPLICA IDENTITY
+    // FULL) knows it.
+    let mut unchanged = Vec::new();
+    if let Some(after) = after.as_mut() {
+        for col in std::mem::take(&mut after.unchanged_toast) {
+            let known = match (&old, &before) {
+                (Some(OldTuple::Full(_)), Some(b)) => {
+                    b.values.get(&col).filter(|v| !is_marker(v)).cloned()
+                }
+                _ => None,
+            };
+            match known {
+                Some(v) => {
+                    after.values.insert(col, v);
+                }
+                None => unchanged.push(col),
+            }
+        }
+    }
+    emit(
+        ctx,
+        tx,
+        rel,
+        relation_id,
+        op,
+        lsn,
+        before.as_ref().map(|r| &r.values),
+        after.as_ref().map(|r| &r.values),
+        &unchanged,
+    )
+    .await
+}
+
+/// The replica-identity key columns (primary key under REPLICA IDENTITY DEFAULT).
+fn identity_columns(rel: &Relation) -> Vec<String> {
+    rel.columns
+        .iter()
+        .filter(|c| c.is_key)
+        .map(|c| c.name.clone())
+        .collect()
+}
+
+fn is_marker(v: &Value) -> bool {
+    v.as_str() == Some(UNCHANGED_TOAST)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn emit(
+    ctx: &StreamContext,
+    tx: &mut OpenTx,
+    rel: &Relation,
+    relation_id: u32,
+    op: Op,
+    lsn: u64,
+    before: Option<&Map<String, Value>>,
+    after: Option<&Map<String, Value>>,
+    unchanged: &[String],
+) -> Result<(), CdcError> {
+    tx.total_order += 1;
+    let table_order = tx.per_table.entry(relation_id).or_insert(0);
+    *table_order += 1;
+    let qualified = rel.qualified_name();
+    let key_columns = ctx.key_columns(&qualified, &identity_columns(rel));
+    // The key comes from the new row, else the old one (deletes); truncates have none.
+    let key = after
+        .or(before)
+        .and_then(|row| super::envelope::key(row, &key_columns));
+    let envelope = Envelope {
+        before,
+        after,
+        source: Source {
+            version: crate::telemetry::BUILD_VERSION,
+            connector: "membersync",
+            name: &ctx.config.kafka.topic_prefix,
+            ts_ms: tx.commit_ms,
+            snapshot: "false",
+            db: &ctx.config.database.dbname,
+            schema: &rel.namespace,
+            table: &rel.name,
+            tx_id: Some(tx.xid),
+            lsn,
+            origin: tx.origin.then_some(ORIGIN_NAME),
+            unchanged_columns: unchanged,
+        },
+        op,
+        ts_ms: now_ms(),
+        transaction: Some(Transaction {
+            id: format!("{}:{}", tx.xid, tx.final_lsn),
+            total_order: tx.total_order,
+            data_collection_order: *table_order,
+        }),
+    };
+    let topic = ctx.topics.cdc(&rel.namespace, &rel.name);
+    let waited = ctx
+        .sink
+        .send(tx.seq, &topic, key.as_deref(), &envelope.to_vec())
+        .await?;
+    if waited {
+        ctx.metrics.backpressure_waits.inc();
+    }
+    ctx.metrics
+        .events
+        .with_label_values(&[&qualified, op.as_str()])
+        .inc();
+    Ok(())
+}
