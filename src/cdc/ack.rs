@@ -95,10 +95,13 @@ impl AckTracker {
     /// Delivery callback: a record of `seq` was acknowledged (`Ok`) or failed for good.
     pub fn delivered(&self, seq: u64, result: Result<(), String>) {
         let mut s = self.state.lock().expect("ack state");
-        if let Some(tx) = s.queue.iter_mut().find(|t| t.seq == seq) {
-            tx.outstanding = tx.outstanding.saturating_sub(1);
-            tx.failed |= result.is_err();
-        }
+        // Reports for transactions forgotten by `reset` (a previous session) are ignored:
+        // those transactions are streamed again anyway.
+        let Some(tx) = s.queue.iter_mut().find(|t| t.seq == seq) else {
+            return;
+        };
+        tx.outstanding = tx.outstanding.saturating_sub(1);
+        tx.failed |= result.is_err();
         if let Err(e) = result {
             s.failure.get_or_insert(e);
         }

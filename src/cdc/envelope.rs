@@ -32,7 +32,7 @@ impl Op {
 }
 
 /// The value that marks an unchanged TOASTed column (never `null`).
-pub const UNCHANGED_TOAST: &str = "__unchanged_toast";
+pub use super::relation::UNCHANGED_TOAST_MARKER as UNCHANGED_TOAST;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Source<'a> {
@@ -49,7 +49,8 @@ pub struct Source<'a> {
     pub table: &'a str,
     #[serde(rename = "txId")]
     pub tx_id: Option<u32>,
-    /// The change's own WAL position (snapshot rows: the slot's consistent point).
+    /// The transaction's commit LSN (snapshot rows: the slot's consistent point). pgoutput v1
+    /// has no per-change LSN; `(lsn, transaction.total_order)` identifies an event.
     pub lsn: u64,
     /// `"membersync"` when the transaction was written by membersync itself.
     pub origin: Option<&'a str>,

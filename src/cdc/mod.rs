@@ -63,7 +63,9 @@ impl CdcError {
         matches!(
             self,
             CdcError::Slot(
-                SlotError::Lost(_) | SlotError::WrongPlugin { .. } | SlotError::NoPublication(_)
+                SlotError::Lost(_)
+                    | SlotError::WrongPlugin { .. }
+                    | SlotError::NoPublication { .. }
             )
         )
     }

@@ -25,8 +25,16 @@ pub enum SlotError {
     Lost(String),
     #[error("replication slot {slot} uses plugin {plugin}, not pgoutput")]
     WrongPlugin { slot: String, plugin: String },
-    #[error("publication {0} does not exist: run `membersync migrate`")]
-    NoPublication(String),
+    #[error(
+        "publication {publication} is missing or does not publish {missing}, and role {role} may not \
+         change it (only a table's owner may publish it): run `membersync migrate`, or as the owner \
+         `ALTER PUBLICATION {publication} ADD TABLE {missing}`"
+    )]
+    NoPublication {
+        publication: String,
+        missing: String,
+        role: String,
+    },
 }
 
 /// The advisory lock key of a slot: every membersync instance that would stream this slot
@@ -108,16 +116,7 @@ pub enum SlotState {
 
 pub async fn inspect(client: &Client, config: &Config) -> Result<SlotState, SlotError> {
     let slot = &config.cdc.slot;
-    let publication: bool = client
-        .query_one(
-            "select exists(select 1 from pg_publication where pubname = $1)",
-            &[&config.cdc.publication],
-        )
-        .await?
-        .get(0);
-    if !publication {
-        return Err(SlotError::NoPublication(config.cdc.publication.clone()));
-    }
+    ensure_publication(client, config).await?;
     let row = client
         .query_opt(
             "select plugin, coalesce(wal_status, '') from pg_replication_slots
@@ -145,6 +144,83 @@ pub async fn inspect(client: &Client, config: &Config) -> Result<SlotState, Slot
         Some(row) if !row.get::<_, bool>(0) => SlotState::SnapshotInterrupted,
         _ => SlotState::Ready,
     })
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+fn quote_table(t: &str) -> String {
+    let (schema, name) = t.split_once('.').unwrap_or(("public", t));
+    format!("{}.{}", quote_ident(schema), quote_ident(name))
+}
+
+/// Creates the daemon's publication, or adds missing tables to it, when this role may (it
+/// owns the tables); otherwise fails with the statement an owner must run.
+async fn ensure_publication(client: &Client, config: &Config) -> Result<(), SlotError> {
+    let cdc = &config.cdc;
+    let exists: bool = client
+        .query_one(
+            "select exists(select 1 from pg_publication where pubname = $1)",
+            &[&cdc.publication],
+        )
+        .await?
+        .get(0);
+    let published: Vec<String> = client
+        .query(
+            "select schemaname || '.' || tablename from pg_publication_tables where pubname = $1",
+            &[&cdc.publication],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let missing: Vec<&String> = cdc
+        .tables
+        .iter()
+        .filter(|t| !published.contains(t))
+        .collect();
+    if exists && missing.is_empty() {
+        return Ok(());
+    }
+    let list = missing
+        .iter()
+        .map(|t| quote_table(t))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let statement = if exists {
+        format!(
+            "alter publication {} add table {list}",
+            quote_ident(&cdc.publication)
+        )
+    } else {
+        format!(
+            "create publication {} for table {list}",
+            quote_ident(&cdc.publication)
+        )
+    };
+    match client.batch_execute(&statement).await {
+        Ok(()) => {
+            tracing::info!(
+                publication = cdc.publication,
+                tables = list,
+                "publication created or extended"
+            );
+            Ok(())
+        }
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+            Err(SlotError::NoPublication {
+                publication: cdc.publication.clone(),
+                missing: missing
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                role: config.database.user.clone(),
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Records that a snapshot is about to start, before the slot exists (see V6).

@@ -47,6 +47,7 @@ pub async fn run(
 ) -> Result<(), CdcError> {
     let cfg = &ctx.config.cdc;
     let mut relations = RelationCache::new();
+    let mut primary_keys: HashMap<u32, Vec<String>> = HashMap::new();
     let mut tx: Option<OpenTx> = None;
     let heartbeat_every = Duration::from_secs(cfg.heartbeat_interval_secs.max(1));
     let mut heartbeat = tokio::time::interval_at(
@@ -71,7 +72,7 @@ pub async fn run(
             }
             event = repl.recv() => {
                 let Some(event) = event? else { return Err(StreamError::Ended.into()) };
-                handle(ctx, repl, &mut relations, &mut tx, event).await?;
+                handle(ctx, repl, leader, &mut relations, &mut primary_keys, &mut tx, event).await?;
             }
         }
     }
@@ -131,10 +132,13 @@ fn instant_of(pg_micros: i64) -> Instant {
         .unwrap_or_else(Instant::now)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn handle(
     ctx: &StreamContext,
     repl: &ReplicationClient,
+    leader: &Leader,
     relations: &mut RelationCache,
+    primary_keys: &mut HashMap<u32, Vec<String>>,
     tx: &mut Option<OpenTx>,
     event: ReplicationEvent,
 ) -> Result<(), CdcError> {
@@ -183,11 +187,22 @@ async fn handle(
                 ctx.metrics.confirmed_lsn.set(wal_end.as_u64() as i64);
             }
         }
-        ReplicationEvent::XLogData {
-            wal_start, data, ..
-        } => {
+        ReplicationEvent::XLogData { data, .. } => {
             let message = pgoutput::decode(&data).map_err(StreamError::from)?;
-            change(ctx, relations, tx.as_mut(), wal_start.as_u64(), message).await?;
+            // pgoutput v1 carries no per-change LSN (the walsender sends 0 for all but a
+            // transaction's last message), so events carry their commit LSN: stable across
+            // re-deliveries, and with transaction.total_order a unique event position.
+            let lsn = tx.as_ref().map_or(0, |t| t.final_lsn);
+            if let Message::Relation(rel) = &message {
+                // Under REPLICA IDENTITY FULL every column is flagged as key; the Kafka key
+                // is then the primary key, read from the catalog once per Relation message.
+                if rel.replica_identity == pgoutput::ReplicaIdentity::Full {
+                    primary_keys.insert(rel.id, primary_key(leader, rel.id).await?);
+                } else {
+                    primary_keys.remove(&rel.id);
+                }
+            }
+            change(ctx, relations, primary_keys, tx.as_mut(), lsn, message).await?;
         }
         ReplicationEvent::StoppedAt { .. } => return Err(StreamError::Ended.into()),
     }
@@ -198,6 +213,7 @@ async fn handle(
 async fn change(
     ctx: &StreamContext,
     relations: &mut RelationCache,
+    primary_keys: &HashMap<u32, Vec<String>>,
     tx: Option<&mut OpenTx>,
     lsn: u64,
     message: Message,
@@ -214,7 +230,7 @@ async fn change(
             let Some(tx) = tx else { return Ok(()) };
             for id in m.relation_ids {
                 let rel = relations.get(id).ok_or(StreamError::UnknownRelation(id))?;
-                emit(ctx, tx, rel, id, Op::Truncate, lsn, None, None, &[]).await?;
+                emit(ctx, tx, rel, &[], id, Op::Truncate, lsn, None, None, &[]).await?;
             }
             return Ok(());
         }
@@ -258,10 +274,15 @@ async fn change(
             }
         }
     }
+    let identity = primary_keys
+        .get(&relation_id)
+        .cloned()
+        .unwrap_or_else(|| identity_columns(rel));
     emit(
         ctx,
         tx,
         rel,
+        &identity,
         relation_id,
         op,
         lsn,
@@ -270,6 +291,21 @@ async fn change(
         &unchanged,
     )
     .await
+}
+
+async fn primary_key(leader: &Leader, relation_id: u32) -> Result<Vec<String>, CdcError> {
+    let rows = leader
+        .client()
+        .query(
+            "select a.attname::text from pg_index i
+             join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
+             where i.indrelid = $1::oid and i.indisprimary
+             order by array_position(i.indkey::int2[], a.attnum)",
+            &[&relation_id],
+        )
+        .await
+        .map_err(SlotError::from)?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 /// The replica-identity key columns (primary key under REPLICA IDENTITY DEFAULT).
@@ -290,6 +326,7 @@ async fn emit(
     ctx: &StreamContext,
     tx: &mut OpenTx,
     rel: &Relation,
+    identity: &[String],
     relation_id: u32,
     op: Op,
     lsn: u64,
@@ -301,7 +338,7 @@ async fn emit(
     let table_order = tx.per_table.entry(relation_id).or_insert(0);
     *table_order += 1;
     let qualified = rel.qualified_name();
-    let key_columns = ctx.key_columns(&qualified, &identity_columns(rel));
+    let key_columns = ctx.key_columns(&qualified, identity);
     // The key comes from the new row, else the old one (deletes); truncates have none.
     let key = after
         .or(before)

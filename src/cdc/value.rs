@@ -928,24 +928,4 @@ mod tests {
             prop_assert_eq!(text_to_json(TIMESTAMPTZ, &text), Value::String(expected));
         }
     }
-
-    #[test]
-    fn tmp_live_arrays() {
-        let data = std::fs::read_to_string("/tmp/arr_pairs.bin").unwrap();
-        let mut bad = 0;
-        let mut n = 0;
-        for rec in data.split('\u{1e}').filter(|r| !r.is_empty()) {
-            let (input, exp) = rec.split_once('\u{1f}').unwrap();
-            let want: Value = serde_json::from_str(exp).unwrap();
-            let got = text_to_json(TEXT_ARRAY, input);
-            n += 1;
-            if got != want {
-                bad += 1;
-                if bad < 5 {
-                    eprintln!("{input:?} => {got} want {want}");
-                }
-            }
-        }
-        eprintln!("bad {bad} of {n}");
-    }
 }

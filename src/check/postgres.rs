@@ -138,7 +138,7 @@ async fn checks(client: &Client, config: &Config) -> Result<Vec<Item>, tokio_pos
             }
         }
         None if logical && can_replicate && free > 0 => {
-            Item::pass(label, "missing; this role can create it")
+            Item::pass(label, "missing; membersync creates it at start")
         }
         None => Item::fail(
             label,
@@ -200,7 +200,7 @@ async fn publication(client: &Client, config: &Config) -> Result<Item, tokio_pos
         .await?
         .get(0);
     Ok(if owns_all {
-        Item::pass(label, "missing; this role can create it")
+        Item::pass(label, "missing; membersync creates it at start")
     } else {
         Item::fail(
             label,

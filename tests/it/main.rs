@@ -8,4 +8,5 @@ mod kafka;
 mod migrations;
 mod ops;
 mod rls;
+mod schemas;
 mod support;

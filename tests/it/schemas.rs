@@ -72,7 +72,10 @@ fn documented_examples() -> Vec<(String, Value)> {
     while let Some(i) = rest.find("<!-- value: ") {
         rest = &rest[i + "<!-- value: ".len()..];
         let name = rest[..rest.find(" -->").expect("marker closes")].to_owned();
-        let start = rest.find("```json\n").expect("a ```json block follows the marker") + 8;
+        let start = rest
+            .find("```json\n")
+            .expect("a ```json block follows the marker")
+            + 8;
         let end = start + rest[start..].find("\n```").expect("the block closes");
         let value = serde_json::from_str(&rest[start..end])
             .unwrap_or_else(|e| panic!("docs/topics.md example for {name} is not JSON: {e}"));
@@ -87,7 +90,15 @@ fn documented_examples() -> Vec<(String, Value)> {
 // ------------------------------------------------------------------------------------------
 
 /// Keywords that carry no assertion (annotations, and structure handled elsewhere).
-const ANNOTATIONS: [&str; 7] = ["$schema", "$id", "$defs", "$comment", "title", "description", "examples"];
+const ANNOTATIONS: [&str; 7] = [
+    "$schema",
+    "$id",
+    "$defs",
+    "$comment",
+    "title",
+    "description",
+    "examples",
+];
 const ASSERTIONS: [&str; 21] = [
     "$ref",
     "type",
@@ -127,7 +138,11 @@ fn is_valid(root: &Value, schema: &Value, value: &Value) -> bool {
 
 fn short(v: &Value) -> String {
     let s = v.to_string();
-    if s.len() > 60 { format!("{}…", &s[..s.floor_char_boundary(60)]) } else { s }
+    if s.chars().count() > 60 {
+        format!("{}…", s.chars().take(60).collect::<String>())
+    } else {
+        s
+    }
 }
 
 fn type_matches(t: &str, v: &Value) -> bool {
@@ -152,7 +167,9 @@ fn validate(root: &Value, schema: &Value, v: &Value, path: &str, errors: &mut Ve
     };
     for key in s.keys() {
         assert!(
-            ANNOTATIONS.contains(&key.as_str()) || ASSERTIONS.contains(&key.as_str()) || key == "else",
+            ANNOTATIONS.contains(&key.as_str())
+                || ASSERTIONS.contains(&key.as_str())
+                || key == "else",
             "{path}: the test's checker does not know the keyword {key:?}; teach it"
         );
     }
@@ -172,31 +189,35 @@ fn validate(root: &Value, schema: &Value, v: &Value, path: &str, errors: &mut Ve
         };
         if !types.iter().any(|t| type_matches(t, v)) {
             // Every other keyword would only repeat the problem.
-            return errors.push(format!("{path}: expected {}, found {}", types.join(" or "), short(v)));
+            return errors.push(format!(
+                "{path}: expected {}, found {}",
+                types.join(" or "),
+                short(v)
+            ));
         }
     }
-    if let Some(c) = s.get("const") {
-        if c != v {
-            errors.push(format!("{path}: expected {c}, found {}", short(v)));
-        }
+    if let Some(c) = s.get("const")
+        && c != v
+    {
+        errors.push(format!("{path}: expected {c}, found {}", short(v)));
     }
-    if let Some(e) = s.get("enum") {
-        if !e.as_array().expect("enum is an array").contains(v) {
-            errors.push(format!("{path}: {} is not one of {e}", short(v)));
-        }
+    if let Some(e) = s.get("enum")
+        && !e.as_array().expect("enum is an array").contains(v)
+    {
+        errors.push(format!("{path}: {} is not one of {e}", short(v)));
     }
     match v {
         Value::String(text) => {
             let chars = text.chars().count() as u64;
-            if let Some(min) = s.get("minLength").and_then(Value::as_u64) {
-                if chars < min {
-                    errors.push(format!("{path}: shorter than {min} characters"));
-                }
+            if let Some(min) = s.get("minLength").and_then(Value::as_u64)
+                && chars < min
+            {
+                errors.push(format!("{path}: shorter than {min} characters"));
             }
-            if let Some(max) = s.get("maxLength").and_then(Value::as_u64) {
-                if chars > max {
-                    errors.push(format!("{path}: longer than {max} characters"));
-                }
+            if let Some(max) = s.get("maxLength").and_then(Value::as_u64)
+                && chars > max
+            {
+                errors.push(format!("{path}: longer than {max} characters"));
             }
             if let Some(p) = s.get("pattern") {
                 let p = p.as_str().expect("pattern is a string");
@@ -205,26 +226,25 @@ fn validate(root: &Value, schema: &Value, v: &Value, path: &str, errors: &mut Ve
                 }
             }
             match s.get("format").and_then(Value::as_str) {
-                Some("date-time") => {
-                    if chrono::DateTime::parse_from_rfc3339(text).is_err() {
-                        errors.push(format!("{path}: {} is not an RFC 3339 date-time", short(v)));
-                    }
+                Some("date-time") if chrono::DateTime::parse_from_rfc3339(text).is_err() => {
+                    errors.push(format!("{path}: {} is not an RFC 3339 date-time", short(v)));
                 }
+                Some("date-time") => {}
                 Some(other) => panic!("{path}: the checker does not know format {other:?}"),
                 None => {}
             }
         }
         Value::Number(n) => {
             let x = n.as_f64().unwrap();
-            if let Some(min) = s.get("minimum").and_then(Value::as_f64) {
-                if x < min {
-                    errors.push(format!("{path}: {n} is below {min}"));
-                }
+            if let Some(min) = s.get("minimum").and_then(Value::as_f64)
+                && x < min
+            {
+                errors.push(format!("{path}: {n} is below {min}"));
             }
-            if let Some(max) = s.get("maximum").and_then(Value::as_f64) {
-                if x > max {
-                    errors.push(format!("{path}: {n} is above {max}"));
-                }
+            if let Some(max) = s.get("maximum").and_then(Value::as_f64)
+                && x > max
+            {
+                errors.push(format!("{path}: {n} is above {max}"));
             }
         }
         Value::Object(obj) => {
@@ -272,10 +292,14 @@ fn validate(root: &Value, schema: &Value, v: &Value, path: &str, errors: &mut Ve
             validate(root, sub, v, path, errors);
         }
     }
-    if let Some(any) = s.get("anyOf") {
-        if !any.as_array().unwrap().iter().any(|sub| is_valid(root, sub, v)) {
-            errors.push(format!("{path}: matches none of anyOf"));
-        }
+    if let Some(any) = s.get("anyOf")
+        && !any
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|sub| is_valid(root, sub, v))
+    {
+        errors.push(format!("{path}: matches none of anyOf"));
     }
     if let Some(one) = s.get("oneOf") {
         let mut last = Vec::new();
@@ -290,16 +314,22 @@ fn validate(root: &Value, schema: &Value, v: &Value, path: &str, errors: &mut Ve
             }
         }
         if matching != 1 {
-            errors.push(format!("{path}: matches {matching} of oneOf (one must match): {last:?}"));
+            errors.push(format!(
+                "{path}: matches {matching} of oneOf (one must match): {last:?}"
+            ));
         }
     }
-    if let Some(not) = s.get("not") {
-        if is_valid(root, not, v) {
-            errors.push(format!("{path}: matches `not`"));
-        }
+    if let Some(not) = s.get("not")
+        && is_valid(root, not, v)
+    {
+        errors.push(format!("{path}: matches `not`"));
     }
     if let Some(cond) = s.get("if") {
-        let branch = if is_valid(root, cond, v) { s.get("then") } else { s.get("else") };
+        let branch = if is_valid(root, cond, v) {
+            s.get("then")
+        } else {
+            s.get("else")
+        };
         if let Some(branch) = branch {
             validate(root, branch, v, path, errors);
         }
@@ -366,7 +396,9 @@ fn pattern_matches(pattern: &str, text: &str) -> bool {
         }
     }
     fn go(atoms: &[(Atom, bool)], text: &[char]) -> bool {
-        let Some(((atom, plus), rest)) = atoms.split_first() else { return text.is_empty() };
+        let Some(((atom, plus), rest)) = atoms.split_first() else {
+            return text.is_empty();
+        };
         if !*plus {
             return text.first().is_some_and(|c| one(atom, *c)) && go(rest, &text[1..]);
         }
@@ -392,14 +424,25 @@ fn assert_valid(name: &str, value: &Value, what: &str) {
 
 /// Checks one webhook-topic record against its schema, the key rule and the header table;
 /// returns the header names it carried.
-fn check_ingest_record(source: &str, key: &[u8], headers: &[(String, String)], value: &[u8]) -> BTreeSet<String> {
+fn check_ingest_record(
+    source: &str,
+    key: &[u8],
+    headers: &[(String, String)],
+    value: &[u8],
+) -> BTreeSet<String> {
     let v: Value = serde_json::from_slice(value).expect("the value is JSON");
     assert_valid(source, &v, &format!("a {source} record"));
-    let h: BTreeMap<&str, &str> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let h: BTreeMap<&str, &str> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     assert_eq!(h.len(), headers.len(), "no header is repeated: {headers:?}");
     let documented = documented_headers();
     for name in h.keys() {
-        assert!(documented.contains(*name), "header {name:?} is not in docs/topics.md#headers");
+        assert!(
+            documented.contains(*name),
+            "header {name:?} is not in docs/topics.md#headers"
+        );
     }
     let key = std::str::from_utf8(key).expect("the key is UTF-8");
     let id = v["id"].as_str().unwrap();
@@ -418,12 +461,26 @@ fn check_ingest_record(source: &str, key: &[u8], headers: &[(String, String)], v
     for (name, value) in &expected {
         assert_eq!(h.get(name).copied(), Some(value.as_str()), "header {name}");
     }
-    assert_eq!(h.get("membersync_member_id").copied(), v["member_id"].as_str(), "membersync_member_id is the member id, when known");
+    assert_eq!(
+        h.get("membersync_member_id").copied(),
+        v["member_id"].as_str(),
+        "membersync_member_id is the member id, when known"
+    );
     let needs_lookup = v["needs_lookup"].as_bool().unwrap();
-    assert_eq!(h.get("membersync_needs_lookup").copied(), needs_lookup.then_some("true"));
-    assert_eq!(h.get("membersync_unknown_event").copied(), (v["kind"] == "unknown").then_some("true"));
+    assert_eq!(
+        h.get("membersync_needs_lookup").copied(),
+        needs_lookup.then_some("true")
+    );
+    assert_eq!(
+        h.get("membersync_unknown_event").copied(),
+        (v["kind"] == "unknown").then_some("true")
+    );
     if needs_lookup {
-        assert_eq!(Some(key), v["customer_id"].as_str(), "a needs_lookup record is keyed by customer id");
+        assert_eq!(
+            Some(key),
+            v["customer_id"].as_str(),
+            "a needs_lookup record is keyed by customer id"
+        );
     } else {
         assert_eq!(Some(key), v["member_id"].as_str(), "keyed by member id");
     }
@@ -431,7 +488,11 @@ fn check_ingest_record(source: &str, key: &[u8], headers: &[(String, String)], v
 }
 
 fn check_built(source: &str, record: &IngestRecord) -> BTreeSet<String> {
-    let headers: Vec<(String, String)> = record.headers.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+    let headers: Vec<(String, String)> = record
+        .headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
     let v: Value = serde_json::from_slice(&record.value).unwrap();
     assert_eq!(record.event_id, v["id"].as_str().unwrap());
     check_ingest_record(source, record.key.as_bytes(), &headers, &record.value)
@@ -471,7 +532,10 @@ fn stripe_bodies() -> Vec<Value> {
         // No metadata, expanded customer: keyed by customer, needs_lookup.
         sub(json!({}), json!({"id": "cus_2", "object": "customer"})),
         // An unusable metadata value falls back to the customer.
-        sub(json!({"memberstack_user_id": "mem with space"}), json!("cus_3")),
+        sub(
+            json!({"memberstack_user_id": "mem with space"}),
+            json!("cus_3"),
+        ),
         // A customer object is its own customer; no `created`.
         json!({"id": "evt_2", "type": "customer.updated", "data": {"object": {"id": "cus_4", "object": "customer", "metadata": {}}}}),
         // Member metadata and no customer at all.
@@ -525,7 +589,11 @@ fn streamed<'a>(
         },
         op,
         ts_ms: cdc::now_ms(),
-        transaction: Some(Transaction { id: format!("{}:{}", u32::MAX, 99), total_order: 2, data_collection_order: 1 }),
+        transaction: Some(Transaction {
+            id: format!("{}:{}", u32::MAX, 99),
+            total_order: 2,
+            data_collection_order: 1,
+        }),
     }
 }
 
@@ -544,22 +612,43 @@ fn schema_files_are_draft_2020_12_object_schemas_whose_examples_are_valid() {
     on_disk.sort();
     let mut expected: Vec<String> = SCHEMAS.iter().map(|n| format!("{n}.json")).collect();
     expected.sort();
-    assert_eq!(on_disk, expected, "every schema in schemas/kafka/ is tested here");
+    assert_eq!(
+        on_disk, expected,
+        "every schema in schemas/kafka/ is tested here"
+    );
     for name in SCHEMAS {
         let s = schema(name);
-        assert_eq!(s["$schema"], "https://json-schema.org/draft/2020-12/schema", "{name}");
+        assert_eq!(
+            s["$schema"], "https://json-schema.org/draft/2020-12/schema",
+            "{name}"
+        );
         assert_eq!(s["type"], "object", "{name}");
-        assert_eq!(s["additionalProperties"], false, "{name}: the envelope is closed");
-        let props = s["properties"].as_object().unwrap_or_else(|| panic!("{name}: properties"));
-        let required = s["required"].as_array().unwrap_or_else(|| panic!("{name}: required"));
+        assert_eq!(
+            s["additionalProperties"], false,
+            "{name}: the envelope is closed"
+        );
+        let props = s["properties"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{name}: properties"));
+        let required = s["required"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{name}: required"));
         assert!(!required.is_empty(), "{name}");
         for r in required {
-            assert!(props.contains_key(r.as_str().unwrap()), "{name}: required {r} is not declared");
+            assert!(
+                props.contains_key(r.as_str().unwrap()),
+                "{name}: required {r} is not declared"
+            );
         }
         for (prop, sub) in props {
-            assert!(sub.get("description").is_some(), "{name}: property {prop} is documented");
+            assert!(
+                sub.get("description").is_some(),
+                "{name}: property {prop} is documented"
+            );
         }
-        let examples = s["examples"].as_array().unwrap_or_else(|| panic!("{name}: examples"));
+        let examples = s["examples"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{name}: examples"));
         assert!(!examples.is_empty(), "{name}");
         for (i, example) in examples.iter().enumerate() {
             assert_valid(name, example, &format!("example {i} of {name}.json"));
@@ -578,15 +667,34 @@ fn the_checker_rejects_what_the_schemas_forbid() {
         check(&ms, &v)
     };
     let cases: Vec<(&str, Vec<String>)> = vec![
-        ("missing required", broken(&|v| { v.as_object_mut().unwrap().remove("member_id"); })),
-        ("wrong type", broken(&|v| v["needs_lookup"] = json!("false"))),
+        (
+            "missing required",
+            broken(&|v| {
+                v.as_object_mut().unwrap().remove("member_id");
+            }),
+        ),
+        (
+            "wrong type",
+            broken(&|v| v["needs_lookup"] = json!("false")),
+        ),
         ("const", broken(&|v| v["schema_version"] = json!(2))),
         ("enum", broken(&|v| v["kind"] = json!("member_exploded"))),
         ("source enum", broken(&|v| v["source"] = json!("stripe"))),
-        ("extra property", broken(&|v| v["customer_id"] = json!("cus_1"))),
-        ("date-time", broken(&|v| v["signed_at"] = json!("yesterday"))),
+        (
+            "extra property",
+            broken(&|v| v["customer_id"] = json!("cus_1")),
+        ),
+        (
+            "date-time",
+            broken(&|v| v["signed_at"] = json!("yesterday")),
+        ),
         ("pattern", broken(&|v| v["id"] = json!("msg 1"))),
-        ("nested anyOf", broken(&|v| { v["data"].as_object_mut().unwrap().remove("event"); })),
+        (
+            "nested anyOf",
+            broken(&|v| {
+                v["data"].as_object_mut().unwrap().remove("event");
+            }),
+        ),
         ("nested type", broken(&|v| v["data"]["payload"] = json!([]))),
     ];
     for (what, errors) in cases {
@@ -596,10 +704,16 @@ fn the_checker_rejects_what_the_schemas_forbid() {
     let good = cdc_schema["examples"][0].clone();
     let mut v = good.clone();
     v["op"] = json!("d");
-    assert!(!check(&cdc_schema, &v).is_empty(), "if/then: a delete has after = null");
+    assert!(
+        !check(&cdc_schema, &v).is_empty(),
+        "if/then: a delete has after = null"
+    );
     let mut v = good.clone();
     v["transaction"] = Value::Null;
-    assert!(!check(&cdc_schema, &v).is_empty(), "a streamed event has a transaction");
+    assert!(
+        !check(&cdc_schema, &v).is_empty(),
+        "a streamed event has a transaction"
+    );
     let mut v = good.clone();
     v["transaction"]["id"] = json!("x:1");
     assert!(!check(&cdc_schema, &v).is_empty(), "transaction.id pattern");
@@ -613,7 +727,9 @@ fn the_checker_rejects_what_the_schemas_forbid() {
     v.as_object_mut().unwrap().remove("customer_id");
     v["member_id"] = Value::Null;
     assert!(!check(&st, &v).is_empty(), "needs_lookup ⇒ customer_id");
-    assert!(pattern_matches("^[0-9]+:[0-9]+$", "12:345") && !pattern_matches("^[0-9]+:[0-9]+$", "12:"));
+    assert!(
+        pattern_matches("^[0-9]+:[0-9]+$", "12:345") && !pattern_matches("^[0-9]+:[0-9]+$", "12:")
+    );
     assert!(pattern_matches("^evt_\\S+$", "evt_1") && !pattern_matches("^evt_\\S+$", "evt_"));
 }
 
@@ -622,16 +738,29 @@ fn memberstack_records_match_the_schema_key_rule_and_header_table() {
     let mut seen = BTreeSet::new();
     let mut kinds = BTreeSet::new();
     for (i, body) in memberstack_bodies().into_iter().enumerate() {
-        let event = parse_memberstack(&serde_json::to_vec(&body).unwrap()).unwrap_or_else(|e| panic!("{body}: {e}"));
-        let record = ingest::memberstack(&format!("msg_{i}x27charsvixmessageidabc"), 1_715_678_468, &event, Utc::now());
+        let event = parse_memberstack(&serde_json::to_vec(&body).unwrap())
+            .unwrap_or_else(|e| panic!("{body}: {e}"));
+        let record = ingest::memberstack(
+            &format!("msg_{i}x27charsvixmessageidabc"),
+            1_715_678_468,
+            &event,
+            Utc::now(),
+        );
         assert_eq!(record.key, event.member_id);
         seen.extend(check_built("memberstack", &record));
         let v: Value = serde_json::from_slice(&record.value).unwrap();
         assert_eq!(v["data"], body, "the body is carried whole");
         kinds.insert(v["kind"].as_str().unwrap().to_owned());
     }
-    assert!(kinds.contains("unknown") && kinds.contains("team_member_added") && kinds.len() >= 7, "{kinds:?}");
-    for name in ["membersync_member_id", "membersync_unknown_event", "ce_time"] {
+    assert!(
+        kinds.contains("unknown") && kinds.contains("team_member_added") && kinds.len() >= 7,
+        "{kinds:?}"
+    );
+    for name in [
+        "membersync_member_id",
+        "membersync_unknown_event",
+        "ce_time",
+    ] {
         assert!(seen.contains(name), "{name} was exercised");
     }
 }
@@ -641,17 +770,25 @@ fn stripe_records_match_the_schema_key_rule_and_header_table() {
     let mut seen = BTreeSet::new();
     let (mut by_member, mut by_customer) = (0, 0);
     for body in stripe_bodies() {
-        let event = parse_stripe(&serde_json::to_vec(&body).unwrap()).unwrap_or_else(|e| panic!("{body}: {e}"));
+        let event = parse_stripe(&serde_json::to_vec(&body).unwrap())
+            .unwrap_or_else(|e| panic!("{body}: {e}"));
         let record = ingest::stripe(1_715_679_012, &event, Utc::now()).expect("routable");
         seen.extend(check_built("stripe", &record));
         let v: Value = serde_json::from_slice(&record.value).unwrap();
         assert_eq!(v["data"], body, "the body is carried whole");
-        if v["needs_lookup"] == true { by_customer += 1 } else { by_member += 1 }
+        if v["needs_lookup"] == true {
+            by_customer += 1
+        } else {
+            by_member += 1
+        }
     }
     assert!(by_member >= 2 && by_customer >= 3);
     assert!(seen.contains("membersync_needs_lookup") && seen.contains("membersync_member_id"));
     // Events that name nobody are not produced at all.
-    let nobody = parse_stripe(br#"{"id":"evt_9","type":"balance.available","data":{"object":{"object":"balance"}}}"#).unwrap();
+    let nobody = parse_stripe(
+        br#"{"id":"evt_9","type":"balance.available","data":{"object":{"object":"balance"}}}"#,
+    )
+    .unwrap();
     assert!(ingest::stripe(1_715_679_012, &nobody, Utc::now()).is_none());
 }
 
@@ -660,13 +797,28 @@ fn every_documented_header_is_produced_by_some_record() {
     let mut seen = BTreeSet::new();
     for (i, body) in memberstack_bodies().into_iter().enumerate() {
         let event = parse_memberstack(&serde_json::to_vec(&body).unwrap()).unwrap();
-        seen.extend(ingest::memberstack(&format!("msg_{i}"), 1_715_678_468, &event, Utc::now()).headers.iter().map(|h| h.0.to_owned()));
+        seen.extend(
+            ingest::memberstack(&format!("msg_{i}"), 1_715_678_468, &event, Utc::now())
+                .headers
+                .iter()
+                .map(|h| h.0.to_owned()),
+        );
     }
     for body in stripe_bodies() {
         let event = parse_stripe(&serde_json::to_vec(&body).unwrap()).unwrap();
-        seen.extend(ingest::stripe(1, &event, Utc::now()).unwrap().headers.iter().map(|h| h.0.to_owned()));
+        seen.extend(
+            ingest::stripe(1, &event, Utc::now())
+                .unwrap()
+                .headers
+                .iter()
+                .map(|h| h.0.to_owned()),
+        );
     }
-    assert_eq!(documented_headers(), seen, "docs/topics.md#headers lists exactly the headers ingest sets");
+    assert_eq!(
+        documented_headers(),
+        seen,
+        "docs/topics.md#headers lists exactly the headers ingest sets"
+    );
 }
 
 #[test]
@@ -678,7 +830,16 @@ fn cdc_envelopes_of_every_op_match_the_schema() {
     // The old-key image of a delete under REPLICA IDENTITY DEFAULT: the primary key, nulls.
     let key_only: Map<String, Value> = row
         .keys()
-        .map(|k| (k.clone(), if k == "id" { row[k].clone() } else { Value::Null }))
+        .map(|k| {
+            (
+                k.clone(),
+                if k == "id" {
+                    row[k].clone()
+                } else {
+                    Value::Null
+                },
+            )
+        })
         .collect();
     let none: &[String] = &[];
     let snapshot = Envelope {
@@ -705,11 +866,26 @@ fn cdc_envelopes_of_every_op_match_the_schema() {
     let envelopes = [
         ("snapshot read", snapshot),
         ("insert", streamed(Op::Create, None, Some(&row), None, none)),
-        ("update by membersync", streamed(Op::Update, None, Some(&row), Some("membersync"), none)),
-        ("update, unchanged TOAST", streamed(Op::Update, None, Some(&toasted), None, &unchanged)),
-        ("update, REPLICA IDENTITY FULL", streamed(Op::Update, Some(&row), Some(&row), None, none)),
-        ("delete, full old row", streamed(Op::Delete, Some(&row), None, None, none)),
-        ("delete, old key only", streamed(Op::Delete, Some(&key_only), None, None, none)),
+        (
+            "update by membersync",
+            streamed(Op::Update, None, Some(&row), Some("membersync"), none),
+        ),
+        (
+            "update, unchanged TOAST",
+            streamed(Op::Update, None, Some(&toasted), None, &unchanged),
+        ),
+        (
+            "update, REPLICA IDENTITY FULL",
+            streamed(Op::Update, Some(&row), Some(&row), None, none),
+        ),
+        (
+            "delete, full old row",
+            streamed(Op::Delete, Some(&row), None, None, none),
+        ),
+        (
+            "delete, old key only",
+            streamed(Op::Delete, Some(&key_only), None, None, none),
+        ),
         ("truncate", streamed(Op::Truncate, None, None, None, none)),
     ];
     for (what, envelope) in &envelopes {
@@ -718,28 +894,58 @@ fn cdc_envelopes_of_every_op_match_the_schema() {
     }
     // Key rules as documented in docs/topics.md#partitioning.
     let key = |row: &Map<String, Value>, cols: &[&str]| {
-        cdc::key(row, &cols.iter().map(|c| c.to_string()).collect::<Vec<_>>()).map(|k| String::from_utf8(k).unwrap())
+        cdc::key(row, &cols.iter().map(|c| c.to_string()).collect::<Vec<_>>())
+            .map(|k| String::from_utf8(k).unwrap())
     };
-    assert_eq!(key(&row, &["memberstack_id"]).as_deref(), Some("mem_a"), "one column: bare text");
-    assert_eq!(key(&json!({"n": 7}).as_object().unwrap().clone(), &["n"]).as_deref(), Some("7"));
     assert_eq!(
-        key(&json!({"b": "x", "a": 1}).as_object().unwrap().clone(), &["b", "a"]).as_deref(),
+        key(&row, &["memberstack_id"]).as_deref(),
+        Some("mem_a"),
+        "one column: bare text"
+    );
+    assert_eq!(
+        key(&json!({"n": 7}).as_object().unwrap().clone(), &["n"]).as_deref(),
+        Some("7")
+    );
+    assert_eq!(
+        key(
+            &json!({"b": "x", "a": 1}).as_object().unwrap().clone(),
+            &["b", "a"]
+        )
+        .as_deref(),
         Some(r#"{"a":1,"b":"x"}"#),
         "several columns: a JSON object, alphabetical"
     );
-    assert_eq!(key(&key_only, &["memberstack_id"]), None, "a NULL key column: no key");
-    assert_eq!(key(&toasted, &["project_data"]), None, "an unchanged-TOAST key column: no key");
+    assert_eq!(
+        key(&key_only, &["memberstack_id"]),
+        None,
+        "a NULL key column: no key"
+    );
+    assert_eq!(
+        key(&toasted, &["project_data"]),
+        None,
+        "an unchanged-TOAST key column: no key"
+    );
 }
 
 #[test]
 fn the_examples_in_docs_topics_md_match_the_schemas() {
     let examples = documented_examples();
     for name in SCHEMAS {
-        assert!(examples.iter().any(|(n, _)| n == name), "docs/topics.md has an example value for {name}");
+        assert!(
+            examples.iter().any(|(n, _)| n == name),
+            "docs/topics.md has an example value for {name}"
+        );
     }
     for (name, value) in &examples {
-        assert!(SCHEMAS.contains(&name.as_str()), "unknown schema {name} in docs/topics.md");
-        assert_valid(name, value, &format!("the docs/topics.md example for {name}"));
+        assert!(
+            SCHEMAS.contains(&name.as_str()),
+            "unknown schema {name} in docs/topics.md"
+        );
+        assert_valid(
+            name,
+            value,
+            &format!("the docs/topics.md example for {name}"),
+        );
     }
 }
 
@@ -748,7 +954,10 @@ fn the_examples_in_docs_topics_md_match_the_schemas() {
 // ------------------------------------------------------------------------------------------
 
 fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 fn record_headers(m: &rdkafka::message::OwnedMessage) -> Vec<(String, String)> {
@@ -756,7 +965,12 @@ fn record_headers(m: &rdkafka::message::OwnedMessage) -> Vec<(String, String)> {
     m.headers()
         .map(|h| {
             h.iter()
-                .map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                .map(|h| {
+                    (
+                        h.key.to_owned(),
+                        String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -764,13 +978,31 @@ fn record_headers(m: &rdkafka::message::OwnedMessage) -> Vec<(String, String)> {
 
 #[tokio::test]
 async fn ingest_records_on_the_broker_match_the_schemas() {
-    let secret = format!("whsec_{}", base64::Engine::encode(&base64::engine::general_purpose::STANDARD, uuid::Uuid::new_v4().as_bytes()));
+    let secret = format!(
+        "whsec_{}",
+        base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            uuid::Uuid::new_v4().as_bytes()
+        )
+    );
     let kafka = support::kafka::config();
     let env = vec![
-        ("MEMBERSYNC__KAFKA__BROKERS".to_string(), kafka.brokers.clone()),
-        ("MEMBERSYNC__KAFKA__TOPIC_PREFIX".into(), kafka.topic_prefix.clone()),
-        ("MEMBERSYNC__INGEST__MEMBERSTACK_WEBHOOK_SECRETS".into(), secret.clone()),
-        ("MEMBERSYNC__INGEST__STRIPE_WEBHOOK_SECRETS".into(), secret.clone()),
+        (
+            "MEMBERSYNC__KAFKA__BROKERS".to_string(),
+            kafka.brokers.clone(),
+        ),
+        (
+            "MEMBERSYNC__KAFKA__TOPIC_PREFIX".into(),
+            kafka.topic_prefix.clone(),
+        ),
+        (
+            "MEMBERSYNC__INGEST__MEMBERSTACK_WEBHOOK_SECRETS".into(),
+            secret.clone(),
+        ),
+        (
+            "MEMBERSYNC__INGEST__STRIPE_WEBHOOK_SECRETS".into(),
+            secret.clone(),
+        ),
     ];
     let mut daemon = Daemon::start("ingest", env).await;
     let svix = SvixVerifier::new(&[SecretString::from(secret.clone())]).unwrap();
@@ -791,7 +1023,12 @@ async fn ingest_records_on_the_broker_match_the_schemas() {
             .send()
             .await
             .unwrap();
-        assert_eq!(resp.status().as_u16(), 200, "{}", resp.text().await.unwrap());
+        assert_eq!(
+            resp.status().as_u16(),
+            200,
+            "{}",
+            resp.text().await.unwrap()
+        );
     }
     let st_bodies = stripe_bodies();
     for body in &st_bodies {
@@ -805,14 +1042,27 @@ async fn ingest_records_on_the_broker_match_the_schemas() {
             .send()
             .await
             .unwrap();
-        assert_eq!(resp.status().as_u16(), 200, "{}", resp.text().await.unwrap());
+        assert_eq!(
+            resp.status().as_u16(),
+            200,
+            "{}",
+            resp.text().await.unwrap()
+        );
     }
 
-    for (source, n) in [("memberstack", ms_bodies.len()), ("stripe", st_bodies.len())] {
+    for (source, n) in [
+        ("memberstack", ms_bodies.len()),
+        ("stripe", st_bodies.len()),
+    ] {
         let topic = format!("{}.{source}", kafka.topic_prefix);
         let records = support::kafka::consume(&kafka, &topic, n, Duration::from_secs(30)).await;
         for m in &records {
-            check_ingest_record(source, m.key().expect("every webhook record has a key"), &record_headers(m), m.payload().unwrap());
+            check_ingest_record(
+                source,
+                m.key().expect("every webhook record has a key"),
+                &record_headers(m),
+                m.payload().unwrap(),
+            );
         }
     }
     daemon.terminate().await;
@@ -830,8 +1080,14 @@ async fn cdc_records_on_the_broker_match_the_schema() {
     kafka.topic_partitions = 1;
     let mut env = db.env();
     env.extend([
-        ("MEMBERSYNC__KAFKA__BROKERS".to_string(), kafka.brokers.clone()),
-        ("MEMBERSYNC__KAFKA__TOPIC_PREFIX".into(), kafka.topic_prefix.clone()),
+        (
+            "MEMBERSYNC__KAFKA__BROKERS".to_string(),
+            kafka.brokers.clone(),
+        ),
+        (
+            "MEMBERSYNC__KAFKA__TOPIC_PREFIX".into(),
+            kafka.topic_prefix.clone(),
+        ),
         ("MEMBERSYNC__KAFKA__TOPIC_PARTITIONS".into(), "1".into()),
     ]);
     let mut daemon = Daemon::start("cdc", env).await;
@@ -839,36 +1095,158 @@ async fn cdc_records_on_the_broker_match_the_schema() {
     // The snapshot row arrives once the slot exists: everything after it is streamed.
     support::kafka::consume(&kafka, &topic, 1, Duration::from_secs(60)).await;
 
-    admin
-        .batch_execute(
-            "insert into public.members (memberstack_id, email, project_data)
-               select 'mem_new', 'new@example.com',
-                      jsonb_build_object('blob', (select string_agg(md5(random()::text), '') from generate_series(1, 400)));
-             update public.members set email = 'renamed@example.com' where memberstack_id = 'mem_new';
-             begin;
-             select pg_logical_emit_message(true, 'membersync.origin', '');
-             update public.members set plan_id = 'pln_1' where memberstack_id = 'mem_new';
-             commit;
-             delete from public.members where memberstack_id = 'mem_snap';
-             truncate public.members cascade;",
-        )
-        .await
-        .unwrap();
+    // One transaction each, so that the events come in this order and only the third one
+    // carries the origin marker (it must be the transaction's first statement).
+    for sql in [
+        "insert into public.members (memberstack_id, email, project_data)
+           select 'mem_new', 'new@example.com',
+                  jsonb_build_object('blob', (select string_agg(md5(random()::text), '') from generate_series(1, 400)))",
+        "update public.members set email = 'renamed@example.com' where memberstack_id = 'mem_new'",
+        "begin;
+         select pg_logical_emit_message(true, 'membersync.origin', '');
+         update public.members set plan_id = 'pln_1' where memberstack_id = 'mem_new';
+         commit",
+        "delete from public.members where memberstack_id = 'mem_snap'",
+        "truncate public.members cascade",
+    ] {
+        admin.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
     // r, c, u, u (origin), d, t
     let records = support::kafka::consume(&kafka, &topic, 6, Duration::from_secs(60)).await;
     let mut ops = Vec::new();
     for m in &records {
-        assert!(m.headers().is_none() || record_headers(m).is_empty(), "CDC records carry no headers");
+        assert!(
+            m.headers().is_none() || record_headers(m).is_empty(),
+            "CDC records carry no headers"
+        );
         let v: Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
-        assert_valid("cdc", &v, &format!("the {} record at offset {}", v["op"], m.offset()));
+        assert_valid(
+            "cdc",
+            &v,
+            &format!("the {} record at offset {}", v["op"], m.offset()),
+        );
         let key = m.key().map(|k| String::from_utf8(k.to_vec()).unwrap());
-        let row = if v["after"].is_object() { &v["after"] } else { &v["before"] };
-        assert_eq!(key.as_deref(), row["memberstack_id"].as_str(), "key = memberstack_id of the row ({})", v["op"]);
-        ops.push((v["op"].as_str().unwrap().to_owned(), v["source"]["origin"].clone(), v["source"]["unchanged_columns"].clone()));
+        let row = if v["after"].is_object() {
+            &v["after"]
+        } else {
+            &v["before"]
+        };
+        assert_eq!(
+            key.as_deref(),
+            row["memberstack_id"].as_str(),
+            "key = memberstack_id of the row ({})",
+            v["op"]
+        );
+        ops.push((
+            v["op"].as_str().unwrap().to_owned(),
+            v["source"]["origin"].clone(),
+            v["source"]["unchanged_columns"].clone(),
+        ));
     }
     let op_names: Vec<&str> = ops.iter().map(|o| o.0.as_str()).collect();
     assert_eq!(op_names, ["r", "c", "u", "u", "d", "t"], "{ops:?}");
-    assert_eq!(ops[2].2, json!(["project_data"]), "the first update left the TOASTed blob out");
-    assert_eq!(ops[3].1, json!("membersync"), "the marked transaction has origin membersync");
+    assert_eq!(
+        ops[2].2,
+        json!(["project_data"]),
+        "the first update left the TOASTed blob out"
+    );
+    assert_eq!(
+        ops[3].1,
+        json!("membersync"),
+        "the marked transaction has origin membersync"
+    );
     daemon.terminate().await;
+}
+
+#[tokio::test]
+async fn zz_temp_probe_message_size_and_watermarks() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let secret = format!(
+        "whsec_{}",
+        base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            uuid::Uuid::new_v4().as_bytes()
+        )
+    );
+    let kafka = support::kafka::config();
+    let env = vec![
+        (
+            "MEMBERSYNC__KAFKA__BROKERS".to_string(),
+            kafka.brokers.clone(),
+        ),
+        (
+            "MEMBERSYNC__KAFKA__TOPIC_PREFIX".into(),
+            kafka.topic_prefix.clone(),
+        ),
+        (
+            "MEMBERSYNC__INGEST__MEMBERSTACK_WEBHOOK_SECRETS".into(),
+            secret.clone(),
+        ),
+    ];
+    let mut daemon = Daemon::start("ingest", env).await;
+    let svix = SvixVerifier::new(&[SecretString::from(secret)]).unwrap();
+    let http = reqwest::Client::new();
+    for size in [990_000usize, 1_000_100, 1_040_000] {
+        let body = serde_json::to_vec(&json!({"event": "member.created", "payload": {"id": "mem_big", "pad": "x".repeat(size)}})).unwrap();
+        let (id, ts) = (format!("msg_big{size}"), now());
+        let resp = http
+            .post(format!("{}/webhooks/memberstack", daemon.ingest))
+            .header("content-type", "application/json")
+            .header("svix-id", &id)
+            .header("svix-timestamp", ts.to_string())
+            .header("svix-signature", svix.sign(&id, ts, &body))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        eprintln!(
+            "PROBE body {} bytes -> {} {}",
+            body.len(),
+            resp.status(),
+            resp.text().await.unwrap()
+        );
+    }
+    daemon.terminate().await;
+
+    // Watermarks after one multi-record batch.
+    let topic = format!("{}.memberstack", kafka.topic_prefix);
+    let producer: FutureProducer = membersync::kafka::producer_config(&kafka)
+        .set("linger.ms", "200")
+        .create()
+        .unwrap();
+    let futs: Vec<_> = (0..5)
+        .map(|i| {
+            let p = producer.clone();
+            let topic = topic.clone();
+            async move {
+                let payload = format!("p{i}");
+                p.send(
+                    FutureRecord::to(&topic)
+                        .key("k")
+                        .payload(&payload)
+                        .partition(0),
+                    Duration::from_secs(10),
+                )
+                .await
+            }
+        })
+        .collect();
+    for r in futures::future::join_all(futs).await {
+        let (p, o) = {
+            let d = r.map_err(|e| e.0).unwrap();
+            (d.partition, d.offset)
+        };
+        eprintln!("PROBE delivered p{p} o{o}");
+    }
+    let consumer: BaseConsumer = membersync::kafka::client_config(&kafka)
+        .set("group.id", "probe")
+        .create()
+        .unwrap();
+    for p in 0..3 {
+        eprintln!(
+            "PROBE watermarks p{p}: {:?}",
+            consumer.fetch_watermarks(&topic, p, Duration::from_secs(10))
+        );
+    }
 }

@@ -1,0 +1,108 @@
+//! A private Tansu broker for one test, so the test can take Kafka away (SIGKILL) and bring it
+//! back on the same port and storage without touching the shared dev broker other tests use.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::{free_port, wait_for};
+
+pub struct Broker {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+fn tansu_bin() -> PathBuf {
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("tansu"))
+            .find(|p| p.is_file())
+    });
+    on_path
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cargo/bin/tansu"))
+                .filter(|p| p.is_file())
+        })
+        .expect("tansu is not installed (scripts/dev-services up installs it)")
+}
+
+impl Broker {
+    /// Starts Tansu on a free loopback port with SQLite storage in a directory of its own.
+    pub async fn start() -> Broker {
+        let dir = tempfile::Builder::new()
+            .prefix("membersync-tansu-")
+            .tempdir()
+            .expect("tempdir");
+        std::fs::create_dir(dir.path().join("tansu")).expect("storage dir");
+        let mut broker = Broker {
+            dir,
+            port: free_port(),
+            child: None,
+        };
+        broker.spawn().await;
+        broker
+    }
+
+    /// `host:port` for `kafka.brokers`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    async fn spawn(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("tansu.log"))
+            .expect("tansu log");
+        // Tansu resolves a relative sqlite:// URL against its working directory.
+        let child = Command::new(tansu_bin())
+            .current_dir(self.dir.path())
+            .args(["broker", "--cluster-id", "membersync-test"])
+            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "sqlite://tansu/tansu.db"])
+            .env("RUST_LOG", "warn")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start tansu");
+        self.child = Some(child);
+        let port = self.port;
+        wait_for("the private Tansu broker to listen", Duration::from_secs(30), || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+                .map(|_| ())
+        })
+        .await;
+    }
+
+    /// SIGKILL: the broker disappears at once, as in a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port with the same storage.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    /// The broker's log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
