@@ -42,7 +42,8 @@ pub struct Source<'a> {
     pub name: &'a str,
     /// When the change was committed (snapshot rows: when the snapshot ran).
     pub ts_ms: i64,
-    /// `"true"` for snapshot rows, `"last"` for the last one, `"false"` otherwise.
+    /// `"true"` for snapshot rows, `"false"` for streamed changes (Debezium's `"last"` is not
+    /// used).
     pub snapshot: &'static str,
     pub db: &'a str,
     pub schema: &'a str,

@@ -60,6 +60,21 @@ pub enum CdcError {
 impl CdcError {
     /// Errors that reconnecting cannot fix; an operator has to act.
     fn needs_operator(&self) -> bool {
+        if let CdcError::Sink(sink::SinkError::Produce(e)) = self {
+            // Retrying the same change cannot help (e.g. a row larger than the topic allows).
+            use rdkafka::error::RDKafkaErrorCode as C;
+            if matches!(
+                e.rdkafka_error_code(),
+                Some(
+                    C::MessageSizeTooLarge
+                        | C::InvalidMessageSize
+                        | C::TopicAuthorizationFailed
+                        | C::InvalidTopic
+                )
+            ) {
+                return true;
+            }
+        }
         matches!(
             self,
             CdcError::Slot(

@@ -27,6 +27,27 @@ fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
+/// The key the stream would use for `table`: the replica identity index's columns under
+/// REPLICA IDENTITY USING INDEX, none under NOTHING, else the primary key (DEFAULT and FULL).
+async fn identity_key(
+    tx: &tokio_postgres::Transaction<'_>,
+    table: &str,
+) -> Result<Vec<String>, SnapshotError> {
+    let rows = tx
+        .query(
+            "select a.attname::text
+             from pg_class c
+             join pg_index i on i.indrelid = c.oid
+               and case c.relreplident when 'i' then i.indisreplident when 'n' then false else i.indisprimary end
+             join pg_attribute a on a.attrelid = c.oid and a.attnum = any(i.indkey)
+             where c.oid = $1::text::regclass
+             order by array_position(i.indkey::int2[], a.attnum)",
+            &[&table],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// Reads every captured table under `snapshot_name` and produces the rows; returns the row
 /// count once Kafka acknowledged them all. `consistent_point` is the slot's position (the
 /// snapshot rows' `source.lsn`).
@@ -63,10 +84,8 @@ pub async fn run(
             return Err(SnapshotError::NoColumns(table.clone()));
         }
         let topic = ctx.topics.cdc(schema, name);
-        let key_columns = ctx.key_columns(
-            table,
-            &columns.iter().map(|c| c.0.clone()).collect::<Vec<_>>(),
-        );
+        let identity = identity_key(&tx, table).await?;
+        let key_columns = ctx.key_columns(table, &identity);
         tx.batch_execute(&format!(
             "declare membersync_snapshot no scroll cursor for select * from {}.{}",
             quote_ident(schema),

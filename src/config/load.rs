@@ -331,11 +331,17 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Kafka's default `message.max.bytes` is 1,000,000; the envelope adds headers and provenance.
+const MAX_WEBHOOK_BODY: usize = 900_000;
+
 fn validate_ingest(i: &crate::config::IngestConfig) -> Result<(), ConfigError> {
-    if i.body_limit_bytes == 0 {
+    if i.body_limit_bytes == 0 || i.body_limit_bytes > MAX_WEBHOOK_BODY {
         return Err(ConfigError::new(
             "ingest.body_limit_bytes",
-            "must be at least 1",
+            format!(
+                "must be between 1 and {MAX_WEBHOOK_BODY}: a larger body would not fit Kafka's default \
+                 1 MB record size (the sender would be told to retry forever)"
+            ),
         ));
     }
     if i.request_timeout_ms == 0 {
@@ -512,6 +518,31 @@ mod tests {
                 "at least 1",
             ),
             ("database = 5", "database", "expected"),
+            (
+                "[ingest]\nbody_limit_bytes = 2000000",
+                "ingest.body_limit_bytes",
+                "between 1 and 900000",
+            ),
+            (
+                "[ingest]\nkafka_ack_timeout_ms = 20000",
+                "ingest.kafka_ack_timeout_ms",
+                "below ingest.request_timeout_ms",
+            ),
+            (
+                "[ingest]\nconcurrency_limit = 0",
+                "ingest.concurrency_limit",
+                "at least 1",
+            ),
+            (
+                "[cdc.key_columns]\n\"public.other\" = [\"id\"]",
+                "cdc.key_columns.public.other",
+                "not in cdc.tables",
+            ),
+            (
+                "[cdc]\nsnapshot = \"sometimes\"",
+                "cdc.snapshot",
+                "unknown value `sometimes`",
+            ),
         ];
         for (toml, key, problem) in cases {
             let err = load_toml(toml).expect_err(toml);
@@ -538,6 +569,14 @@ mod tests {
             (
                 "[telemetry]\nsentry_dsn = \"https://hunter2-secret@o1.ingest.sentry.io/1\"",
                 "telemetry.sentry_dsn",
+            ),
+            (
+                "[ingest]\nmemberstack_webhook_secrets = \"whsec_hunter2-secret\"",
+                "ingest.memberstack_webhook_secrets",
+            ),
+            (
+                "[ingest]\nstripe_webhook_secrets = \"whsec_hunter2-secret\"",
+                "ingest.stripe_webhook_secrets",
             ),
         ] {
             let err = load_toml(toml).unwrap_err();

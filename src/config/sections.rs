@@ -226,7 +226,8 @@ impl Default for CdcConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct IngestConfig {
     pub listen_addr: SocketAddr,
-    /// Larger bodies are refused with 413 before they are read to the end.
+    /// Larger bodies are refused with 413 before they are read to the end. At most
+    /// 900,000: the record (body plus envelope) must fit Kafka's default 1 MB message size.
     pub body_limit_bytes: usize,
     /// Whole-request budget (reading the body, verifying, producing); then 408.
     pub request_timeout_ms: u64,
@@ -249,7 +250,7 @@ impl Default for IngestConfig {
     fn default() -> Self {
         Self {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            body_limit_bytes: 1024 * 1024,
+            body_limit_bytes: 512 * 1024,
             request_timeout_ms: 10_000,
             kafka_ack_timeout_ms: 5_000,
             concurrency_limit: 1024,

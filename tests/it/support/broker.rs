@@ -72,12 +72,16 @@ impl Broker {
             .expect("start tansu");
         self.child = Some(child);
         let port = self.port;
-        wait_for("the private Tansu broker to listen", Duration::from_secs(30), || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .ok()
-                .map(|_| ())
-        })
+        wait_for(
+            "the private Tansu broker to listen",
+            Duration::from_secs(30),
+            || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .ok()
+                    .map(|_| ())
+            },
+        )
         .await;
     }
 
