@@ -482,6 +482,8 @@ struct Daemon {
     ingest: String,
     topic: String,
     kafka: KafkaConfig,
+    /// The daemon's stderr (JSON log lines, level warn).
+    log: PathBuf,
 }
 
 impl Daemon {
@@ -493,6 +495,12 @@ impl Daemon {
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
         let (ops_port, ingest_port) = (free_port(), free_port());
+        let log = Path::new(bin)
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("ingest_load-daemon.log");
+        let log_file =
+            std::fs::File::create(&log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
         let mut cmd = Command::new(bin);
         cmd.env_clear();
         for key in ["PATH", "HOME"] {
@@ -515,7 +523,7 @@ impl Daemon {
             )
             .env("MEMBERSYNC__TELEMETRY__LOG_LEVEL", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::from(log_file))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
         let mut daemon = Daemon {
@@ -528,12 +536,14 @@ impl Daemon {
                 topic_prefix: prefix,
                 ..KafkaConfig::default()
             },
+            log,
         };
         let http = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = daemon.child.try_wait().expect("try_wait") {
-                panic!("membersync ingest exited early with {status}");
+                let log = std::fs::read_to_string(&daemon.log).unwrap_or_default();
+                panic!("membersync ingest exited early with {status}:\n{log}");
             }
             if let Ok(resp) = http.get(format!("{}/readyz", daemon.ops)).send().await
                 && let Ok(ready) = resp.json::<serde_json::Value>().await
@@ -597,7 +607,7 @@ impl Daemon {
                 )
                 .create()
                 .map_err(|e| e.to_string())?;
-            let timeout = Duration::from_secs(10);
+            let timeout = Duration::from_secs(30);
             let metadata = consumer
                 .fetch_metadata(Some(&topic), timeout)
                 .map_err(|e| e.to_string())?;
@@ -639,6 +649,81 @@ impl Daemon {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// Warnings and errors in the daemon's log, by message (most frequent first).
+fn log_summary(path: &Path) -> Vec<(String, u64)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut counts: HashMap<String, u64> = HashMap::new();
+    for line in text.lines() {
+        let key = match serde_json::from_str::<serde_json::Value>(line) {
+            Ok(v) => {
+                let level = v["level"].as_str().unwrap_or("?").to_owned();
+                let mut message = v["message"].as_str().unwrap_or("?").to_owned();
+                if let Some(reason) = v["reason"].as_str() {
+                    message = format!("{message} ({reason})");
+                }
+                // librdkafka lines carry counts and addresses; keep the event name.
+                let message: String = message.chars().take(60).collect();
+                format!("{level}: {message}")
+            }
+            Err(_) => format!("(not JSON) {}", line.chars().take(60).collect::<String>()),
+        };
+        *counts.entry(key).or_insert(0) += 1;
+    }
+    let mut counts: Vec<(String, u64)> = counts.into_iter().collect();
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    counts
+}
+
+/// Deletes the topics the daemon created (`<prefix>.*`), so repeated runs do not grow the
+/// shared dev broker's storage.
+async fn delete_topics(kafka: &KafkaConfig) -> Result<Vec<String>, String> {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let prefix = format!("{}.", kafka.topic_prefix);
+    let names = {
+        let kafka = kafka.clone();
+        let prefix = prefix.clone();
+        tokio::task::spawn_blocking(move || -> Result<Vec<String>, String> {
+            let consumer: BaseConsumer = membersync::kafka::client_config(&kafka)
+                .create()
+                .map_err(|e| e.to_string())?;
+            let metadata = consumer
+                .fetch_metadata(None, Duration::from_secs(30))
+                .map_err(|e| e.to_string())?;
+            Ok(metadata
+                .topics()
+                .iter()
+                .map(|t| t.name().to_owned())
+                .filter(|n| n.starts_with(&prefix))
+                .collect())
+        })
+        .await
+        .map_err(|e| e.to_string())??
+    };
+    if names.is_empty() {
+        return Ok(names);
+    }
+    let admin: AdminClient<DefaultClientContext> = membersync::kafka::client_config(kafka)
+        .create()
+        .map_err(|e| e.to_string())?;
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let results = admin
+        .delete_topics(
+            &refs,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut deleted = Vec::new();
+    for r in results {
+        match r {
+            Ok(name) => deleted.push(name),
+            Err((name, code)) => return Err(format!("{name}: {code}")),
+        }
+    }
+    Ok(deleted)
 }
 
 impl Drop for Daemon {
@@ -846,7 +931,6 @@ struct Stats {
     ok: u64,
     /// Everything else, by status (`transport`, `timeout`, or the HTTP code).
     errors: BTreeMap<String, u64>,
-    window_secs: f64,
     /// `ok` per second of the measured window (first scheduled send → last answer).
     throughput: f64,
     /// Scheduled send → end of response: p50, p90, p99, p99.9, max (ns).
@@ -903,7 +987,6 @@ impl Stats {
             responses,
             ok,
             errors,
-            window_secs,
             throughput: ok as f64 / window_secs,
             latency: [
                 percentile(&latency, 0.50),
@@ -1297,6 +1380,9 @@ struct Final {
     started: String,
     machine: Machine,
     foreign_at_start: BTreeSet<String>,
+    log: PathBuf,
+    log_summary: Vec<(String, u64)>,
+    topics_deleted: Result<Vec<String>, String>,
 }
 
 fn target_line(
@@ -1305,6 +1391,7 @@ fn target_line(
     run: Option<&PhaseRun>,
     limit_ms: f64,
     baseline: Option<&PhaseRun>,
+    is_target: bool,
 ) {
     let Some(run) = run else {
         let _ = writeln!(out, "- {what}: not measured in this run.");
@@ -1326,18 +1413,46 @@ fn target_line(
             p99 / limit_ms
         )
     };
+    let bound = if is_target {
+        format!("target p99 ≤ {limit_ms} ms")
+    } else {
+        format!("no target; compared with {limit_ms} ms for reference")
+    };
     let _ = write!(
         out,
-        "- {what} (target p99 ≤ {limit_ms} ms): p99 = {} ms → {verdict}.",
-        fmt_ms(run.stats.latency[2])
+        "- {what} ({bound}): p99 = {} ms, errors {} → {verdict}.",
+        fmt_ms(run.stats.latency[2]),
+        pct(run.stats.error_rate())
     );
     if let Some(b) = baseline {
         let _ = write!(
             out,
-            " Baseline p99 in the same run: {} ms; daemon service-time p99 (from actual send): {} ms.",
+            " Same run: baseline p99 {} ms; daemon service-time p99 (from actual send) {} ms; client lag p99 {} ms; \
+             machine busy {:.2} of {} cores (daemon {:.2}, broker {:.2}, load generator {:.2}, other {:.2}).",
             fmt_ms(b.stats.latency[2]),
-            fmt_ms(run.stats.service[1])
+            fmt_ms(run.stats.service[1]),
+            fmt_ms(run.stats.lag_p99),
+            run.cpu.machine,
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            run.cpu.daemon,
+            run.cpu.broker,
+            run.cpu.client,
+            run.cpu.other,
         );
+        if let Some(sv) = &run.server {
+            let _ = write!(
+                out,
+                " The daemon's own histogram: {} answered within 1 ms, {} within 10 ms",
+                pct(sv.within_1ms),
+                pct(sv.within_10ms)
+            );
+            match sv.mean_ack_ms {
+                Some(ack) => {
+                    let _ = write!(out, "; mean Kafka ack {ack:.2} ms.");
+                }
+                None => out.push('.'),
+            }
+        }
     }
     out.push('\n');
 }
@@ -1463,21 +1578,22 @@ fn report(settings: &Settings, runs: &[PhaseRun], fin: &Final, broker_pid: Optio
         let _ = writeln!(o, "### {rate} req/s offered\n");
         let _ = writeln!(
             o,
-            "| phase | sent | answered | errors | error rate | achieved req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | service p50 / p99 ms | lag p99 ms |"
+            "| phase | sent | answered | as expected | errors | error rate | achieved req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | service p50 / p99 ms | lag p99 ms |"
         );
         let _ = writeln!(
             o,
-            "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for phase in [Phase::Baseline, Phase::Valid, Phase::Invalid] {
             let Some(r) = find(rate, phase) else { continue };
             let s = &r.stats;
             let _ = writeln!(
                 o,
-                "| {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} / {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} / {} | {} |",
                 phase.label(),
                 s.sent,
                 s.responses,
+                s.ok,
                 errors_text(s),
                 pct(s.error_rate()),
                 s.throughput,
@@ -1578,7 +1694,10 @@ fn report(settings: &Settings, runs: &[PhaseRun], fin: &Final, broker_pid: Optio
         "| rate | phase | attempt | requests sent | 2xx answers | records added | daemon `accepted` Δ | daemon `bad_signature` Δ | verdict |"
     );
     let _ = writeln!(o, "|---:|---|---:|---:|---:|---:|---:|---:|---|");
-    for r in runs.iter().filter(|r| r.phase != Phase::Baseline) {
+    let mut daemon_runs: Vec<&PhaseRun> =
+        runs.iter().filter(|r| r.phase != Phase::Baseline).collect();
+    daemon_runs.sort_by_key(|r| (r.rate, r.phase == Phase::Invalid, r.attempt));
+    for r in daemon_runs {
         let sv = r.server.clone().unwrap_or_default();
         let (records, verdict) = match &r.records {
             Some(Ok(n)) => {
@@ -1625,9 +1744,33 @@ fn report(settings: &Settings, runs: &[PhaseRun], fin: &Final, broker_pid: Optio
             Err(_) => "not checked".to_owned(),
         }
     );
+    match &fin.topics_deleted {
+        Ok(t) if t.is_empty() => {}
+        Ok(t) => {
+            let _ = writeln!(o, "The run's topics were deleted afterwards ({}).", t.len());
+        }
+        Err(e) => {
+            let _ = writeln!(o, "The run's topics could not be deleted: {e}.");
+        }
+    }
+    if fin.log_summary.is_empty() {
+        let _ = writeln!(o, "\nThe daemon logged no warnings or errors.");
+    } else {
+        let _ = writeln!(
+            o,
+            "\nThe daemon's warnings/errors (`{}`), most frequent first:\n",
+            fin.log.display()
+        );
+        for (message, n) in fin.log_summary.iter().take(8) {
+            let _ = writeln!(o, "- {n} × {message}");
+        }
+        if fin.log_summary.len() > 8 {
+            let _ = writeln!(o, "- … {} other kinds", fin.log_summary.len() - 8);
+        }
+    }
     let _ = writeln!(
         o,
-        "Daemon peak RSS: {}; exit on SIGTERM: {}.\n",
+        "\nDaemon peak RSS: {}; exit on SIGTERM: {}.\n",
         fin.daemon_peak_rss
             .map_or("unknown".to_owned(), |m| format!("{m:.1} MiB")),
         fin.daemon_exit
@@ -1641,6 +1784,7 @@ fn report(settings: &Settings, runs: &[PhaseRun], fin: &Final, broker_pid: Optio
         first_rate.and_then(|r| find(r, Phase::Valid)),
         10.0,
         first_rate.and_then(|r| find(r, Phase::Baseline)),
+        true,
     );
     for &rate in &settings.rates {
         target_line(
@@ -1649,15 +1793,17 @@ fn report(settings: &Settings, runs: &[PhaseRun], fin: &Final, broker_pid: Optio
             find(rate, Phase::Invalid),
             1.0,
             find(rate, Phase::Baseline),
+            true,
         );
     }
     for &rate in settings.rates.iter().filter(|r| **r != 1000) {
         target_line(
             &mut o,
-            &format!("Valid deliveries at {rate} req/s (no target; same bound for reference)"),
+            &format!("Valid deliveries at {rate} req/s"),
             find(rate, Phase::Valid),
             10.0,
             find(rate, Phase::Baseline),
+            false,
         );
     }
     let _ = writeln!(o);
@@ -1737,8 +1883,19 @@ fn main() {
             broker_pid,
             ..
         } = ctx;
+        let kafka = daemon.kafka.clone();
+        let log = daemon.log.clone();
         let daemon_exit = daemon.terminate().await;
+        let log_summary = log_summary(&log);
+        let topics_deleted = if std::env::var_os("MEMBERSYNC_BENCH_KEEP_TOPICS").is_some() {
+            Ok(Vec::new())
+        } else {
+            delete_topics(&kafka).await
+        };
         let fin = Final {
+            log,
+            log_summary,
+            topics_deleted,
             expected_records,
             topic_records,
             accepted_total,

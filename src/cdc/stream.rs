@@ -90,10 +90,12 @@ fn confirm(ctx: &StreamContext, repl: &ReplicationClient) {
     }
 }
 
-/// On shutdown: wait (bounded) for what is in flight, confirm it, and stop the session.
+/// On shutdown: wait (bounded) until every produced record is acknowledged, confirm the
+/// committed transactions among them, and stop the session. A transaction still open (its
+/// commit not read yet) is not confirmed: it is streamed again on the next start.
 async fn drain(ctx: &StreamContext, repl: &mut ReplicationClient) -> Result<(), CdcError> {
     let deadline = Instant::now() + ctx.config.shutdown.drain_timeout();
-    while !ctx.tracker.is_idle() && Instant::now() < deadline {
+    while ctx.tracker.outstanding() > 0 && Instant::now() < deadline {
         confirm(ctx, repl);
         tokio::select! {
             _ = ctx.tracker.changed() => {}
@@ -101,8 +103,9 @@ async fn drain(ctx: &StreamContext, repl: &mut ReplicationClient) -> Result<(), 
         }
     }
     confirm(ctx, repl);
-    // Gives the worker a moment to send the final standby status before the session ends.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The worker sends a raised LSN at most once per status interval and sends nothing when
+    // stopped: wait one interval (and a margin) so the final standby status reaches Postgres.
+    tokio::time::sleep(Duration::from_millis(ctx.config.cdc.status_interval_ms + 100)).await;
     let _ = repl.shutdown().await;
     Ok(())
 }

@@ -309,7 +309,7 @@ impl Default for TelemetryConfig {
     fn default() -> Self {
         Self {
             log_format: LogFormat::Json,
-            log_level: "info".into(),
+            log_level: "info,tokio_postgres=warn".into(),
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
             sentry_dsn: None,
             sentry_dsn_file: None,

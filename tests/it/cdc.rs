@@ -39,11 +39,24 @@ struct Setup {
     db: TestDb,
     kafka: KafkaConfig,
     admin: Client,
+    /// A broker of this test's own (heavy or destructive tests), else the shared dev broker.
+    broker: Option<Broker>,
 }
 
 impl Setup {
     async fn new() -> Setup {
         Self::with_kafka(support::kafka::config()).await
+    }
+
+    /// With a private broker: tests that produce tens of thousands of records keep their load
+    /// off the shared one, and a test may kill its broker.
+    async fn private() -> Setup {
+        let broker = Broker::start().await;
+        let mut kafka = support::kafka::config();
+        kafka.brokers = broker.addr();
+        let mut s = Self::with_kafka(kafka).await;
+        s.broker = Some(broker);
+        s
     }
 
     async fn with_kafka(mut kafka: KafkaConfig) -> Setup {
@@ -60,7 +73,12 @@ impl Setup {
             ))
             .await
             .unwrap();
-        Setup { db, kafka, admin }
+        Setup {
+            db,
+            kafka,
+            admin,
+            broker: None,
+        }
     }
 
     fn env(&self) -> Vec<(String, String)> {
@@ -583,6 +601,61 @@ async fn before_images_follow_the_replica_identity() {
     assert_eq!(events[6].value["after"], Value::Null);
 }
 
+#[tokio::test]
+async fn schema_changes_mid_stream_and_a_two_table_truncate() {
+    let s = Setup::new().await;
+    let _daemon = s.start().await;
+    s.snapshot_done().await;
+    s.sql("insert into public.cdc_t (id, memberstack_id) values (1, 'mem_1')")
+        .await;
+    s.sql("alter table public.cdc_t add column extra int default 7")
+        .await;
+    s.sql("insert into public.cdc_t (id, memberstack_id, extra) values (2, 'mem_2', 8)")
+        .await;
+    s.sql("alter table public.cdc_t drop column name").await;
+    s.sql("update public.cdc_t set extra = 9 where id = 1")
+        .await;
+    s.sql("insert into public.members (memberstack_id) values ('mem_1')")
+        .await;
+    s.sql("truncate public.members, public.cdc_t").await;
+
+    let cdc_t = s
+        .reader("cdc_t")
+        .count(4, Duration::from_secs(30))
+        .await
+        .to_vec();
+    let ops: Vec<&str> = cdc_t.iter().map(Event::op).collect();
+    assert_eq!(ops, ["c", "c", "u", "t"]);
+    assert!(
+        cdc_t[0].value["after"].get("extra").is_none(),
+        "{}",
+        cdc_t[0].value
+    );
+    assert_eq!(cdc_t[1].value["after"]["extra"], 8);
+    assert_eq!(cdc_t[1].value["after"]["name"], Value::Null);
+    assert_eq!(cdc_t[2].value["after"]["extra"], 9);
+    assert!(
+        cdc_t[2].value["after"].get("name").is_none(),
+        "dropped column gone: {}",
+        cdc_t[2].value
+    );
+    let members = s
+        .reader("members")
+        .count(2, Duration::from_secs(30))
+        .await
+        .to_vec();
+    assert_eq!(members[1].op(), "t");
+    // One transaction, two tables: one truncate event on each topic.
+    let (tm, tc) = (
+        &members[1].value["transaction"],
+        &cdc_t[3].value["transaction"],
+    );
+    assert_eq!(tm["id"], tc["id"]);
+    let mut orders = [tm["total_order"].as_u64(), tc["total_order"].as_u64()];
+    orders.sort();
+    assert_eq!(orders, [Some(1), Some(2)]);
+}
+
 // ------------------------------------------------------------------------------------------
 // 3. Unchanged TOAST
 // ------------------------------------------------------------------------------------------
@@ -1077,10 +1150,10 @@ async fn transactions_marked_as_membersync_writes_carry_the_origin() {
 async fn kill_9_under_load_loses_nothing() {
     const TXS: i32 = 200;
     const ROWS: i32 = 100;
-    let s = Setup::new().await;
+    let s = Setup::private().await;
     let mut daemon = s.start().await;
     s.snapshot_done().await;
-    let loader = spawn_loader(s.db.admin().await, TXS, ROWS, Duration::from_millis(20));
+    let loader = spawn_loader(s.db.admin().await, TXS, ROWS, Duration::from_millis(5));
     wait_for(
         "the first events of the load",
         Duration::from_secs(30),
@@ -1118,6 +1191,89 @@ async fn kill_9_under_load_loses_nothing() {
     drop(daemon);
 }
 
+#[tokio::test]
+async fn postgres_connections_killed_mid_load_reconnect_and_lose_nothing() {
+    const TXS: i32 = 60;
+    const ROWS: i32 = 100;
+    let s = Setup::private().await;
+    let daemon = s.start().await;
+    s.snapshot_done().await;
+    let loader = spawn_loader(s.db.admin().await, TXS, ROWS, Duration::from_millis(20));
+    wait_for(
+        "the first events of the load",
+        Duration::from_secs(30),
+        || {
+            let d = &daemon;
+            async move { (events_metric(d, "public.cdc_t", "c").await >= 1000.0).then_some(()) }
+        },
+    )
+    .await;
+    // The walsender and the leadership connection, as on a Postgres failover or restart.
+    let killed: i64 = s
+        .admin
+        .query_one(
+            "select count(*) from (select pg_terminate_backend(pid) from pg_stat_activity
+             where usename = 'membersync' and datname = current_database()) t",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(killed >= 2, "terminated {killed} backends");
+    loader.await.unwrap();
+    let ids: BTreeSet<i64> = (1..=(TXS * ROWS) as i64).collect();
+    let mut reader = s.reader("cdc_t");
+    let events = reader.all_ids("c", &ids, Duration::from_secs(60)).await;
+    let (total, duplicates) = count_ids(events, "c", &ids);
+    let reconnects = daemon.metric("membersync_cdc_reconnects_total").await;
+    eprintln!(
+        "postgres connections killed: {killed} backends; {total} insert events for {} rows, {duplicates} duplicates; \
+         reconnects {reconnects}",
+        ids.len()
+    );
+    assert!(reconnects >= 1.0, "the stream reconnected");
+    assert_eq!(
+        daemon.metric("membersync_cdc_leader").await,
+        1.0,
+        "and leads again"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_mid_load_drains_and_a_restart_loses_nothing() {
+    const TXS: i32 = 60;
+    const ROWS: i32 = 100;
+    let s = Setup::private().await;
+    let mut daemon = s.start().await;
+    s.snapshot_done().await;
+    let loader = spawn_loader(s.db.admin().await, TXS, ROWS, Duration::from_millis(20));
+    wait_for(
+        "the first events of the load",
+        Duration::from_secs(30),
+        || {
+            let d = &daemon;
+            async move { (events_metric(d, "public.cdc_t", "c").await >= 1000.0).then_some(()) }
+        },
+    )
+    .await;
+    let status = daemon.terminate().await;
+    assert!(status.success(), "exit status {status:?}");
+    let loading = !loader.is_finished();
+    let _daemon = s.start().await;
+    loader.await.unwrap();
+    let ids: BTreeSet<i64> = (1..=(TXS * ROWS) as i64).collect();
+    let mut reader = s.reader("cdc_t");
+    let events = reader.all_ids("c", &ids, Duration::from_secs(60)).await;
+    let (total, duplicates) = count_ids(events, "c", &ids);
+    eprintln!(
+        "SIGTERM mid-load (loader still running: {loading}): {total} insert events for {} rows, {duplicates} duplicates",
+        ids.len()
+    );
+    // The drain confirmed everything Kafka acknowledged: at most the transaction the stream was
+    // in the middle of is sent again.
+    assert!(duplicates < ROWS as usize, "{duplicates} duplicates after a clean shutdown");
+}
+
 // ------------------------------------------------------------------------------------------
 // 8. Kafka unavailable for 10 s mid-load
 // ------------------------------------------------------------------------------------------
@@ -1126,10 +1282,7 @@ async fn kill_9_under_load_loses_nothing() {
 async fn broker_unavailable_for_10_s_loses_nothing() {
     const TXS: i32 = 200;
     const ROWS: i32 = 100;
-    let mut broker = Broker::start().await;
-    let mut kafka = support::kafka::config();
-    kafka.brokers = broker.addr();
-    let s = Setup::with_kafka(kafka).await;
+    let mut s = Setup::private().await;
     let daemon = s.start().await;
     s.snapshot_done().await;
     let loader = spawn_loader(s.db.admin().await, TXS, ROWS, Duration::from_millis(40));
@@ -1142,6 +1295,7 @@ async fn broker_unavailable_for_10_s_loses_nothing() {
         },
     )
     .await;
+    let broker = s.broker.as_mut().unwrap();
     broker.kill();
     let confirmed_at_kill = slot_confirmed(&s.admin, &s.db.slot()).await;
     let produced_at_kill = events_metric(&daemon, "public.cdc_t", "c").await;
@@ -1149,7 +1303,7 @@ async fn broker_unavailable_for_10_s_loses_nothing() {
     tokio::time::sleep(Duration::from_secs(10)).await;
     let produced_in_outage = events_metric(&daemon, "public.cdc_t", "c").await - produced_at_kill;
     let confirmed_in_outage = slot_confirmed(&s.admin, &s.db.slot()).await;
-    broker.restart().await;
+    s.broker.as_mut().unwrap().restart().await;
     let back = Instant::now();
     loader.await.unwrap();
 
@@ -1296,7 +1450,7 @@ async fn a_hot_standby_takes_over_within_seconds_after_kill_9() {
 #[tokio::test]
 async fn an_interrupted_snapshot_restarts_cleanly() {
     const ROWS: i64 = 50_000;
-    let s = Setup::new().await;
+    let s = Setup::private().await;
     s.sql(&format!(
         "insert into public.cdc_t (id, memberstack_id, name) select g, 'mem_' || g, 'snap' from generate_series(1, {ROWS}) g"
     ))
@@ -1313,9 +1467,10 @@ async fn an_interrupted_snapshot_restarts_cleanly() {
         || {
             let (slot, topic, w) = (slot.clone(), topic.clone(), &watermarks);
             async move {
+                // (Tansu may not answer while it stores a large batch: then 0, try again.)
                 let high = w
                     .consumer
-                    .fetch_watermarks(&topic, 0, Duration::from_secs(5))
+                    .fetch_watermarks(&topic, 0, Duration::from_secs(2))
                     .map_or(0, |(_, h)| h);
                 let open = admin
                     .query_opt(
@@ -1327,7 +1482,7 @@ async fn an_interrupted_snapshot_restarts_cleanly() {
                     .await
                     .unwrap()
                     .is_some();
-                (open && high >= 2000).then_some(high)
+                (open && high > 0).then_some(high)
             }
         },
     )
@@ -1347,20 +1502,45 @@ async fn an_interrupted_snapshot_restarts_cleanly() {
         Some(true),
         "the kill came after the snapshot completed: make the table larger"
     );
-    let first_point: Option<String> = admin
-        .query_one(
-            "select consistent_point::text from membersync_meta.cdc_snapshots where slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let (first_point, first_started): (Option<String>, String) = {
+        let r = admin
+            .query_one(
+                "select consistent_point::text, started_at::text from membersync_meta.cdc_snapshots
+                 where slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
 
     // Between the two runs, and during the second snapshot.
     s.sql("insert into public.cdc_t (id, memberstack_id) select g, 'mem_' || g from generate_series(50001, 50100) g")
         .await;
     let started = Instant::now();
     let _daemon = s.start().await;
+    // Once the new slot exists, new rows belong to the stream, not to the snapshot.
+    wait_for(
+        "the second snapshot's slot",
+        Duration::from_secs(30),
+        || {
+            let (slot, first_started) = (slot.clone(), first_started.clone());
+            async move {
+                admin
+                    .query_opt(
+                        "select 1 from membersync_meta.cdc_snapshots s
+                     join pg_replication_slots r on r.slot_name = s.slot_name
+                     where s.slot_name = $1 and s.started_at::text <> $2
+                       and r.confirmed_flush_lsn is not null",
+                        &[&slot, &first_started],
+                    )
+                    .await
+                    .unwrap()
+                    .map(|_| ())
+            }
+        },
+    )
+    .await;
     s.sql("insert into public.cdc_t (id, memberstack_id) select g, 'mem_' || g from generate_series(50101, 50200) g")
         .await;
     s.snapshot_done().await;
@@ -1417,6 +1597,12 @@ async fn an_interrupted_snapshot_restarts_cleanly() {
         second_run.len(),
         "cdc_snapshots.rows counts the snapshot"
     );
+    let late: BTreeSet<i64> = (ROWS + 101..=ROWS + 200).collect();
+    assert!(
+        late.is_disjoint(&second_run),
+        "rows committed after the slot's creation are not in its snapshot"
+    );
+    assert!(streamed >= late.len(), "they are streamed");
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1549,38 +1735,4 @@ async fn a_lost_slot_is_reported_and_not_recreated() {
     };
     assert_eq!(status, "lost", "the slot was not re-created");
     assert_eq!(again, started_at, "no new snapshot was started");
-}
-
-#[tokio::test]
-#[ignore]
-async fn zz_debug_topic() {
-    let topic = std::env::var("CDC_DEBUG_TOPIC").unwrap();
-    let mut kafka = support::kafka::config();
-    if let Ok(b) = std::env::var("CDC_DEBUG_BROKERS") {
-        kafka.brokers = b;
-    }
-    let r = Reader::new(&kafka, &topic);
-    let (lo, hi) = r
-        .consumer
-        .fetch_watermarks(&topic, 0, Duration::from_secs(5))
-        .unwrap();
-    eprintln!("watermarks {lo} {hi}");
-    let mut last = -1i64;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut n = 0;
-    while Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_secs(2), r.consumer.recv()).await {
-            Ok(Ok(m)) => {
-                n += 1;
-                if m.offset() != last + 1 {
-                    eprintln!("gap: {last} -> {}", m.offset());
-                }
-                last = m.offset();
-            }
-            Ok(Err(e)) => eprintln!("err {e}"),
-            Err(_) => {
-                eprintln!("idle at {last}, {n} read");
-            }
-        }
-    }
 }
