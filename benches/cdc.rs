@@ -132,7 +132,9 @@ impl Settings {
                 "backlog" => Phase::Backlog,
                 "steady" => Phase::Steady,
                 "bigtx" => Phase::BigTx,
-                other => panic!("MEMBERSYNC_BENCH_CDC_PHASES: unknown phase {other:?} (backlog, steady, bigtx)"),
+                other => panic!(
+                    "MEMBERSYNC_BENCH_CDC_PHASES: unknown phase {other:?} (backlog, steady, bigtx)"
+                ),
             })
             .collect::<BTreeSet<_>>();
         assert!(!phases.is_empty(), "MEMBERSYNC_BENCH_CDC_PHASES is empty");
@@ -147,12 +149,18 @@ impl Settings {
             big_tx_rows: env_u64("MEMBERSYNC_BENCH_CDC_BIG_TX_ROWS", 1_000_000),
             phases,
             drain_timeout: Duration::from_secs(env_u64("MEMBERSYNC_BENCH_CDC_TIMEOUT_SECS", 900)),
-            quiet_timeout: Duration::from_secs(env_u64("MEMBERSYNC_BENCH_QUIET_TIMEOUT_SECS", 1800)),
+            quiet_timeout: Duration::from_secs(env_u64(
+                "MEMBERSYNC_BENCH_QUIET_TIMEOUT_SECS",
+                1800,
+            )),
             out: std::env::var("MEMBERSYNC_BENCH_CDC_OUT")
                 .map(PathBuf::from)
                 .unwrap_or_else(|_| repo_root().join("bench/results/cdc.md")),
         };
-        assert!(s.rows > 0 && s.tx_rows > 0 && s.reps > 0, "rows, tx rows and reps must be ≥ 1");
+        assert!(
+            s.rows > 0 && s.tx_rows > 0 && s.reps > 0,
+            "rows, tx rows and reps must be ≥ 1"
+        );
         assert!(s.tick_ms > 0 && s.secs > 0, "tick and seconds must be ≥ 1");
         assert!(
             s.rate * s.tick_ms / 1000 > 0,
@@ -222,7 +230,9 @@ impl Services {
     }
 
     fn pg_port(&self) -> u16 {
-        self.var("MEMBERSYNC_DEV_PG_PORT").parse().expect("numeric port")
+        self.var("MEMBERSYNC_DEV_PG_PORT")
+            .parse()
+            .expect("numeric port")
     }
 
     fn superuser(&self) -> &str {
@@ -263,7 +273,9 @@ impl Services {
 }
 
 fn read_trimmed(path: impl AsRef<Path>) -> Option<String> {
-    std::fs::read_to_string(path).ok().map(|s| s.trim().to_owned())
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_owned())
 }
 
 fn command_output(program: &str, args: &[&str]) -> Option<String> {
@@ -304,7 +316,10 @@ fn own_children() -> &'static Mutex<BTreeSet<u32>> {
 
 fn pids() -> Vec<u32> {
     std::fs::read_dir("/proc")
-        .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -371,7 +386,9 @@ fn wait_for_quiet(timeout: Duration, what: &str) -> BTreeSet<String> {
 }
 
 fn clock_ticks_per_sec() -> f64 {
-    command_output("getconf", &["CLK_TCK"]).and_then(|s| s.parse().ok()).unwrap_or(100.0)
+    command_output("getconf", &["CLK_TCK"])
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100.0)
 }
 
 /// user + system ticks of a process.
@@ -389,8 +406,12 @@ fn machine_ticks() -> (u64, u64) {
     let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
         return (0, 0);
     };
-    let v: Vec<u64> =
-        line.split_whitespace().skip(1).take(8).filter_map(|x| x.parse().ok()).collect();
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|x| x.parse().ok())
+        .collect();
     let total: u64 = v.iter().sum();
     let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
     (total - idle, total)
@@ -415,11 +436,15 @@ fn tansu_pid() -> Option<u32> {
         let first = brokers.split(',').next()?.trim().to_owned();
         first.rsplit_once(':').map(|(_, p)| p.to_owned())
     });
-    let tansus: Vec<u32> =
-        pids().into_iter().filter(|pid| comm(*pid).as_deref() == Some("tansu")).collect();
+    let tansus: Vec<u32> = pids()
+        .into_iter()
+        .filter(|pid| comm(*pid).as_deref() == Some("tansu"))
+        .collect();
     let by_port = port.as_ref().and_then(|port| {
         tansus.iter().copied().find(|pid| {
-            cmdline(*pid).iter().any(|a| a.ends_with(&format!(":{port}")))
+            cmdline(*pid)
+                .iter()
+                .any(|a| a.ends_with(&format!(":{port}")))
         })
     });
     by_port.or_else(|| tansus.first().copied())
@@ -475,10 +500,12 @@ impl Watch {
                     let last_round = flag.load(Ordering::Relaxed);
                     for (label, pid) in watched.lock().expect("pids").clone() {
                         if let Some(t) = proc_ticks(pid) {
-                            seen.entry((label, pid)).and_modify(|e| e.1 = t).or_insert((t, t));
+                            seen.entry((label, pid))
+                                .and_modify(|e| e.1 = t)
+                                .or_insert((t, t));
                         }
                     }
-                    if n % 5 == 0 {
+                    if n.is_multiple_of(5) {
                         foreign.extend(foreign_activity());
                     }
                     n += 1;
@@ -496,14 +523,21 @@ impl Watch {
                 let labelled: f64 = cores.values().sum();
                 cores.insert("other".into(), (machine - labelled).max(0.0));
                 cores.insert("machine".into(), machine);
-                WatchResult { secs, cores, foreign }
+                WatchResult {
+                    secs,
+                    cores,
+                    foreign,
+                }
             })
             .expect("spawn cpu watch");
         Watch { stop, pids, thread }
     }
 
     fn add(&self, label: &str, pid: u32) {
-        self.pids.lock().expect("pids").push((label.to_owned(), pid));
+        self.pids
+            .lock()
+            .expect("pids")
+            .push((label.to_owned(), pid));
     }
 
     fn finish(self) -> WatchResult {
@@ -564,10 +598,15 @@ impl Cleanup {
             for row in rows {
                 let (slot, pid): (String, Option<i32>) = (row.get(0), row.get(1));
                 if let Some(pid) = pid {
-                    let _ = client.execute("select pg_terminate_backend($1)", &[&pid]).await;
+                    let _ = client
+                        .execute("select pg_terminate_backend($1)", &[&pid])
+                        .await;
                     continue;
                 }
-                match client.execute("select pg_drop_replication_slot($1)", &[&slot]).await {
+                match client
+                    .execute("select pg_drop_replication_slot($1)", &[&slot])
+                    .await
+                {
                     Ok(_) => dropped.push(slot),
                     Err(e) if attempt == 49 => return Err(format!("drop slot {slot}: {e}")),
                     Err(_) => {}
@@ -587,16 +626,24 @@ impl Cleanup {
             .set("bootstrap.servers", &self.brokers)
             .create()
             .map_err(|e| e.to_string())?;
-        let topics: Vec<String> = ["memberstack", "stripe", "cdc.public.members", "sync", "dlq"]
-            .iter()
-            .map(|t| format!("{}.{t}", self.topic_prefix))
-            .collect();
+        let topics: Vec<String> = [
+            "memberstack",
+            "stripe",
+            "cdc.public.members",
+            "sync",
+            "dlq",
+            "bench.sink",
+        ]
+        .iter()
+        .map(|t| format!("{}.{t}", self.topic_prefix))
+        .collect();
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-        let results = tokio::time::timeout(Duration::from_secs(60), admin.delete_topics(&names, &opts))
-            .await
-            .map_err(|_| "timed out".to_owned())?
-            .map_err(|e| e.to_string())?;
+        let results =
+            tokio::time::timeout(Duration::from_secs(60), admin.delete_topics(&names, &opts))
+                .await
+                .map_err(|_| "timed out".to_owned())?
+                .map_err(|e| e.to_string())?;
         Ok(results.iter().filter(|r| r.is_ok()).count())
     }
 
@@ -625,7 +672,10 @@ impl Cleanup {
                 }
                 match me.delete_topics().await {
                     Ok(n) => notes.push(format!("deleted {n} topic(s) `{}.*`", me.topic_prefix)),
-                    Err(e) => notes.push(format!("could not delete topics `{}.*`: {e}", me.topic_prefix)),
+                    Err(e) => notes.push(format!(
+                        "could not delete topics `{}.*`: {e}",
+                        me.topic_prefix
+                    )),
                 }
                 let msg = notes.join("; ");
                 eprintln!("cdc bench cleanup: {msg}");
@@ -653,10 +703,13 @@ impl Cleanup {
         for name in names {
             // cdcbench_<pid>_<random>[_slot]
             let mut parts = name.split('_');
-            let (Some(_), Some(pid), Some(random)) = (parts.next(), parts.next(), parts.next()) else {
+            let (Some(_), Some(pid), Some(random)) = (parts.next(), parts.next(), parts.next())
+            else {
                 continue;
             };
-            let Ok(pid) = pid.parse::<u32>() else { continue };
+            let Ok(pid) = pid.parse::<u32>() else {
+                continue;
+            };
             if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
                 continue;
             }
@@ -717,6 +770,11 @@ impl Ctx {
         format!("{}.cdc.public.members", self.topic_prefix)
     }
 
+    /// The topic of the sink-only run.
+    fn sink_topic(&self) -> String {
+        format!("{}.bench.sink", self.topic_prefix)
+    }
+
     fn slot(&self, suffix: &str) -> String {
         format!("{}_{suffix}", self.db)
     }
@@ -734,7 +792,10 @@ impl Ctx {
                 s.var("MEMBERSYNC__DATABASE__PASSWORD_FILE").to_owned(),
             ),
             ("MEMBERSYNC__DATABASE__ADMIN_USER", s.superuser().to_owned()),
-            ("MEMBERSYNC__DATABASE__ADMIN_PASSWORD_FILE", s.superuser_password_file().to_owned()),
+            (
+                "MEMBERSYNC__DATABASE__ADMIN_PASSWORD_FILE",
+                s.superuser_password_file().to_owned(),
+            ),
             ("MEMBERSYNC__CDC__SLOT", slot.to_owned()),
             ("MEMBERSYNC__CDC__SNAPSHOT", "never".to_owned()),
             ("MEMBERSYNC__KAFKA__BROKERS", s.brokers().to_owned()),
@@ -767,7 +828,10 @@ impl Ctx {
             .membersync()
             .arg("cdc")
             .envs(self.daemon_env(slot))
-            .env("MEMBERSYNC__TELEMETRY__METRICS_ADDR", format!("127.0.0.1:{port}"))
+            .env(
+                "MEMBERSYNC__TELEMETRY__METRICS_ADDR",
+                format!("127.0.0.1:{port}"),
+            )
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log handle"))
             .stderr(file)
@@ -812,7 +876,9 @@ impl DaemonProc {
     }
 
     fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Waits until every role started (`/readyz` reports `startup: ok`).
@@ -820,7 +886,10 @@ impl DaemonProc {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.exited() {
-                return Err(format!("membersync cdc exited early with {status}:\n{}", self.log_tail(40)));
+                return Err(format!(
+                    "membersync cdc exited early with {status}:\n{}",
+                    self.log_tail(40)
+                ));
             }
             if let Some(body) = self.get("/readyz").await {
                 let ready: Value = serde_json::from_str(&body).unwrap_or_default();
@@ -829,7 +898,10 @@ impl DaemonProc {
                 }
             }
             if Instant::now() > deadline {
-                return Err(format!("membersync cdc not ready after {timeout:?}:\n{}", self.log_tail(40)));
+                return Err(format!(
+                    "membersync cdc not ready after {timeout:?}:\n{}",
+                    self.log_tail(40)
+                ));
             }
             tokio::time::sleep(METRICS_POLL).await;
         }
@@ -837,8 +909,13 @@ impl DaemonProc {
 
     /// SIGTERM, then waits (bounded) for the exit.
     async fn terminate(&mut self) -> String {
-        let Some(mut child) = self.child.take() else { return "not running".into() };
-        let _ = Command::new("kill").arg("-TERM").arg(self.pid.to_string()).status();
+        let Some(mut child) = self.child.take() else {
+            return "not running".into();
+        };
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid.to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(45);
         loop {
             if let Ok(Some(status)) = child.try_wait() {
@@ -913,7 +990,11 @@ impl Metrics {
             .iter()
             .filter_map(|(k, v)| {
                 let le = k.strip_prefix(&prefix)?.strip_suffix("\"}")?;
-                let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
                 Some((le, *v))
             })
             .collect();
@@ -928,7 +1009,10 @@ impl Metrics {
             .filter(|k| k.starts_with("membersync_cdc_") && !k.contains("_bucket"))
             .collect();
         keys.sort();
-        keys.iter().map(|k| format!("{k} {}", self.get(k))).collect::<Vec<_>>().join("\n")
+        keys.iter()
+            .map(|k| format!("{k} {}", self.get(k)))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
@@ -961,7 +1045,10 @@ async fn walsender_pid(admin: &Client, slot: &str, timeout: Duration) -> Option<
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if let Ok(Some(row)) = admin
-            .query_opt("select active_pid from pg_replication_slots where slot_name = $1", &[&slot])
+            .query_opt(
+                "select active_pid from pg_replication_slots where slot_name = $1",
+                &[&slot],
+            )
             .await
             && let Some(pid) = row.get::<_, Option<i32>>(0)
         {
@@ -1001,15 +1088,24 @@ const INSERT_LSN_SQL: &str = "select (pg_current_wal_insert_lsn() - '0/0')::bigi
 /// every earlier transaction of this session before it.
 async fn exec_marked(client: &mut Client, sql: &str, from: i64, to: i64, tag: &str) -> i64 {
     let tx = client.transaction().await.expect("begin");
-    tx.execute(sql, &[&from, &to, &tag]).await.expect("load statement");
-    let lsn: i64 = tx.query_one(INSERT_LSN_SQL, &[]).await.expect("insert lsn").get(0);
+    tx.execute(sql, &[&from, &to, &tag])
+        .await
+        .expect("load statement");
+    let lsn: i64 = tx
+        .query_one(INSERT_LSN_SQL, &[])
+        .await
+        .expect("insert lsn")
+        .get(0);
     tx.commit().await.expect("commit");
     lsn
 }
 
 async fn current_lsn(client: &Client) -> (i64, String) {
     let row = client
-        .query_one("select (pg_current_wal_lsn() - '0/0')::bigint, pg_current_wal_lsn()::text", &[])
+        .query_one(
+            "select (pg_current_wal_lsn() - '0/0')::bigint, pg_current_wal_lsn()::text",
+            &[],
+        )
         .await
         .expect("current wal lsn");
     (row.get(0), row.get(1))
@@ -1086,6 +1182,7 @@ struct Rep {
     load: Load,
     recv: RecvRun,
     daemon: DaemonRun,
+    sink: Option<SinkRun>,
     quiet_wait: BTreeSet<String>,
 }
 
@@ -1093,30 +1190,71 @@ impl Rep {
     fn disturbed(&self) -> BTreeSet<String> {
         let mut d = self.recv.cpu.foreign.clone();
         d.extend(self.daemon.cpu.foreign.iter().cloned());
+        if let Some(sink) = &self.sink {
+            d.extend(sink.cpu.foreign.iter().cloned());
+        }
         d
     }
 
     fn recv_rate(&self) -> Option<f64> {
-        self.recv.ok.then(|| self.load.changes as f64 / self.recv.secs)
+        self.recv
+            .ok
+            .then(|| self.load.changes as f64 / self.recv.secs)
     }
 
     fn daemon_rate(&self) -> Option<f64> {
         self.daemon.secs_ready.map(|s| self.load.changes as f64 / s)
     }
+
+    fn sink_rate(&self) -> Option<f64> {
+        self.sink
+            .as_ref()
+            .filter(|s| s.ok)
+            .map(|s| self.load.changes as f64 / s.secs)
+    }
 }
 
-async fn run_recvlogical(ctx: &Ctx, admin: &Client, slot: &str, endpos: &str, timeout: Duration) -> RecvRun {
+async fn run_recvlogical(
+    ctx: &Ctx,
+    admin: &Client,
+    slot: &str,
+    endpos: &str,
+    timeout: Duration,
+) -> RecvRun {
     let svc = &ctx.svc;
-    let watch = Watch::start(tansu_pid().map(|p| vec![("broker".to_owned(), p)]).unwrap_or_default());
+    let watch = Watch::start(
+        tansu_pid()
+            .map(|p| vec![("broker".to_owned(), p)])
+            .unwrap_or_default(),
+    );
     let started = Instant::now();
     let mut child = tokio::process::Command::new(svc.pg_bin().join("pg_recvlogical"))
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("PGPASSWORD", svc.superuser_password())
         .env("PGAPPNAME", "cdc-bench-pg_recvlogical")
-        .args(["-d", &ctx.db, "-h", svc.pg_host(), "-p", &svc.pg_port().to_string()])
-        .args(["-U", svc.superuser(), "--slot", slot, "--start", "--no-loop"])
-        .args(["-o", "proto_version=1", "-o", &format!("publication_names={PUBLICATION}")])
+        .args([
+            "-d",
+            &ctx.db,
+            "-h",
+            svc.pg_host(),
+            "-p",
+            &svc.pg_port().to_string(),
+        ])
+        .args([
+            "-U",
+            svc.superuser(),
+            "--slot",
+            slot,
+            "--start",
+            "--no-loop",
+        ])
+        .args([
+            "-o",
+            "proto_version=1",
+            "-o",
+            &format!("publication_names={PUBLICATION}"),
+        ])
         .args(["-o", "messages=true", "-f", "/dev/null", "--endpos", endpos])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -1142,19 +1280,49 @@ async fn run_recvlogical(ctx: &Ctx, admin: &Client, slot: &str, endpos: &str, ti
         let _ = tokio::time::timeout(Duration::from_secs(1), e.read_to_string(&mut stderr)).await;
     }
     match outcome {
-        Ok(Ok(status)) if status.success() => RecvRun { secs, ok: true, note: stderr.trim().to_owned(), cpu },
-        Ok(Ok(status)) => RecvRun { secs, ok: false, note: format!("pg_recvlogical {status}: {}", stderr.trim()), cpu },
-        Ok(Err(e)) => RecvRun { secs, ok: false, note: format!("pg_recvlogical: {e}"), cpu },
+        Ok(Ok(status)) if status.success() => RecvRun {
+            secs,
+            ok: true,
+            note: stderr.trim().to_owned(),
+            cpu,
+        },
+        Ok(Ok(status)) => RecvRun {
+            secs,
+            ok: false,
+            note: format!("pg_recvlogical {status}: {}", stderr.trim()),
+            cpu,
+        },
+        Ok(Err(e)) => RecvRun {
+            secs,
+            ok: false,
+            note: format!("pg_recvlogical: {e}"),
+            cpu,
+        },
         Err(_) => {
             let _ = child.kill().await;
-            RecvRun { secs, ok: false, note: format!("pg_recvlogical did not reach --endpos {endpos} within {timeout:?}"), cpu }
+            RecvRun {
+                secs,
+                ok: false,
+                note: format!("pg_recvlogical did not reach --endpos {endpos} within {timeout:?}"),
+                cpu,
+            }
         }
     }
 }
 
 /// Starts the daemon on `slot` and waits until it confirmed past `marker`.
-async fn run_daemon_drain(ctx: &Ctx, admin: &Client, slot: &str, marker: i64, name: &str) -> DaemonRun {
-    let watch = Watch::start(tansu_pid().map(|p| vec![("broker".to_owned(), p)]).unwrap_or_default());
+async fn run_daemon_drain(
+    ctx: &Ctx,
+    admin: &Client,
+    slot: &str,
+    marker: i64,
+    name: &str,
+) -> DaemonRun {
+    let watch = Watch::start(
+        tansu_pid()
+            .map(|p| vec![("broker".to_owned(), p)])
+            .unwrap_or_default(),
+    );
     let mut daemon = ctx.spawn_daemon(slot, name);
     watch.add("daemon", daemon.pid);
     let spawned = daemon.spawned;
@@ -1186,7 +1354,10 @@ async fn run_daemon_drain(ctx: &Ctx, admin: &Client, slot: &str, marker: i64, na
     loop {
         if !walsender_found
             && let Ok(Some(row)) = admin
-                .query_opt("select active_pid from pg_replication_slots where slot_name = $1", &[&slot])
+                .query_opt(
+                    "select active_pid from pg_replication_slots where slot_name = $1",
+                    &[&slot],
+                )
                 .await
             && let Some(pid) = row.get::<_, Option<i32>>(0)
         {
@@ -1242,10 +1413,161 @@ async fn run_daemon_drain(ctx: &Ctx, admin: &Client, slot: &str, marker: i64, na
     run
 }
 
-async fn backlog_rep(ctx: &Ctx, admin: &Client, loader: &mut Client, index: usize) -> Rep {
+/// A Kafka record's key and value.
+type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// Records of the CDC topic (key, value), read from its beginning: real envelopes for the
+/// sink-only run.
+fn capture_records(brokers: &str, topic: &str, n: usize) -> Result<Vec<KeyValue>, String> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set(
+            "group.id",
+            format!("cdc-bench-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(|e| format!("consumer: {e}"))?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(|e| format!("metadata of {topic}: {e}"))?;
+    let mut tpl = TopicPartitionList::new();
+    for t in metadata.topics() {
+        for p in t.partitions() {
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    consumer.assign(&tpl).map_err(|e| format!("assign: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut out = Vec::new();
+    while out.len() < n && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            out.push((
+                m.key().unwrap_or_default().to_vec(),
+                m.payload().unwrap_or_default().to_vec(),
+            ));
+        }
+    }
+    if out.is_empty() {
+        return Err(format!("no records on {topic} within 30 s"));
+    }
+    Ok(out)
+}
+
+/// The daemon's Kafka half alone: its own sink (`membersync::cdc::sink::CdcSink`, same
+/// producer settings) and LSN ack tracker, fed `changes` pre-built envelopes in transactions
+/// of `tx_rows` as fast as it takes them, until every transaction is acknowledged. What the
+/// daemon could reach if reading and decoding Postgres cost nothing.
+struct SinkRun {
+    secs: f64,
+    ok: bool,
+    note: String,
+    cpu: WatchResult,
+    mean_bytes: f64,
+}
+
+async fn run_sink_only(ctx: &Ctx, records: &[KeyValue], changes: u64, tx_rows: u64) -> SinkRun {
+    use membersync::cdc::ack::AckTracker;
+    use membersync::cdc::sink::CdcSink;
+    let kafka = membersync::config::KafkaConfig {
+        brokers: ctx.svc.brokers().to_owned(),
+        topic_prefix: ctx.topic_prefix.clone(),
+        topic_partitions: 6,
+        ..Default::default()
+    };
+    let topic = ctx.sink_topic();
+    let mean_bytes =
+        records.iter().map(|r| r.1.len()).sum::<usize>() as f64 / records.len().max(1) as f64;
+    let fail = |note: String| SinkRun {
+        secs: 0.0,
+        ok: false,
+        note,
+        cpu: WatchResult::default(),
+        mean_bytes,
+    };
+    let admin = match membersync::kafka::admin::KafkaAdmin::new(&kafka) {
+        Ok(a) => a,
+        Err(e) => return fail(format!("admin: {e}")),
+    };
+    if let Err(e) = admin.ensure_topics(std::slice::from_ref(&topic)).await {
+        return fail(format!("create {topic}: {e}"));
+    }
+    let tracker = AckTracker::new();
+    let sink = match CdcSink::new(&kafka, tracker.clone()) {
+        Ok(s) => s,
+        Err(e) => return fail(format!("sink: {e}")),
+    };
+    let mut watched = vec![("sink (this process)".to_owned(), std::process::id())];
+    if let Some(p) = tansu_pid() {
+        watched.push(("broker".to_owned(), p));
+    }
+    let watch = Watch::start(watched);
+    let started = Instant::now();
+    let deadline = started + ctx.settings.drain_timeout;
+    let mut sent = 0u64;
+    let mut lsn = 1u64;
+    let mut note = String::new();
+    'produce: while sent < changes {
+        let seq = tracker.begin();
+        let n = tx_rows.min(changes - sent);
+        for i in 0..n {
+            let (key, value) = &records[((sent + i) as usize) % records.len()];
+            if let Err(e) = sink.send(seq, &topic, Some(key), value).await {
+                note = format!("send: {e}");
+                break 'produce;
+            }
+        }
+        sent += n;
+        lsn += 1;
+        tracker.commit(seq, lsn, Instant::now());
+        tracker.take_confirmed();
+    }
+    while note.is_empty() {
+        tracker.take_confirmed();
+        if let Some(e) = tracker.take_failure() {
+            note = format!("delivery failed: {e}");
+            break;
+        }
+        if tracker.is_idle() {
+            break;
+        }
+        if Instant::now() > deadline {
+            note = format!(
+                "not all records acknowledged within {:?}",
+                ctx.settings.drain_timeout
+            );
+            break;
+        }
+        tokio::select! {
+            _ = tracker.changed() => {}
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let cpu = watch.finish();
+    SinkRun {
+        secs,
+        ok: note.is_empty(),
+        note,
+        cpu,
+        mean_bytes,
+    }
+}
+
+async fn backlog_rep(
+    ctx: &Ctx,
+    admin: &Client,
+    loader: &mut Client,
+    index: usize,
+    records: &mut Option<Result<Vec<KeyValue>, String>>,
+) -> Rep {
     let s = &ctx.settings;
     let quiet_wait = wait_for_quiet(s.quiet_timeout, &format!("backlog rep {}", index + 1));
-    let (dslot, bslot) = (ctx.slot(&format!("d{index}")), ctx.slot(&format!("b{index}")));
+    let (dslot, bslot) = (
+        ctx.slot(&format!("d{index}")),
+        ctx.slot(&format!("b{index}")),
+    );
     admin
         .query_one(
             "select pg_create_logical_replication_slot($1, 'pgoutput'), \
@@ -1254,26 +1576,59 @@ async fn backlog_rep(ctx: &Ctx, admin: &Client, loader: &mut Client, index: usiz
         )
         .await
         .expect("create the two slots");
-    eprintln!("cdc bench: rep {}: writing the backlog ({} changes)", index + 1, 2 * s.rows);
+    eprintln!(
+        "cdc bench: rep {}: writing the backlog ({} changes)",
+        index + 1,
+        2 * s.rows
+    );
     let load = load_backlog(loader, &format!("r{index}"), s.rows, s.tx_rows).await;
     // Keep autovacuum and a checkpoint out of the measurement.
-    loader.batch_execute("vacuum (analyze) public.members").await.expect("vacuum");
-    loader.batch_execute("checkpoint").await.expect("checkpoint");
-    let recv_first = index % 2 == 0;
+    loader
+        .batch_execute("vacuum (analyze) public.members")
+        .await
+        .expect("vacuum");
+    loader
+        .batch_execute("checkpoint")
+        .await
+        .expect("checkpoint");
+    let recv_first = index.is_multiple_of(2);
     let timeout = s.drain_timeout;
     let (recv, daemon) = if recv_first {
-        eprintln!("cdc bench: rep {}: pg_recvlogical, then the daemon", index + 1);
+        eprintln!(
+            "cdc bench: rep {}: pg_recvlogical, then the daemon",
+            index + 1
+        );
         let r = run_recvlogical(ctx, admin, &bslot, &load.end_lsn.1, timeout).await;
-        let d = run_daemon_drain(ctx, admin, &dslot, load.last_marker, &format!("drain-{index}")).await;
+        let d = run_daemon_drain(
+            ctx,
+            admin,
+            &dslot,
+            load.last_marker,
+            &format!("drain-{index}"),
+        )
+        .await;
         (r, d)
     } else {
-        eprintln!("cdc bench: rep {}: the daemon, then pg_recvlogical", index + 1);
-        let d = run_daemon_drain(ctx, admin, &dslot, load.last_marker, &format!("drain-{index}")).await;
+        eprintln!(
+            "cdc bench: rep {}: the daemon, then pg_recvlogical",
+            index + 1
+        );
+        let d = run_daemon_drain(
+            ctx,
+            admin,
+            &dslot,
+            load.last_marker,
+            &format!("drain-{index}"),
+        )
+        .await;
         let r = run_recvlogical(ctx, admin, &bslot, &load.end_lsn.1, timeout).await;
         (r, d)
     };
     for slot in [&dslot, &bslot] {
-        if let Err(e) = admin.execute("select pg_drop_replication_slot($1)", &[slot]).await {
+        if let Err(e) = admin
+            .execute("select pg_drop_replication_slot($1)", &[slot])
+            .await
+        {
             eprintln!("cdc bench: dropping slot {slot} failed ({e}); the final cleanup retries");
         }
     }
@@ -1281,9 +1636,52 @@ async fn backlog_rep(ctx: &Ctx, admin: &Client, loader: &mut Client, index: usiz
         "cdc bench: rep {}: pg_recvlogical {:.2} s, daemon {} ",
         index + 1,
         recv.secs,
-        daemon.secs_ready.map_or("FAILED".into(), |x| format!("{x:.2} s"))
+        daemon
+            .secs_ready
+            .map_or("FAILED".into(), |x| format!("{x:.2} s"))
     );
-    Rep { index, recv_first, load, recv, daemon, quiet_wait }
+    if records.is_none() && daemon.ok() {
+        let (brokers, topic) = (ctx.svc.brokers().to_owned(), ctx.topic());
+        *records = Some(
+            tokio::task::spawn_blocking(move || capture_records(&brokers, &topic, 2_000))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string())),
+        );
+    }
+    let sink = match records {
+        Some(Ok(r)) => {
+            eprintln!(
+                "cdc bench: rep {}: the daemon's sink alone, {} records",
+                index + 1,
+                load.changes
+            );
+            let run = run_sink_only(ctx, r, load.changes, s.tx_rows).await;
+            eprintln!(
+                "cdc bench: rep {}: sink alone {:.2} s {}",
+                index + 1,
+                run.secs,
+                run.note
+            );
+            Some(run)
+        }
+        Some(Err(e)) => Some(SinkRun {
+            secs: 0.0,
+            ok: false,
+            note: format!("no records to replay: {e}"),
+            cpu: WatchResult::default(),
+            mean_bytes: 0.0,
+        }),
+        None => None,
+    };
+    Rep {
+        index,
+        recv_first,
+        load,
+        recv,
+        daemon,
+        sink,
+        quiet_wait,
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1307,7 +1705,10 @@ impl TopicReader {
     fn start(brokers: &str, topic: &str) -> Result<(TopicReader, usize), String> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
-            .set("group.id", format!("cdc-bench-{}", uuid::Uuid::new_v4().simple()))
+            .set(
+                "group.id",
+                format!("cdc-bench-{}", uuid::Uuid::new_v4().simple()),
+            )
             .set("enable.auto.commit", "false")
             .set("fetch.wait.max.ms", "20")
             .set("fetch.error.backoff.ms", "20")
@@ -1329,7 +1730,8 @@ impl TopicReader {
             let (_, high) = consumer
                 .fetch_watermarks(topic, *p, Duration::from_secs(10))
                 .map_err(|e| format!("watermarks of {topic}/{p}: {e}"))?;
-            tpl.add_partition_offset(topic, *p, Offset::Offset(high)).map_err(|e| e.to_string())?;
+            tpl.add_partition_offset(topic, *p, Offset::Offset(high))
+                .map_err(|e| e.to_string())?;
         }
         consumer.assign(&tpl).map_err(|e| format!("assign: {e}"))?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -1356,12 +1758,21 @@ impl TopicReader {
                 Ok(out)
             })
             .map_err(|e| e.to_string())?;
-        Ok((TopicReader { stop, count, thread }, partitions.len()))
+        Ok((
+            TopicReader {
+                stop,
+                count,
+                thread,
+            },
+            partitions.len(),
+        ))
     }
 
     fn finish(self) -> Result<Vec<Received>, String> {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().map_err(|_| "reader panicked".to_owned())?
+        self.thread
+            .join()
+            .map_err(|_| "reader panicked".to_owned())?
     }
 }
 
@@ -1375,6 +1786,8 @@ struct Steady {
     measured_txs: u64,
     writer_max_late_ms: f64,
     writer_p99_commit_ms: f64,
+    /// From the writer's last commit until the daemon confirmed it.
+    catch_up_s: Option<f64>,
     hist_buckets: Vec<(f64, f64)>,
     hist_count: f64,
     hist_sum: f64,
@@ -1415,7 +1828,11 @@ fn bucket_quantile(buckets: &[(f64, f64)], p: f64) -> Option<(f64, f64, f64)> {
             if le.is_infinite() {
                 return Some((prev.0, prev.0, le));
             }
-            let within = if cum > prev.1 { (rank - prev.1) / (cum - prev.1) } else { 1.0 };
+            let within = if cum > prev.1 {
+                (rank - prev.1) / (cum - prev.1)
+            } else {
+                1.0
+            };
             return Some((prev.0 + (le - prev.0) * within, prev.0, le));
         }
         prev = (le, cum);
@@ -1423,7 +1840,13 @@ fn bucket_quantile(buckets: &[(f64, f64)], p: f64) -> Option<(f64, f64, f64)> {
     None
 }
 
-async fn steady_phase(ctx: &Ctx, daemon: &DaemonProc, writer: &mut Client, admin: &Client, slot: &str) -> Steady {
+async fn steady_phase(
+    ctx: &Ctx,
+    daemon: &DaemonProc,
+    writer: &mut Client,
+    admin: &Client,
+    slot: &str,
+) -> Steady {
     let s = &ctx.settings;
     let mut out = Steady {
         offered_rate: s.rate,
@@ -1473,7 +1896,9 @@ async fn steady_phase(ctx: &Ctx, daemon: &DaemonProc, writer: &mut Client, admin
             window.0 = unix_micros();
             let (http, url) = (daemon.http.clone(), format!("{}/metrics", daemon.ops));
             before = Some(tokio::spawn(async move {
-                Some(Metrics::parse(&http.get(url).send().await.ok()?.text().await.ok()?))
+                Some(Metrics::parse(
+                    &http.get(url).send().await.ok()?.text().await.ok()?,
+                ))
             }));
             watch = Some(Watch::start(watched.clone()));
         }
@@ -1491,7 +1916,10 @@ async fn steady_phase(ctx: &Ctx, daemon: &DaemonProc, writer: &mut Client, admin
         if last {
             marker = exec_marked(writer, sql, range.0, range.1, tag).await;
         } else {
-            writer.execute(stmt, &[&range.0, &range.1, &tag]).await.expect("steady write");
+            writer
+                .execute(stmt, &[&range.0, &range.1, &tag])
+                .await
+                .expect("steady write");
         }
         prev_range = range;
         if k >= warm_ticks {
@@ -1502,6 +1930,7 @@ async fn steady_phase(ctx: &Ctx, daemon: &DaemonProc, writer: &mut Client, admin
         }
     }
     window.1 = unix_micros();
+    let last_commit = Instant::now();
     out.measured_secs = (window.1 - window.0) as f64 / 1e6;
     // Wait until the daemon confirmed the last transaction.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -1509,6 +1938,7 @@ async fn steady_phase(ctx: &Ctx, daemon: &DaemonProc, writer: &mut Client, admin
         if let Some(m) = daemon.metrics().await
             && m.confirmed() > marker
         {
+            out.catch_up_s = Some(last_commit.elapsed().as_secs_f64());
             break Some(m);
         }
         if Instant::now() > deadline {
@@ -1526,7 +1956,9 @@ async fn steady_phase(ctx: &Ctx, daemon: &DaemonProc, writer: &mut Client, admin
     // Let the reader catch up with what the daemon confirmed (bounded).
     let expected_records = total_ticks * per as u64;
     let catch_up = Instant::now() + Duration::from_secs(15);
-    while (reader.count.load(Ordering::Relaxed) as u64) < expected_records && Instant::now() < catch_up {
+    while (reader.count.load(Ordering::Relaxed) as u64) < expected_records
+        && Instant::now() < catch_up
+    {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let records = match reader.finish() {
@@ -1571,8 +2003,12 @@ async fn steady_phase(ctx: &Ctx, daemon: &DaemonProc, writer: &mut Client, admin
     let mut per_tx: HashMap<u64, (i64, f64, f64)> = HashMap::new(); // lsn → (commit ms, max ts, max recv)
     let mut types = BTreeSet::new();
     for r in &records {
-        let Ok(v) = serde_json::from_slice::<Value>(&r.payload) else { continue };
-        let (Some(commit), Some(lsn)) = (v["source"]["ts_ms"].as_i64(), v["source"]["lsn"].as_u64()) else {
+        let Ok(v) = serde_json::from_slice::<Value>(&r.payload) else {
+            continue;
+        };
+        let (Some(commit), Some(lsn)) =
+            (v["source"]["ts_ms"].as_i64(), v["source"]["lsn"].as_u64())
+        else {
             continue;
         };
         if commit * 1000 < window.0 || commit * 1000 > window.1 {
@@ -1618,7 +2054,10 @@ async fn steady_phase(ctx: &Ctx, daemon: &DaemonProc, writer: &mut Client, admin
     out.writer_max_late_ms = lateness_ms.last().copied().unwrap_or(0.0);
     out.writer_p99_commit_ms = percentile(&commit_ms, 0.99);
     if after.is_none() {
-        let _ = writeln!(out.note, "the daemon did not confirm the last steady transaction within 120 s");
+        let _ = writeln!(
+            out.note,
+            "the daemon did not confirm the last steady transaction within 120 s"
+        );
     }
     out
 }
@@ -1646,9 +2085,18 @@ struct BigTx {
     note: String,
 }
 
-async fn big_tx_phase(ctx: &Ctx, daemon: &DaemonProc, writer: &mut Client, admin: &Client, slot: &str) -> BigTx {
+async fn big_tx_phase(
+    ctx: &Ctx,
+    daemon: &DaemonProc,
+    writer: &mut Client,
+    admin: &Client,
+    slot: &str,
+) -> BigTx {
     let rows = ctx.settings.big_tx_rows;
-    let mut out = BigTx { rows, ..Default::default() };
+    let mut out = BigTx {
+        rows,
+        ..Default::default()
+    };
     let pid = daemon.pid;
     let stop = Arc::new(AtomicBool::new(false));
     let origin = Instant::now();
@@ -1719,7 +2167,12 @@ async fn big_tx_phase(ctx: &Ctx, daemon: &DaemonProc, writer: &mut Client, admin
     out.cpu = watch.finish();
     out.hwm_after_kib = rss_kib(pid).map_or(0, |r| r.1);
     out.samples = sampler.join().unwrap_or_default();
-    let mut base: Vec<u64> = out.samples.iter().filter(|(t, _)| *t < insert_at).map(|s| s.1).collect();
+    let mut base: Vec<u64> = out
+        .samples
+        .iter()
+        .filter(|(t, _)| *t < insert_at)
+        .map(|s| s.1)
+        .collect();
     base.sort_unstable();
     out.baseline_kib = base.get(base.len() / 2).copied().unwrap_or(0);
     if let Some((t, kib)) = out
@@ -1732,7 +2185,12 @@ async fn big_tx_phase(ctx: &Ctx, daemon: &DaemonProc, writer: &mut Client, admin
         out.peak_kib = kib;
         out.peak_at_s = t - insert_at;
     }
-    out.after_kib = out.samples.iter().rev().find(|(t, _)| *t > drained_at).map_or(0, |s| s.1);
+    out.after_kib = out
+        .samples
+        .iter()
+        .rev()
+        .find(|(t, _)| *t > drained_at)
+        .map_or(0, |s| s.1);
     out.events = last.events(None) - before.events(None);
     out.backpressure_waits = last.get("membersync_cdc_backpressure_waits_total")
         - before.get("membersync_cdc_backpressure_waits_total");
@@ -1764,7 +2222,9 @@ fn machine() -> Machine {
         .lines()
         .find(|l| l.starts_with("MemTotal:"))
         .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .map_or("unknown".into(), |kb| format!("{:.1} GiB", kb / 1024.0 / 1024.0));
+        .map_or("unknown".into(), |kb| {
+            format!("{:.1} GiB", kb / 1024.0 / 1024.0)
+        });
     Machine {
         nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
         kernel: read_trimmed("/proc/sys/kernel/osrelease").unwrap_or_else(|| "unknown".into()),
@@ -1778,7 +2238,10 @@ fn broker_description() -> String {
     let version = std::fs::read_to_string(repo_root().join("scripts/dev-services"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("TANSU_VERSION=").map(|v| v.trim().to_owned()))
+        .find_map(|l| {
+            l.strip_prefix("TANSU_VERSION=")
+                .map(|v| v.trim().to_owned())
+        })
         .unwrap_or_else(|| "?".into());
     let storage = tansu_pid()
         .map(cmdline)
@@ -1790,7 +2253,9 @@ fn broker_description() -> String {
                 .unwrap_or_else(|| "?".into())
         })
         .unwrap_or_else(|| "?".into());
-    format!("Tansu {version} (`scripts/dev-services`), {storage} storage, single broker on loopback")
+    format!(
+        "Tansu {version} (`scripts/dev-services`), {storage} storage, single broker on loopback"
+    )
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -1799,7 +2264,11 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     }
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
 }
 
 fn mib(kib: u64) -> String {
@@ -1815,7 +2284,7 @@ fn thousands(x: f64) -> String {
     let s = n.abs().to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -1825,6 +2294,56 @@ fn thousands(x: f64) -> String {
 
 fn verdict(met: bool) -> &'static str {
     if met { "**met**" } else { "**missed**" }
+}
+
+/// Lines at WARN or above in the daemons' logs, counted by (log, message).
+fn log_issues(dir: &Path) -> Vec<String> {
+    let mut counts: BTreeMap<(String, String), usize> = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    for e in entries.filter_map(Result::ok) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        for line in text.lines() {
+            let (level, message) = match serde_json::from_str::<Value>(line) {
+                Ok(v) => (
+                    v["level"].as_str().unwrap_or("").to_owned(),
+                    format!(
+                        "{} {}",
+                        v["message"]
+                            .as_str()
+                            .or(v["fields"]["message"].as_str())
+                            .unwrap_or(""),
+                        v["error"]
+                            .as_str()
+                            .or(v["fields"]["error"].as_str())
+                            .unwrap_or("")
+                    ),
+                ),
+                Err(_) => (
+                    if line.contains("ERROR") {
+                        "ERROR".into()
+                    } else if line.contains("WARN") {
+                        "WARN".into()
+                    } else {
+                        String::new()
+                    },
+                    line.to_owned(),
+                ),
+            };
+            if level == "WARN" || level == "ERROR" {
+                let message: String = message.trim().chars().take(300).collect();
+                *counts
+                    .entry((name.clone(), format!("{level} {message}")))
+                    .or_default() += 1;
+            }
+        }
+    }
+    counts
+        .into_iter()
+        .map(|((log, msg), n)| format!("`{log}` ×{n}: {msg}"))
+        .collect()
 }
 
 struct Report<'a> {
@@ -1837,6 +2356,7 @@ struct Report<'a> {
     steady: Option<Steady>,
     big: Option<BigTx>,
     setup_note: String,
+    log_issues: Vec<String>,
     cleanup: String,
     leftover_slots: String,
 }
@@ -1846,34 +2366,94 @@ impl Report<'_> {
         let s = &self.ctx.settings;
         let m = &self.machine_before;
         let mut o = String::new();
-        let commit = command_output("git", &["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "?".into());
-        let dirty = command_output("git", &["status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock"])
-            .filter(|s| !s.is_empty())
-            .map_or(String::new(), |s| format!(" + uncommitted changes in {} file(s) of src/ and Cargo.*", s.lines().count()));
+        let commit =
+            command_output("git", &["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "?".into());
+        let dirty = command_output(
+            "git",
+            &[
+                "status",
+                "--porcelain",
+                "--",
+                "src",
+                "Cargo.toml",
+                "Cargo.lock",
+            ],
+        )
+        .filter(|s| !s.is_empty())
+        .map_or(String::new(), |s| {
+            format!(
+                " + uncommitted changes in {} file(s) of src/ and Cargo.*",
+                s.lines().count()
+            )
+        });
         let pg_version = command_output(
-            &self.ctx.svc.pg_bin().join("pg_recvlogical").to_string_lossy(),
+            &self
+                .ctx
+                .svc
+                .pg_bin()
+                .join("pg_recvlogical")
+                .to_string_lossy(),
             &["--version"],
         )
         .unwrap_or_else(|| "?".into());
-        let daemon_version =
-            command_output(env!("CARGO_BIN_EXE_membersync"), &["--version"]).unwrap_or_else(|| "?".into());
+        let daemon_version = command_output(env!("CARGO_BIN_EXE_membersync"), &["--version"])
+            .unwrap_or_else(|| "?".into());
 
         let _ = writeln!(o, "# CDC benchmark: membersync vs pg_recvlogical\n");
-        let _ = writeln!(o, "Generated by `benches/cdc.rs`; see `bench/README.md` for what it does and how.\n");
+        let _ = writeln!(
+            o,
+            "Generated by `benches/cdc.rs`; see `bench/README.md` for what it does and how.\n"
+        );
         let _ = writeln!(o, "- **Command**: `{}`", s.command());
-        let _ = writeln!(o, "- **Date**: {} → {} (UTC)", self.started.format("%Y-%m-%d %H:%M:%S"), self.finished.format("%H:%M:%S"));
-        let _ = writeln!(o, "- **Commit**: `{commit}`{dirty}; binary `{}` (`{daemon_version}`, release profile)", env!("CARGO_BIN_EXE_membersync").rsplit('/').next().unwrap_or("membersync"));
-        let _ = writeln!(o, "- **Machine**: {} cores ({}), {} RAM, Linux {}; load average at start {}", m.nproc, m.cpu, m.mem, m.kernel, m.loadavg);
-        let _ = writeln!(o, "- **Postgres**: dev cluster `{}:{}` ({pg_version}), fresh database per run; `synchronous_commit` as configured", self.ctx.svc.pg_host(), self.ctx.svc.pg_port());
-        let _ = writeln!(o, "- **Broker**: {}; topic `<prefix>.cdc.public.members`, 6 partitions", broker_description());
-        let _ = writeln!(o, "- **Daemon**: `membersync cdc`, `MEMBERSYNC__TELEMETRY__LOG_LEVEL=warn`, `MEMBERSYNC__CDC__SNAPSHOT=never`, other settings default (idempotent producer, `acks=all`, `linger.ms=5`, lz4)");
+        let _ = writeln!(
+            o,
+            "- **Date**: {} → {} (UTC)",
+            self.started.format("%Y-%m-%d %H:%M:%S"),
+            self.finished.format("%H:%M:%S")
+        );
+        let _ = writeln!(
+            o,
+            "- **Commit**: `{commit}`{dirty}; binary `{}` (`{daemon_version}`, release profile)",
+            env!("CARGO_BIN_EXE_membersync")
+                .rsplit('/')
+                .next()
+                .unwrap_or("membersync")
+        );
+        let _ = writeln!(
+            o,
+            "- **Machine**: {} cores ({}), {} RAM, Linux {}; load average at start {}",
+            m.nproc, m.cpu, m.mem, m.kernel, m.loadavg
+        );
+        let _ = writeln!(
+            o,
+            "- **Postgres**: dev cluster `{}:{}` ({pg_version}), fresh database per run; `synchronous_commit` as configured",
+            self.ctx.svc.pg_host(),
+            self.ctx.svc.pg_port()
+        );
+        let _ = writeln!(
+            o,
+            "- **Broker**: {}; topic `<prefix>.cdc.public.members`, 6 partitions",
+            broker_description()
+        );
+        let _ = writeln!(
+            o,
+            "- **Daemon**: `membersync cdc`, `MEMBERSYNC__TELEMETRY__LOG_LEVEL=warn`, `MEMBERSYNC__CDC__SNAPSHOT=never`, other settings default (idempotent producer, `acks=all`, `linger.ms=5`, lz4)"
+        );
         if !self.stale.is_empty() {
-            let _ = writeln!(o, "- Removed leftovers of earlier runs first: {}", self.stale.join(", "));
+            let _ = writeln!(
+                o,
+                "- Removed leftovers of earlier runs first: {}",
+                self.stale.join(", ")
+            );
         }
         if !self.setup_note.is_empty() {
             let _ = writeln!(o, "- **Setup problem**: {}", self.setup_note);
         }
-        let _ = writeln!(o, "- **Cleanup**: {}; cdcbench slots left on the cluster afterwards: {}", self.cleanup, self.leftover_slots);
+        let _ = writeln!(
+            o,
+            "- **Cleanup**: {}; cdcbench slots left on the cluster afterwards: {}",
+            self.cleanup, self.leftover_slots
+        );
         let _ = writeln!(o);
 
         // Targets summary
@@ -1886,10 +2466,21 @@ impl Report<'_> {
                 o,
                 "| backlog drain rate ≥ 0.7 × pg_recvlogical | {r:.3} (median of per-rep ratios) | {}{} |",
                 verdict(r >= 0.7),
-                if r >= 0.7 { String::new() } else { format!(", short by {:.3} ({:.0} % of the target)", 0.7 - r, r / 0.7 * 100.0) }
+                if r >= 0.7 {
+                    String::new()
+                } else {
+                    format!(
+                        ", short by {:.3} ({:.0} % of the target)",
+                        0.7 - r,
+                        r / 0.7 * 100.0
+                    )
+                }
             );
         } else if !self.reps.is_empty() {
-            let _ = writeln!(o, "| backlog drain rate ≥ 0.7 × pg_recvlogical | no successful rep | **not measured** |");
+            let _ = writeln!(
+                o,
+                "| backlog drain rate ≥ 0.7 × pg_recvlogical | no successful rep | **not measured** |"
+            );
         }
         if let Some(st) = &self.steady {
             let hist_p99 = bucket_quantile(&st.hist_buckets, 0.99);
@@ -1901,12 +2492,28 @@ impl Report<'_> {
                     "| p99 commit→ack ≤ 50 ms at {} rows/s | {:.1} ms per transaction, commit → last record readable by a consumer (daemon's histogram: {}) | {}{} |",
                     thousands(st.offered_rate as f64),
                     rcv_p99,
-                    hist_p99.map_or("–".into(), |(e, lo, hi)| format!("≈{:.1} ms, bucket {:.1}–{:.1} ms", e * 1e3, lo * 1e3, hi * 1e3)),
+                    hist_p99.map_or("–".into(), |(e, lo, hi)| format!(
+                        "≈{:.1} ms, bucket {:.1}–{:.1} ms",
+                        e * 1e3,
+                        lo * 1e3,
+                        hi * 1e3
+                    )),
                     verdict(met),
-                    if met { String::new() } else { format!(", over by {:.1} ms ({:.1}×)", rcv_p99 - 50.0, rcv_p99 / 50.0) }
+                    if met {
+                        String::new()
+                    } else {
+                        format!(
+                            ", over by {:.1} ms ({:.1}×)",
+                            rcv_p99 - 50.0,
+                            rcv_p99 / 50.0
+                        )
+                    }
                 );
             } else {
-                let _ = writeln!(o, "| p99 commit→ack ≤ 50 ms at 5k rows/s | no records read | **not measured** |");
+                let _ = writeln!(
+                    o,
+                    "| p99 commit→ack ≤ 50 ms at 5k rows/s | no records read | **not measured** |"
+                );
             }
         }
         if let Some(b) = &self.big {
@@ -1921,10 +2528,17 @@ impl Report<'_> {
                     mib(b.baseline_kib),
                     mib(b.peak_kib),
                     verdict(met),
-                    if met { String::new() } else { format!(", over by {}", mib(growth - 100 * 1024)) }
+                    if met {
+                        String::new()
+                    } else {
+                        format!(", over by {}", mib(growth - 100 * 1024))
+                    }
                 );
             } else {
-                let _ = writeln!(o, "| RSS growth ≤ 100 MB on the large transaction | the daemon did not finish | **not measured** |");
+                let _ = writeln!(
+                    o,
+                    "| RSS growth ≤ 100 MB on the large transaction | the daemon did not finish | **not measured** |"
+                );
             }
         }
         let _ = writeln!(o);
@@ -1932,19 +2546,43 @@ impl Report<'_> {
         self.render_backlog(&mut o);
         self.render_steady(&mut o);
         self.render_big(&mut o);
+        let _ = writeln!(o, "## Daemon logs\n");
+        if self.log_issues.is_empty() {
+            let _ = writeln!(
+                o,
+                "No line at WARN or above in any daemon's log (log level `warn`).\n"
+            );
+        } else {
+            let _ = writeln!(o, "Lines at WARN or above (log, count, message):\n");
+            for l in &self.log_issues {
+                let _ = writeln!(o, "- {l}");
+            }
+            let _ = writeln!(o);
+        }
         o
     }
 
     /// (median per-rep ratio, median daemon rate, median pg_recvlogical rate) over the
     /// undisturbed reps that both succeeded (all successful reps if every one was disturbed).
     fn ratio(&self) -> Option<(f64, f64, f64)> {
-        let ok: Vec<&Rep> = self.reps.iter().filter(|r| r.recv_rate().is_some() && r.daemon_rate().is_some()).collect();
-        let clean: Vec<&Rep> = ok.iter().copied().filter(|r| r.disturbed().is_empty()).collect();
+        let ok: Vec<&Rep> = self
+            .reps
+            .iter()
+            .filter(|r| r.recv_rate().is_some() && r.daemon_rate().is_some())
+            .collect();
+        let clean: Vec<&Rep> = ok
+            .iter()
+            .copied()
+            .filter(|r| r.disturbed().is_empty())
+            .collect();
         let used = if clean.is_empty() { ok } else { clean };
         if used.is_empty() {
             return None;
         }
-        let ratios = used.iter().map(|r| r.daemon_rate().unwrap() / r.recv_rate().unwrap()).collect();
+        let ratios = used
+            .iter()
+            .map(|r| r.daemon_rate().unwrap() / r.recv_rate().unwrap())
+            .collect();
         let d = used.iter().map(|r| r.daemon_rate().unwrap()).collect();
         let b = used.iter().map(|r| r.recv_rate().unwrap()).collect();
         Some((median(ratios)?, median(d)?, median(b)?))
@@ -1970,10 +2608,21 @@ impl Report<'_> {
             thousands(s.tx_rows as f64),
             thousands((2 * s.rows).div_ceil(s.tx_rows) as f64),
         );
-        let _ = writeln!(o, "`pg_recvlogical -d <db> -h {} -p {} -U {} --slot <slot> --start --no-loop -o proto_version=1 -o publication_names={PUBLICATION} -o messages=true -f /dev/null --endpos <pg_current_wal_lsn() after the load>` (the options the daemon's `START_REPLICATION` sends).\n",
-            self.ctx.svc.pg_host(), self.ctx.svc.pg_port(), self.ctx.svc.superuser());
-        let _ = writeln!(o, "| rep | first | changes | WAL written (load time) | pg_recvlogical s | rows/s | daemon s (ready→done) | rows/s | **ratio** | daemon s from spawn / from 1st event | events counted | other builds seen |");
-        let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(
+            o,
+            "`pg_recvlogical -d <db> -h {} -p {} -U {} --slot <slot> --start --no-loop -o proto_version=1 -o publication_names={PUBLICATION} -o messages=true -f /dev/null --endpos <pg_current_wal_lsn() after the load>` (the options the daemon's `START_REPLICATION` sends).\n",
+            self.ctx.svc.pg_host(),
+            self.ctx.svc.pg_port(),
+            self.ctx.svc.superuser()
+        );
+        let _ = writeln!(
+            o,
+            "| rep | first | changes | WAL written (load time) | pg_recvlogical s | rows/s | daemon s (ready→done) | rows/s | **ratio** | daemon s from spawn / from 1st event | events counted | sink alone s | rows/s | daemon ÷ sink alone | other builds seen |"
+        );
+        let _ = writeln!(
+            o,
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        );
         for r in &self.reps {
             let ratio = match (r.daemon_rate(), r.recv_rate()) {
                 (Some(d), Some(b)) => format!("**{:.3}**", d / b),
@@ -1985,13 +2634,21 @@ impl Report<'_> {
             }
             let _ = writeln!(
                 o,
-                "| {} | {} | {} | {:.1} MiB in {:.1} s | {} | {} | {} | {} | {} | {} / {} | {} | {} |",
+                "| {} | {} | {} | {:.1} MiB in {:.1} s | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {} | {} |",
                 r.index + 1,
-                if r.recv_first { "pg_recvlogical" } else { "daemon" },
+                if r.recv_first {
+                    "pg_recvlogical"
+                } else {
+                    "daemon"
+                },
                 thousands(r.load.changes as f64),
                 r.load.wal_bytes as f64 / 1024.0 / 1024.0,
                 r.load.secs,
-                if r.recv.ok { format!("{:.2}", r.recv.secs) } else { "FAILED".into() },
+                if r.recv.ok {
+                    format!("{:.2}", r.recv.secs)
+                } else {
+                    "FAILED".into()
+                },
                 r.recv_rate().map_or("–".into(), thousands),
                 opt(r.daemon.secs_ready, 2),
                 r.daemon_rate().map_or("–".into(), thousands),
@@ -1999,24 +2656,82 @@ impl Report<'_> {
                 opt(r.daemon.secs_spawn, 2),
                 opt(r.daemon.secs_first, 2),
                 thousands(r.daemon.events),
-                if disturbed.is_empty() { "none".into() } else { disturbed.join(", ") },
+                r.sink.as_ref().map_or("–".into(), |x| if x.ok {
+                    format!("{:.2}", x.secs)
+                } else {
+                    "FAILED".into()
+                }),
+                r.sink_rate().map_or("–".into(), thousands),
+                match (r.daemon_rate(), r.sink_rate()) {
+                    (Some(d), Some(k)) => format!("{:.2}", d / k),
+                    _ => "–".into(),
+                },
+                if disturbed.is_empty() {
+                    "none".into()
+                } else {
+                    disturbed.join(", ")
+                },
             );
         }
         if let Some((ratio, d, b)) = self.ratio() {
             let _ = writeln!(
                 o,
-                "\n**Medians**: pg_recvlogical {} rows/s, daemon {} rows/s; ratio of medians {:.3}, median of per-rep ratios **{:.3}**.\n",
+                "\n**Medians**: pg_recvlogical {} rows/s, daemon {} rows/s; ratio of medians {:.3}, median of per-rep ratios **{:.3}**.",
                 thousands(b),
                 thousands(d),
                 d / b,
                 ratio
             );
+            let sink: Vec<f64> = self.reps.iter().filter_map(Rep::sink_rate).collect();
+            if let Some(k) = median(sink) {
+                let bytes = self
+                    .reps
+                    .iter()
+                    .filter_map(|r| r.sink.as_ref())
+                    .map(|x| x.mean_bytes)
+                    .next()
+                    .unwrap_or(0.0);
+                let _ = writeln!(
+                    o,
+                    "\n**Sink alone** (the daemon's own `CdcSink` + `AckTracker` from the library, same producer settings, \
+                     replaying {} real envelopes of this run's topic, mean {:.0} bytes, keyed as the daemon keys them, in \
+                     transactions of {} to a fresh 6-partition topic; no Postgres): median {} rows/s = {:.3} × pg_recvlogical. \
+                     The daemon reaches {:.2} of that. So the Kafka side alone {} the 0.7 target on this broker.",
+                    thousands(2_000.0),
+                    bytes,
+                    thousands(s.tx_rows as f64),
+                    thousands(k),
+                    k / b,
+                    d / k,
+                    if k / b < 0.7 {
+                        "cannot meet"
+                    } else {
+                        "could meet"
+                    }
+                );
+            }
+            let _ = writeln!(o);
         }
-        let _ = writeln!(o, "CPU (average cores over each run; `walsender` is the Postgres process decoding the slot, `other` is everything else on the machine):\n");
-        let _ = writeln!(o, "| rep | run | secs | walsender | reader (pg_recvlogical / daemon) | broker | other | machine |");
+        let _ = writeln!(
+            o,
+            "CPU (average cores over each run; `walsender` is the Postgres process decoding the slot, `other` is everything else on the machine):\n"
+        );
+        let _ = writeln!(
+            o,
+            "| rep | run | secs | walsender | reader (pg_recvlogical / daemon / sink) | broker | other | machine |"
+        );
         let _ = writeln!(o, "|---|---|---|---|---|---|---|---|");
         for r in &self.reps {
-            for (name, w, reader) in [("pg_recvlogical", &r.recv.cpu, "pg_recvlogical"), ("daemon", &r.daemon.cpu, "daemon")] {
+            let empty = WatchResult::default();
+            let sink_cpu = r.sink.as_ref().map_or(&empty, |x| &x.cpu);
+            for (name, w, reader) in [
+                ("pg_recvlogical", &r.recv.cpu, "pg_recvlogical"),
+                ("daemon", &r.daemon.cpu, "daemon"),
+                ("sink alone", sink_cpu, "sink (this process)"),
+            ] {
+                if w.secs == 0.0 {
+                    continue;
+                }
                 let _ = writeln!(
                     o,
                     "| {} | {name} | {:.2} | {} | {} | {} | {} | {} |",
@@ -2034,19 +2749,44 @@ impl Report<'_> {
         for r in &self.reps {
             let expected = r.load.changes as f64;
             if r.daemon.ok() && (r.daemon.events - expected).abs() > 0.5 {
-                let _ = writeln!(o, "- Rep {}: the daemon counted {} change events for {} row changes.", r.index + 1, thousands(r.daemon.events), thousands(expected));
+                let _ = writeln!(
+                    o,
+                    "- Rep {}: the daemon counted {} change events for {} row changes.",
+                    r.index + 1,
+                    thousands(r.daemon.events),
+                    thousands(expected)
+                );
             }
             if r.daemon.backpressure_waits > 0.0 || r.daemon.reconnects > 0.0 {
-                let _ = writeln!(o, "- Rep {}: backpressure waits {}, reconnects {}.", r.index + 1, r.daemon.backpressure_waits, r.daemon.reconnects);
+                let _ = writeln!(
+                    o,
+                    "- Rep {}: backpressure waits {}, reconnects {}.",
+                    r.index + 1,
+                    r.daemon.backpressure_waits,
+                    r.daemon.reconnects
+                );
             }
             if !r.daemon.exit.is_empty() && !r.daemon.exit.contains("exit status: 0") {
-                let _ = writeln!(o, "- Rep {}: daemon exit after SIGTERM: {}", r.index + 1, r.daemon.exit);
+                let _ = writeln!(
+                    o,
+                    "- Rep {}: daemon exit after SIGTERM: {}",
+                    r.index + 1,
+                    r.daemon.exit
+                );
             }
             if !r.recv.ok {
                 let _ = writeln!(o, "- Rep {}: {}", r.index + 1, r.recv.note);
             }
+            if let Some(x) = r.sink.as_ref().filter(|x| !x.ok) {
+                let _ = writeln!(o, "- Rep {}: sink alone: {}", r.index + 1, x.note);
+            }
             if !r.daemon.ok() {
-                let _ = writeln!(o, "- Rep {}: **the daemon failed**:\n\n```\n{}\n```", r.index + 1, r.daemon.note.trim());
+                let _ = writeln!(
+                    o,
+                    "- Rep {}: **the daemon failed**:\n\n```\n{}\n```",
+                    r.index + 1,
+                    r.daemon.note.trim()
+                );
             }
         }
         let _ = writeln!(o);
@@ -2055,13 +2795,17 @@ impl Report<'_> {
     fn render_steady(&self, o: &mut String) {
         let Some(st) = &self.steady else { return };
         let s = &self.ctx.settings;
-        let _ = writeln!(o, "## 2. Commit → ack at a steady {} rows/s\n", thousands(st.offered_rate as f64));
+        let _ = writeln!(
+            o,
+            "## 2. Commit → ack at a steady {} rows/s\n",
+            thousands(st.offered_rate as f64)
+        );
         let _ = writeln!(
             o,
             "One writer connection commits {} rows every {} ms (alternately an insert of new members and an update of \
              the previous tick's), {} s warm-up then {} s measured; open loop (a late tick is sent at once). Measured: {} \
              transactions, {} rows in {:.1} s = {} rows/s achieved; writer statement p99 {:.1} ms, latest tick {:.1} ms late. \
-             Topic partitions: {}.\n",
+             Topic partitions: {}. The daemon confirmed the writer's last transaction {} s after its commit.\n",
             st.rows_per_tick,
             s.tick_ms,
             s.warmup_secs,
@@ -2073,6 +2817,7 @@ impl Report<'_> {
             st.writer_p99_commit_ms,
             st.writer_max_late_ms,
             st.partitions,
+            opt(st.catch_up_s, 2),
         );
         let _ = writeln!(o, "| measure | what | samples | p50 ms | p99 ms | max ms |");
         let _ = writeln!(o, "|---|---|---|---|---|---|");
@@ -2086,18 +2831,57 @@ impl Report<'_> {
                 v.last().copied().unwrap_or(f64::NAN)
             );
         };
-        row(o, "**consumer, per transaction**", "commit (`source.ts_ms`) → the transaction's last record received by a consumer reading the topic (upper bound of commit → ack)", &st.tx_received_ms);
-        row(o, "Kafka timestamp, per transaction", &format!("commit → the last record's Kafka timestamp ({})", if st.timestamp_type.is_empty() { "?" } else { &st.timestamp_type }), &st.tx_kafka_ts_ms);
-        row(o, "consumer, per record", "commit → record received", &st.row_received_ms);
-        row(o, "Kafka timestamp, per record", "commit → record timestamp", &st.row_kafka_ts_ms);
-        row(o, "envelope, per record", "commit → the daemon built the envelope (`ts_ms`)", &st.row_envelope_ms);
-        if let (Some(p50), Some(p99)) = (bucket_quantile(&st.hist_buckets, 0.5), bucket_quantile(&st.hist_buckets, 0.99)) {
+        row(
+            o,
+            "**consumer, per transaction**",
+            "commit (`source.ts_ms`) → the transaction's last record received by a consumer reading the topic (upper bound of commit → ack)",
+            &st.tx_received_ms,
+        );
+        row(
+            o,
+            "Kafka timestamp, per transaction",
+            &format!(
+                "commit → the last record's Kafka timestamp ({})",
+                if st.timestamp_type.is_empty() {
+                    "?"
+                } else {
+                    &st.timestamp_type
+                }
+            ),
+            &st.tx_kafka_ts_ms,
+        );
+        row(
+            o,
+            "consumer, per record",
+            "commit → record received",
+            &st.row_received_ms,
+        );
+        row(
+            o,
+            "Kafka timestamp, per record",
+            "commit → record timestamp",
+            &st.row_kafka_ts_ms,
+        );
+        row(
+            o,
+            "envelope, per record",
+            "commit → the daemon built the envelope (`ts_ms`)",
+            &st.row_envelope_ms,
+        );
+        if let (Some(p50), Some(p99)) = (
+            bucket_quantile(&st.hist_buckets, 0.5),
+            bucket_quantile(&st.hist_buckets, 0.99),
+        ) {
             let _ = writeln!(
                 o,
                 "| daemon histogram | `membersync_cdc_commit_to_ack_seconds` delta over the measured window (bucket-resolution estimate; bucket in brackets) | {} | {:.1} [{:.1}–{:.1}] | {:.1} [{:.1}–{:.1}] | – |",
                 thousands(st.hist_count),
-                p50.0 * 1e3, p50.1 * 1e3, p50.2 * 1e3,
-                p99.0 * 1e3, p99.1 * 1e3, p99.2 * 1e3,
+                p50.0 * 1e3,
+                p50.1 * 1e3,
+                p50.2 * 1e3,
+                p99.0 * 1e3,
+                p99.1 * 1e3,
+                p99.2 * 1e3,
             );
         }
         let _ = writeln!(o);
@@ -2110,7 +2894,11 @@ impl Report<'_> {
             thousands(st.records_expected as f64),
             thousands(st.hist_count),
             thousands(st.confirmed_txs),
-            if st.hist_count > 0.0 { st.hist_sum / st.hist_count * 1e3 } else { f64::NAN },
+            if st.hist_count > 0.0 {
+                st.hist_sum / st.hist_count * 1e3
+            } else {
+                f64::NAN
+            },
         );
         if !st.hist_buckets.is_empty() {
             let _ = writeln!(o, "<details><summary>histogram buckets (delta)</summary>\n");
@@ -2125,8 +2913,16 @@ impl Report<'_> {
         let _ = writeln!(
             o,
             "CPU during the measured window (cores): daemon {}, walsender {}, broker {}, other (incl. this bench's writer and reader, Postgres backends) {}, machine {}. Other builds seen: {}.\n",
-            cpu_cell(w, "daemon"), cpu_cell(w, "walsender"), cpu_cell(w, "broker"), cpu_cell(w, "other"), cpu_cell(w, "machine"),
-            if w.foreign.is_empty() { "none".into() } else { format!("{:?}", w.foreign) }
+            cpu_cell(w, "daemon"),
+            cpu_cell(w, "walsender"),
+            cpu_cell(w, "broker"),
+            cpu_cell(w, "other"),
+            cpu_cell(w, "machine"),
+            if w.foreign.is_empty() {
+                "none".into()
+            } else {
+                format!("{:?}", w.foreign)
+            }
         );
         if !st.note.is_empty() {
             let _ = writeln!(o, "**Problem**:\n\n```\n{}\n```\n", st.note.trim());
@@ -2135,7 +2931,11 @@ impl Report<'_> {
 
     fn render_big(&self, o: &mut String) {
         let Some(b) = &self.big else { return };
-        let _ = writeln!(o, "## 3. RSS during one {}-row transaction\n", thousands(b.rows as f64));
+        let _ = writeln!(
+            o,
+            "## 3. RSS during one {}-row transaction\n",
+            thousands(b.rows as f64)
+        );
         let _ = writeln!(
             o,
             "The same daemon (after phase 2, if it ran) idles 3 s, then one transaction inserts {} rows \
@@ -2144,7 +2944,10 @@ impl Report<'_> {
             thousands(b.rows as f64),
             b.insert_secs
         );
-        let _ = writeln!(o, "| baseline RSS (median, idle) | peak RSS | growth | RSS 3 s after | VmHWM before → after |");
+        let _ = writeln!(
+            o,
+            "| baseline RSS (median, idle) | peak RSS | growth | RSS 3 s after | VmHWM before → after |"
+        );
         let _ = writeln!(o, "|---|---|---|---|---|");
         let _ = writeln!(
             o,
@@ -2165,7 +2968,8 @@ impl Report<'_> {
              queue full): {}.\n",
             opt(b.first_event_after_commit_s, 1),
             opt(b.drain_after_commit_s, 1),
-            b.drain_after_commit_s.map_or("–".into(), |d| thousands(b.rows as f64 / d)),
+            b.drain_after_commit_s
+                .map_or("–".into(), |d| thousands(b.rows as f64 / d)),
             thousands(b.events),
             thousands(b.backpressure_waits),
         );
@@ -2173,12 +2977,23 @@ impl Report<'_> {
         let _ = writeln!(
             o,
             "CPU over the phase (cores): daemon {}, walsender {}, broker {}, other {}, machine {}. Other builds seen: {}.\n",
-            cpu_cell(w, "daemon"), cpu_cell(w, "walsender"), cpu_cell(w, "broker"), cpu_cell(w, "other"), cpu_cell(w, "machine"),
-            if w.foreign.is_empty() { "none".into() } else { format!("{:?}", w.foreign) }
+            cpu_cell(w, "daemon"),
+            cpu_cell(w, "walsender"),
+            cpu_cell(w, "broker"),
+            cpu_cell(w, "other"),
+            cpu_cell(w, "machine"),
+            if w.foreign.is_empty() {
+                "none".into()
+            } else {
+                format!("{:?}", w.foreign)
+            }
         );
         if !b.samples.is_empty() {
             // A coarse profile: one line per second.
-            let _ = writeln!(o, "<details><summary>RSS profile (one sample per second, seconds since sampling began)</summary>\n");
+            let _ = writeln!(
+                o,
+                "<details><summary>RSS profile (one sample per second, seconds since sampling began)</summary>\n"
+            );
             let _ = writeln!(o, "| t (s) | RSS |");
             let _ = writeln!(o, "|---|---|");
             let mut next = 0.0;
@@ -2199,6 +3014,25 @@ impl Report<'_> {
 // ---------------------------------------------------------------------------------------
 // Main
 // ---------------------------------------------------------------------------------------
+
+/// Waits (up to 2 min) until the broker answers a metadata request: the dev broker may be
+/// restarting.
+fn wait_for_broker(brokers: &str) -> Result<(), String> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .map_err(|e| format!("client: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match consumer.fetch_metadata(None, Duration::from_secs(5)) {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() > deadline => {
+                return Err(format!("the broker at {brokers} does not answer: {e}"));
+            }
+            Err(_) => std::thread::sleep(Duration::from_secs(2)),
+        }
+    }
+}
 
 /// Applies the Supabase stand-in and `membersync migrate` to a new database.
 async fn setup_database(ctx: &Ctx) -> Result<(), String> {
@@ -2235,6 +3069,15 @@ async fn setup_database(ctx: &Ctx) -> Result<(), String> {
 
 async fn run(ctx: &Ctx, report: &mut Report<'_>) {
     let s = &ctx.settings;
+    wait_for_quiet(s.quiet_timeout, "setting up");
+    let brokers = ctx.svc.brokers().to_owned();
+    if let Err(e) = tokio::task::spawn_blocking(move || wait_for_broker(&brokers))
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()))
+    {
+        report.setup_note = e;
+        return;
+    }
     if let Err(e) = setup_database(ctx).await {
         report.setup_note = e;
         return;
@@ -2251,18 +3094,24 @@ async fn run(ctx: &Ctx, report: &mut Report<'_>) {
             return;
         }
         d.terminate().await;
-        let _ = admin.execute("select pg_drop_replication_slot($1)", &[&slot]).await;
+        let _ = admin
+            .execute("select pg_drop_replication_slot($1)", &[&slot])
+            .await;
     }
 
     if s.phases.contains(&Phase::Backlog) {
         let mut extra = 0;
         let mut i = 0;
+        let mut records = None;
         while i < s.reps + extra {
-            let rep = backlog_rep(ctx, &admin, &mut loader, i).await;
+            let rep = backlog_rep(ctx, &admin, &mut loader, i, &mut records).await;
             let disturbed = !rep.disturbed().is_empty();
             report.reps.push(rep);
             if disturbed && extra < 2 {
-                eprintln!("cdc bench: rep {} was disturbed by other activity; one more rep", i + 1);
+                eprintln!(
+                    "cdc bench: rep {} was disturbed by other activity; one more rep",
+                    i + 1
+                );
                 extra += 1;
             }
             i += 1;
@@ -2278,7 +3127,10 @@ async fn run(ctx: &Ctx, report: &mut Report<'_>) {
             return;
         }
         // With SNAPSHOT never the daemon creates its slot and streams; wait for that.
-        if walsender_pid(&admin, &slot, Duration::from_secs(60)).await.is_none() {
+        if walsender_pid(&admin, &slot, Duration::from_secs(60))
+            .await
+            .is_none()
+        {
             report.setup_note = format!(
                 "the daemon did not start streaming slot {slot} within 60 s:\n{}",
                 daemon.log_tail(40)
@@ -2295,7 +3147,10 @@ async fn run(ctx: &Ctx, report: &mut Report<'_>) {
         }
         let exit = daemon.terminate().await;
         if !exit.contains("exit status: 0") {
-            let _ = write!(report.setup_note, "streaming daemon exit after SIGTERM: {exit}. ");
+            let _ = write!(
+                report.setup_note,
+                "streaming daemon exit after SIGTERM: {exit}. "
+            );
         }
     }
 }
@@ -2331,8 +3186,14 @@ fn main() {
         svc,
         db,
         topic_prefix,
-        logs: tempfile::Builder::new().prefix("membersync-cdc-bench-").tempdir().expect("tempdir"),
-        http: reqwest::Client::builder().pool_max_idle_per_host(4).build().expect("http client"),
+        logs: tempfile::Builder::new()
+            .prefix("membersync-cdc-bench-")
+            .tempdir()
+            .expect("tempdir"),
+        http: reqwest::Client::builder()
+            .pool_max_idle_per_host(4)
+            .build()
+            .expect("http client"),
     };
     let stale = rt.block_on(Cleanup::remove_stale(&ctx.svc));
     let mut report = Report {
@@ -2345,10 +3206,15 @@ fn main() {
         steady: None,
         big: None,
         setup_note: String::new(),
+        log_issues: Vec::new(),
         cleanup: String::new(),
         leftover_slots: String::new(),
     };
-    eprintln!("cdc bench: database {}, logs in {}", ctx.db, ctx.logs.path().display());
+    eprintln!(
+        "cdc bench: database {}, logs in {}",
+        ctx.db,
+        ctx.logs.path().display()
+    );
     let interrupted = rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");
@@ -2360,6 +3226,7 @@ fn main() {
     });
     // Every daemon of `run` is dropped (killed) by now; remove slots, database and topics.
     report.finished = chrono::Utc::now();
+    report.log_issues = log_issues(ctx.logs.path());
     report.cleanup = cleanup.run_blocking();
     report.leftover_slots = rt.block_on(async {
         let client = ctx.svc.connect("postgres").await;
@@ -2371,7 +3238,11 @@ fn main() {
             .await
         {
             Ok(rows) if rows.is_empty() => "none".to_owned(),
-            Ok(rows) => rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>().join(", "),
+            Ok(rows) => rows
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+                .join(", "),
             Err(e) => format!("unknown ({e})"),
         }
     });

@@ -247,8 +247,9 @@ fn parent(pid: u32) -> Option<u32> {
     rest.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Builds and test runs other than this one: compilers, nextest, and cargo processes that
-/// are not this benchmark's own ancestors.
+/// Builds and test runs other than this one: compilers (`rustc`, `clippy-driver`,
+/// `rustdoc`) and `cargo*` processes (cargo, cargo-nextest, cargo-clippy, …) that are not
+/// this benchmark's own ancestors.
 fn foreign_activity() -> BTreeSet<String> {
     let mut ancestors = BTreeSet::new();
     let mut pid = std::process::id();
@@ -262,7 +263,9 @@ fn foreign_activity() -> BTreeSet<String> {
         .into_iter()
         .filter(|pid| !ancestors.contains(pid))
         .filter_map(comm)
-        .filter(|c| c == "rustc" || c == "cargo" || c.starts_with("cargo-nextest"))
+        .filter(|c| {
+            c == "rustc" || c == "clippy-driver" || c == "rustdoc" || c.starts_with("cargo")
+        })
         .collect()
 }
 
@@ -327,21 +330,23 @@ fn thread_ticks(prefix: &str) -> u64 {
         .sum()
 }
 
-/// (busy, total) ticks of the whole machine.
-fn machine_ticks() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
-        return (0, 0);
-    };
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .take(8)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let total: u64 = v.iter().sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    (total - idle, total)
+/// Per process: (own user+system ticks, reaped children's user+system ticks), with its
+/// name. Per-task accounting is exact where `/proc/stat` (tick sampling, tickless idle)
+/// badly undercounts short bursts on an otherwise idle machine.
+fn all_process_ticks() -> HashMap<u32, (u64, u64, String)> {
+    pids()
+        .into_iter()
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let open = stat.find('(')?;
+            let close = stat.rfind(')')?;
+            let name = stat[open + 1..close].to_owned();
+            let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+            let get =
+                |n: usize| -> u64 { fields.get(n - 3).and_then(|v| v.parse().ok()).unwrap_or(0) };
+            Some((pid, (get(14) + get(15), get(16) + get(17), name)))
+        })
+        .collect()
 }
 
 fn tansu_pid() -> Option<u32> {
@@ -355,10 +360,10 @@ fn tansu_pid() -> Option<u32> {
     })
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct CpuSnap {
     at: Instant,
-    machine_busy: u64,
+    all: HashMap<u32, (u64, u64, String)>,
     bench: u64,
     baseline_server: u64,
     daemon: u64,
@@ -369,7 +374,7 @@ impl CpuSnap {
     fn take(daemon: u32, broker: Option<u32>) -> CpuSnap {
         CpuSnap {
             at: Instant::now(),
-            machine_busy: machine_ticks().0,
+            all: all_process_ticks(),
             bench: stat_ticks("/proc/self"),
             baseline_server: thread_ticks("baseline-srv"),
             daemon: stat_ticks(&format!("/proc/{daemon}")),
@@ -379,7 +384,7 @@ impl CpuSnap {
 }
 
 /// Average cores used during a phase.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Default)]
 struct CpuUse {
     client: f64,
     baseline_server: f64,
@@ -387,13 +392,50 @@ struct CpuUse {
     broker: f64,
     other: f64,
     machine: f64,
+    /// The biggest other consumers (process name, cores).
+    top_other: Vec<(String, f64)>,
 }
 
 impl CpuUse {
-    fn between(a: &CpuSnap, b: &CpuSnap, hz: f64) -> CpuUse {
+    fn between(
+        a: &CpuSnap,
+        b: &CpuSnap,
+        hz: f64,
+        daemon_pid: u32,
+        broker_pid: Option<u32>,
+    ) -> CpuUse {
         let secs = b.at.duration_since(a.at).as_secs_f64().max(1e-9);
         let cores = |x: u64, y: u64| y.saturating_sub(x) as f64 / hz / secs;
-        let machine = cores(a.machine_busy, b.machine_busy);
+        // Every process's CPU during the phase: own time plus children it reaped meanwhile
+        // (so short-lived compilers count through their parent); new processes count whole.
+        let mut by_process: Vec<(u32, String, u64)> = b
+            .all
+            .iter()
+            .map(|(pid, (own, children, name))| {
+                let ticks = match a.all.get(pid) {
+                    Some((own0, children0, _)) => {
+                        own.saturating_sub(*own0) + children.saturating_sub(*children0)
+                    }
+                    None => own + children,
+                };
+                (*pid, name.clone(), ticks)
+            })
+            .collect();
+        let machine = by_process.iter().map(|(_, _, t)| *t).sum::<u64>() as f64 / hz / secs;
+        let me = std::process::id();
+        let mut others: HashMap<String, u64> = HashMap::new();
+        by_process
+            .retain(|(pid, _, _)| *pid != me && *pid != daemon_pid && Some(*pid) != broker_pid);
+        for (_, name, ticks) in by_process {
+            *others.entry(name).or_insert(0) += ticks;
+        }
+        let mut top_other: Vec<(String, f64)> = others
+            .into_iter()
+            .map(|(name, t)| (name, t as f64 / hz / secs))
+            .filter(|(_, c)| *c >= 0.02)
+            .collect();
+        top_other.sort_by(|x, y| y.1.total_cmp(&x.1));
+        top_other.truncate(4);
         let baseline_server = cores(a.baseline_server, b.baseline_server);
         let bench = cores(a.bench, b.bench);
         let daemon = cores(a.daemon, b.daemon);
@@ -405,6 +447,7 @@ impl CpuUse {
             broker,
             other: (machine - bench - daemon - broker).max(0.0),
             machine,
+            top_other,
         }
     }
 }
@@ -676,8 +719,20 @@ fn log_summary(path: &Path) -> Vec<(String, u64)> {
     counts
 }
 
-/// Deletes the topics the daemon created (`<prefix>.*`), so repeated runs do not grow the
-/// shared dev broker's storage.
+/// A topic left by an earlier run of this benchmark that did not clean up after itself
+/// (`bench-ingest-<pid>-…` where no process `<pid>` runs any more).
+fn is_stale_bench_topic(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("bench-ingest-") else {
+        return false;
+    };
+    let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+        return false;
+    };
+    !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Deletes the topics the daemon created (`<prefix>.*`, and those of earlier runs that
+/// were interrupted), so repeated runs do not grow the shared dev broker's storage.
 async fn delete_topics(kafka: &KafkaConfig) -> Result<Vec<String>, String> {
     use rdkafka::admin::{AdminClient, AdminOptions};
     use rdkafka::client::DefaultClientContext;
@@ -696,7 +751,7 @@ async fn delete_topics(kafka: &KafkaConfig) -> Result<Vec<String>, String> {
                 .topics()
                 .iter()
                 .map(|t| t.name().to_owned())
-                .filter(|n| n.starts_with(&prefix))
+                .filter(|n| n.starts_with(&prefix) || is_stale_bench_topic(n))
                 .collect())
         })
         .await
@@ -712,7 +767,9 @@ async fn delete_topics(kafka: &KafkaConfig) -> Result<Vec<String>, String> {
     let results = admin
         .delete_topics(
             &refs,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+            &AdminOptions::new()
+                .operation_timeout(Some(Duration::from_secs(300)))
+                .request_timeout(Some(Duration::from_secs(300))),
         )
         .await
         .map_err(|e| e.to_string())?;
@@ -1229,7 +1286,13 @@ async fn run_phase(ctx: &Context, phase: Phase, rate: u32, attempt: usize) -> Ph
         sent_all,
         records,
         server,
-        cpu: CpuUse::between(&cpu_start, &cpu_end, ctx.hz),
+        cpu: CpuUse::between(
+            &cpu_start,
+            &cpu_end,
+            ctx.hz,
+            ctx.daemon.pid(),
+            ctx.broker_pid,
+        ),
         foreign,
     };
     let s = &run.stats;
@@ -1381,6 +1444,8 @@ struct Final {
     machine: Machine,
     foreign_at_start: BTreeSet<String>,
     log: PathBuf,
+    /// Size of the broker's SQLite file when the run started (shared with other users).
+    broker_db_mib: Option<f64>,
     log_summary: Vec<(String, u64)>,
     topics_deleted: Result<Vec<String>, String>,
 }
@@ -1510,9 +1575,12 @@ fn report(settings: &Settings, runs: &[PhaseRun], fin: &Final, broker_pid: Optio
     let _ = writeln!(o, "- Command: `{}`", settings.command());
     let _ = writeln!(
         o,
-        "- Broker: {} at `{}`",
+        "- Broker: {} at `{}`{}",
         broker_description(broker_pid),
-        fin.brokers
+        fin.brokers,
+        fin.broker_db_mib.map_or(String::new(), |m| format!(
+            "; its SQLite file (shared with every other user of the dev broker) was {m:.0} MiB at the start"
+        ))
     );
     let _ = writeln!(
         o,
@@ -1569,7 +1637,7 @@ fn report(settings: &Settings, runs: &[PhaseRun], fin: &Final, broker_pid: Optio
         "- Baseline: an axum route in the benchmark process on its own 2-worker runtime, same path, reads the body and answers `200 {{}}` \
          without verifying or producing. The daemon is idle (already started) while the baseline runs.\n- Error = any answer other than the expected \
          status (200; 401 for invalid signatures) or no answer. Throughput = expected answers ÷ (first due time → last answer) of the measured part.\n\
-         - A phase is measured again (up to {MAX_ATTEMPTS} times, after waiting for quiet) if another build or test run (`rustc`, `cargo`, `cargo-nextest`) \
+         - A phase is measured again (up to {MAX_ATTEMPTS} times, after waiting for quiet) if another build or test run (`rustc`, `clippy-driver`, `cargo*`) \
          was seen during it or other processes used more than {OTHER_CPU_LIMIT} cores on average; the least disturbed attempt is reported.\n"
     );
 
@@ -1630,7 +1698,7 @@ fn report(settings: &Settings, runs: &[PhaseRun], fin: &Final, broker_pid: Optio
         }
         let _ = writeln!(
             o,
-            "| CPU, average cores (of {}) | load generator | baseline server | daemon | broker | other | machine busy | attempts | other builds/tests seen |",
+            "| CPU, average cores (of {}) | load generator | baseline server | daemon | broker | other (biggest) | machine busy | attempts | other builds/tests seen |",
             fin.machine.nproc
         );
         let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---:|---:|---|");
@@ -1643,13 +1711,23 @@ fn report(settings: &Settings, runs: &[PhaseRun], fin: &Final, broker_pid: Optio
                 .count();
             let _ = writeln!(
                 o,
-                "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} (reported: {}) | {} |",
+                "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2}{} | {:.2} | {} (reported: {}) | {} |",
                 phase.label(),
                 c.client,
                 c.baseline_server,
                 c.daemon,
                 c.broker,
                 c.other,
+                if c.top_other.is_empty() {
+                    String::new()
+                } else {
+                    let top: Vec<String> = c
+                        .top_other
+                        .iter()
+                        .map(|(name, cores)| format!("{name} {cores:.2}"))
+                        .collect();
+                    format!(" ({})", top.join(", "))
+                },
                 c.machine,
                 attempts,
                 r.attempt,
@@ -1822,6 +1900,9 @@ fn main() {
         eprintln!("ingest_load: warning: {binary} is not a release build");
     }
     let foreign_at_start = wait_for_quiet(settings.quiet_timeout, "starting");
+    let broker_db_mib = std::fs::metadata(repo_root().join(".dev/tansu/tansu.db"))
+        .ok()
+        .map(|m| m.len() as f64 / 1024.0 / 1024.0);
     let started = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let machine = machine();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -1894,6 +1975,7 @@ fn main() {
         };
         let fin = Final {
             log,
+            broker_db_mib,
             log_summary,
             topics_deleted,
             expected_records,

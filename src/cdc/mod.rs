@@ -113,10 +113,7 @@ impl StreamContext {
                 self.metrics.confirmed_lsn.set(c.lsn as i64);
             }
             if let Some(e) = self.tracker.take_failure() {
-                return Err(snapshot::SnapshotError::Sink(sink::SinkError::Produce(
-                    rdkafka::error::KafkaError::Canceled,
-                )))
-                .inspect_err(|_| tracing::error!(error = e, "snapshot row not acknowledged"));
+                return Err(snapshot::SnapshotError::Delivery(e));
             }
             if self.tracker.is_idle() {
                 return Ok(());

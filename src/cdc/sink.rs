@@ -33,7 +33,10 @@ impl CdcSink {
             .set("message.timeout.ms", "0")
             // Large batches: CDC is a throughput path; acks still gate the LSN.
             .set("batch.num.messages", "10000")
-            .set("queue.buffering.max.messages", "200000")
+            // The queue is where backpressure starts: bounded in bytes as well as in count,
+            // so a Kafka outage or a 1M-row transaction cannot grow memory by more than this.
+            .set("queue.buffering.max.messages", "100000")
+            .set("queue.buffering.max.kbytes", "32768")
             .set("compression.type", "lz4")
             .create_with_context(CdcProducerContext {
                 tracker: tracker.clone(),

@@ -19,6 +19,8 @@ pub enum SnapshotError {
     Query(#[from] tokio_postgres::Error),
     #[error(transparent)]
     Sink(#[from] super::sink::SinkError),
+    #[error("Kafka did not acknowledge a snapshot row: {0}")]
+    Delivery(String),
     #[error("table {0} has no columns visible to the daemon role")]
     NoColumns(String),
 }

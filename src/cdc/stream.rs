@@ -105,7 +105,10 @@ async fn drain(ctx: &StreamContext, repl: &mut ReplicationClient) -> Result<(), 
     confirm(ctx, repl);
     // The worker sends a raised LSN at most once per status interval and sends nothing when
     // stopped: wait one interval (and a margin) so the final standby status reaches Postgres.
-    tokio::time::sleep(Duration::from_millis(ctx.config.cdc.status_interval_ms + 100)).await;
+    tokio::time::sleep(Duration::from_millis(
+        ctx.config.cdc.status_interval_ms + 100,
+    ))
+    .await;
     let _ = repl.shutdown().await;
     Ok(())
 }
