@@ -94,6 +94,8 @@ struct Settings {
     drain_timeout: Duration,
     quiet_timeout: Duration,
     out: PathBuf,
+    /// Run a private Tansu (default) rather than use the shared dev broker.
+    private_broker: bool,
 }
 
 const SETTING_KEYS: &[&str] = &[
@@ -109,6 +111,7 @@ const SETTING_KEYS: &[&str] = &[
     "MEMBERSYNC_BENCH_CDC_TIMEOUT_SECS",
     "MEMBERSYNC_BENCH_QUIET_TIMEOUT_SECS",
     "MEMBERSYNC_BENCH_CDC_OUT",
+    "MEMBERSYNC_BENCH_CDC_BROKER",
 ];
 
 fn env_u64(key: &str, default: u64) -> u64 {
@@ -153,6 +156,11 @@ impl Settings {
                 "MEMBERSYNC_BENCH_QUIET_TIMEOUT_SECS",
                 1800,
             )),
+            private_broker: match std::env::var("MEMBERSYNC_BENCH_CDC_BROKER").as_deref() {
+                Err(_) | Ok("private") => true,
+                Ok("dev") => false,
+                Ok(other) => panic!("MEMBERSYNC_BENCH_CDC_BROKER={other:?}: private or dev"),
+            },
             out: std::env::var("MEMBERSYNC_BENCH_CDC_OUT")
                 .map(PathBuf::from)
                 .unwrap_or_else(|_| repo_root().join("bench/results/cdc.md")),
@@ -334,8 +342,9 @@ fn parent(pid: u32) -> Option<u32> {
 }
 
 /// Builds, test runs and other benchmarks: compilers, cargo (not this bench's ancestors),
-/// nextest, the ingest bench, and membersync processes this bench did not start.
-fn foreign_activity() -> BTreeSet<String> {
+/// nextest, the ingest bench, membersync processes this bench did not start and brokers
+/// other than its own; by pid.
+fn foreign_processes() -> BTreeMap<u32, String> {
     let mut ancestors = BTreeSet::new();
     let mut pid = std::process::id();
     while let Some(p) = parent(pid) {
@@ -344,32 +353,72 @@ fn foreign_activity() -> BTreeSet<String> {
         }
         pid = p;
     }
-    let own = own_children().lock().expect("children").clone();
+    let mut own = own_children().lock().expect("children").clone();
+    // The broker this bench uses is not foreign; other Tansu instances (the shared dev
+    // broker while the bench runs its own, other tests' brokers) are.
+    own.extend(tansu_pid());
     pids()
         .into_iter()
         .filter(|pid| !ancestors.contains(pid) && !own.contains(pid))
-        .filter_map(comm)
-        .filter(|c| {
+        .filter_map(|pid| Some((pid, comm(pid)?)))
+        .filter(|(_, c)| {
             c == "rustc"
                 || c == "cargo"
                 || c.starts_with("cargo-nextest")
                 || c.starts_with("ingest_load")
                 || c == "membersync"
+                || c == "tansu"
         })
         .collect()
 }
 
-/// Waits until no other build or test run is going on, or `timeout` passed.
-fn wait_for_quiet(timeout: Duration, what: &str) -> BTreeSet<String> {
+/// Foreign processes that used CPU (≥ 2 % of a core) over `window`. Another benchmark
+/// waiting for quiet itself (it sees this bench's `cargo` as a build) sleeps and is not
+/// activity — counting it would make the two benches wait for each other forever.
+async fn foreign_activity(window: Duration) -> BTreeSet<String> {
+    let hz = clock_ticks_per_sec();
+    let before: BTreeMap<u32, (String, Option<u64>)> = foreign_processes()
+        .into_iter()
+        .map(|(pid, name)| (pid, (name, proc_ticks(pid))))
+        .collect();
+    if before.is_empty() {
+        return BTreeSet::new();
+    }
+    tokio::time::sleep(window).await;
+    let after = foreign_processes();
+    let mut busy = BTreeSet::new();
+    for (pid, (name, t0)) in &before {
+        let t1 = proc_ticks(*pid);
+        let used = match (t0, t1) {
+            (Some(a), Some(b)) => b.saturating_sub(*a) as f64 / hz / window.as_secs_f64(),
+            // Ended meanwhile: a short build step, count it.
+            _ => 1.0,
+        };
+        if used >= 0.02 {
+            busy.insert(name.clone());
+        }
+    }
+    // Started meanwhile.
+    busy.extend(
+        after
+            .into_iter()
+            .filter(|(pid, _)| !before.contains_key(pid))
+            .map(|(_, name)| name),
+    );
+    busy
+}
+
+/// Waits until no other build, test run or benchmark is using CPU, or `timeout` passed.
+async fn wait_for_quiet(timeout: Duration, what: &str) -> BTreeSet<String> {
     let deadline = Instant::now() + timeout;
     let mut announced = false;
     loop {
-        let busy = foreign_activity();
+        let busy = foreign_activity(Duration::from_secs(3)).await;
         if busy.is_empty() {
             if announced {
                 eprintln!("cdc bench: quiet again");
                 // Let the page cache and CPU frequency settle after a build.
-                std::thread::sleep(Duration::from_secs(5));
+                tokio::time::sleep(Duration::from_secs(5)).await;
             }
             return busy;
         }
@@ -381,7 +430,7 @@ fn wait_for_quiet(timeout: Duration, what: &str) -> BTreeSet<String> {
             eprintln!("cdc bench: waiting for {busy:?} to finish before {what}");
             announced = true;
         }
-        std::thread::sleep(Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
 }
 
@@ -428,14 +477,16 @@ fn cmdline(pid: u32) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// `host:port` of the broker the bench uses (set once in `main`).
+static BROKER_ADDR: OnceLock<String> = OnceLock::new();
+
 /// The Tansu process serving the broker the bench uses (matched by its listener port).
 fn tansu_pid() -> Option<u32> {
-    static BROKER_PORT: OnceLock<Option<String>> = OnceLock::new();
-    let port = BROKER_PORT.get_or_init(|| {
-        let brokers = Services::load().brokers().to_owned();
-        let first = brokers.split(',').next()?.trim().to_owned();
-        first.rsplit_once(':').map(|(_, p)| p.to_owned())
-    });
+    let port = BROKER_ADDR
+        .get()
+        .and_then(|b| b.split(',').next())
+        .and_then(|first| first.trim().rsplit_once(':'))
+        .map(|(_, p)| p.to_owned());
     let tansus: Vec<u32> = pids()
         .into_iter()
         .filter(|pid| comm(*pid).as_deref() == Some("tansu"))
@@ -494,7 +545,8 @@ impl Watch {
                 let machine0 = machine_ticks().0;
                 // (label, pid) → (first seen, last seen)
                 let mut seen: BTreeMap<(String, u32), (u64, u64)> = BTreeMap::new();
-                let mut foreign = BTreeSet::new();
+                // foreign pid → (name, first ticks, last ticks, times seen)
+                let mut foreign_seen: BTreeMap<u32, (String, u64, u64, u32)> = BTreeMap::new();
                 let mut n = 0u64;
                 loop {
                     let last_round = flag.load(Ordering::Relaxed);
@@ -506,7 +558,17 @@ impl Watch {
                         }
                     }
                     if n.is_multiple_of(5) {
-                        foreign.extend(foreign_activity());
+                        for (pid, name) in foreign_processes() {
+                            if let Some(t) = proc_ticks(pid) {
+                                foreign_seen
+                                    .entry(pid)
+                                    .and_modify(|e| {
+                                        e.2 = t;
+                                        e.3 += 1;
+                                    })
+                                    .or_insert((name, t, t, 1));
+                            }
+                        }
                     }
                     n += 1;
                     if last_round {
@@ -520,6 +582,15 @@ impl Watch {
                 for ((label, _), (a, b)) in seen {
                     *cores.entry(label).or_default() += b.saturating_sub(a) as f64 / hz / secs;
                 }
+                // Disturbing: used ≥ 2 % of a core while seen, or a build step seen only once.
+                let foreign: BTreeSet<String> = foreign_seen
+                    .into_values()
+                    .filter(|(name, a, b, times)| {
+                        b.saturating_sub(*a) as f64 / hz / secs >= 0.02
+                            || (*times == 1 && (name == "rustc" || name == "cargo"))
+                    })
+                    .map(|(name, ..)| name)
+                    .collect();
                 let labelled: f64 = cores.values().sum();
                 cores.insert("other".into(), (machine - labelled).max(0.0));
                 cores.insert("machine".into(), machine);
@@ -551,6 +622,95 @@ fn cpu_cell(w: &WatchResult, label: &str) -> String {
 }
 
 // ---------------------------------------------------------------------------------------
+// A private broker
+// ---------------------------------------------------------------------------------------
+
+/// Tansu (the dev services' binary and version) with SQLite storage in a fresh directory,
+/// on a free loopback port: the bench writes millions of records, which would bloat the
+/// shared dev broker's database (and deleting them keeps that broker busy for minutes).
+/// Killed, and its directory removed, when dropped.
+struct PrivateBroker {
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+    addr: String,
+}
+
+impl PrivateBroker {
+    fn tansu_bin() -> Option<PathBuf> {
+        let on_path = std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|p| p.join("tansu"))
+                .find(|p| p.is_file())
+        });
+        on_path.or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cargo/bin/tansu"))
+                .filter(|p| p.is_file())
+        })
+    }
+
+    fn start() -> Result<PrivateBroker, String> {
+        let bin = Self::tansu_bin()
+            .ok_or("tansu is not installed (scripts/dev-services up installs it)")?;
+        let dir = tempfile::Builder::new()
+            .prefix("membersync-cdc-bench-tansu-")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
+        std::fs::create_dir(dir.path().join("tansu")).map_err(|e| e.to_string())?;
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let log = std::fs::File::create(dir.path().join("tansu.log")).map_err(|e| e.to_string())?;
+        // Tansu resolves a relative sqlite:// URL against its working directory.
+        let child = Command::new(bin)
+            .current_dir(dir.path())
+            .args(["broker", "--cluster-id", "membersync-cdc-bench"])
+            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "sqlite://tansu/tansu.db"])
+            .env("RUST_LOG", "warn")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("start tansu: {e}"))?;
+        own_children().lock().expect("children").insert(child.id());
+        let broker = PrivateBroker {
+            dir,
+            child: Some(child),
+            addr: format!("127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                return Err("the private Tansu did not listen within 30 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(broker)
+    }
+
+    /// Size of its database files.
+    fn storage_bytes(&self) -> u64 {
+        std::fs::read_dir(self.dir.path().join("tansu"))
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Cleanup: the database, every slot, the topics — also after a panic or Ctrl-C
 // ---------------------------------------------------------------------------------------
 
@@ -562,6 +722,8 @@ struct Cleanup {
     brokers: String,
     db: String,
     topic_prefix: String,
+    /// Topics live on the shared dev broker (a private broker is simply discarded).
+    delete_topics: bool,
     done: AtomicBool,
 }
 
@@ -670,12 +832,18 @@ impl Cleanup {
                     )),
                     Err(e) => notes.push(format!("FAILED to drop database/slots: {e}")),
                 }
-                match me.delete_topics().await {
-                    Ok(n) => notes.push(format!("deleted {n} topic(s) `{}.*`", me.topic_prefix)),
-                    Err(e) => notes.push(format!(
-                        "could not delete topics `{}.*`: {e}",
-                        me.topic_prefix
-                    )),
+                if !me.delete_topics {
+                    notes.push("the private broker is discarded with its storage".into());
+                } else {
+                    match me.delete_topics().await {
+                        Ok(n) => {
+                            notes.push(format!("deleted {n} topic(s) `{}.*`", me.topic_prefix))
+                        }
+                        Err(e) => notes.push(format!(
+                            "could not delete topics `{}.*`: {e}",
+                            me.topic_prefix
+                        )),
+                    }
                 }
                 let msg = notes.join("; ");
                 eprintln!("cdc bench cleanup: {msg}");
@@ -743,6 +911,7 @@ impl Drop for Cleanup {
                 brokers: self.brokers.clone(),
                 db: self.db.clone(),
                 topic_prefix: self.topic_prefix.clone(),
+                delete_topics: self.delete_topics,
                 done: AtomicBool::new(false),
             });
             me.run_blocking();
@@ -1563,7 +1732,7 @@ async fn backlog_rep(
     records: &mut Option<Result<Vec<KeyValue>, String>>,
 ) -> Rep {
     let s = &ctx.settings;
-    let quiet_wait = wait_for_quiet(s.quiet_timeout, &format!("backlog rep {}", index + 1));
+    let quiet_wait = wait_for_quiet(s.quiet_timeout, &format!("backlog rep {}", index + 1)).await;
     let (dslot, bslot) = (
         ctx.slot(&format!("d{index}")),
         ctx.slot(&format!("b{index}")),
@@ -2234,7 +2403,7 @@ fn machine() -> Machine {
     }
 }
 
-fn broker_description() -> String {
+fn broker_description(private: bool) -> String {
     let version = std::fs::read_to_string(repo_root().join("scripts/dev-services"))
         .unwrap_or_default()
         .lines()
@@ -2253,9 +2422,17 @@ fn broker_description() -> String {
                 .unwrap_or_else(|| "?".into())
         })
         .unwrap_or_else(|| "?".into());
-    format!(
-        "Tansu {version} (`scripts/dev-services`), {storage} storage, single broker on loopback"
-    )
+    if private {
+        format!(
+            "a private Tansu {version} (the binary `scripts/dev-services` installs) started by the bench, \
+             {storage} storage in a fresh directory, single broker on loopback"
+        )
+    } else {
+        format!(
+            "the shared dev broker (`MEMBERSYNC_BENCH_CDC_BROKER=dev`): Tansu {version}, {storage} storage, \
+             single broker on loopback"
+        )
+    }
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -2348,6 +2525,9 @@ fn log_issues(dir: &Path) -> Vec<String> {
 
 struct Report<'a> {
     ctx: &'a Ctx,
+    broker: String,
+    /// Size of the private broker's storage at the end.
+    broker_storage: Option<u64>,
     started: chrono::DateTime<chrono::Utc>,
     finished: chrono::DateTime<chrono::Utc>,
     machine_before: Machine,
@@ -2432,8 +2612,12 @@ impl Report<'_> {
         );
         let _ = writeln!(
             o,
-            "- **Broker**: {}; topic `<prefix>.cdc.public.members`, 6 partitions",
-            broker_description()
+            "- **Broker**: {}; topic `<prefix>.cdc.public.members`, 6 partitions{}",
+            self.broker,
+            self.broker_storage.map_or(String::new(), |b| format!(
+                "; its storage held {:.0} MiB at the end",
+                b as f64 / 1024.0 / 1024.0
+            ))
         );
         let _ = writeln!(
             o,
@@ -2486,28 +2670,38 @@ impl Report<'_> {
             let hist_p99 = bucket_quantile(&st.hist_buckets, 0.99);
             let rcv_p99 = percentile(&st.tx_received_ms, 0.99);
             if !st.tx_received_ms.is_empty() {
-                let met = rcv_p99 <= 50.0;
+                // The consumer figure is an upper bound; the floor of the histogram's p99
+                // bucket a lower one (the histogram samples the fastest transaction of each
+                // confirmation, see below).
+                let floor_ms = hist_p99.map(|(_, lo, _)| lo * 1e3);
+                let verdict_text = if rcv_p99 <= 50.0 {
+                    verdict(true).to_owned()
+                } else if let Some(floor) = floor_ms.filter(|f| *f >= 50.0) {
+                    format!(
+                        "{}: over by at least {:.0} ms (histogram bucket floor, {:.0}×) and at most {:.0} ms (consumer bound, {:.1}×)",
+                        verdict(false),
+                        floor - 50.0,
+                        floor / 50.0,
+                        rcv_p99 - 50.0,
+                        rcv_p99 / 50.0
+                    )
+                } else {
+                    format!(
+                        "**not shown met**: the consumer bound is {:.0} ms over; the histogram does not decide",
+                        rcv_p99 - 50.0
+                    )
+                };
                 let _ = writeln!(
                     o,
-                    "| p99 commit→ack ≤ 50 ms at {} rows/s | {:.1} ms per transaction, commit → last record readable by a consumer (daemon's histogram: {}) | {}{} |",
+                    "| p99 commit→ack ≤ 50 ms at {} rows/s | daemon's histogram {}; consumer (commit → transaction's last record readable, an upper bound) {:.0} ms | {verdict_text} |",
                     thousands(st.offered_rate as f64),
-                    rcv_p99,
                     hist_p99.map_or("–".into(), |(e, lo, hi)| format!(
-                        "≈{:.1} ms, bucket {:.1}–{:.1} ms",
+                        "≈{:.0} ms (bucket {:.0}–{:.0} ms)",
                         e * 1e3,
                         lo * 1e3,
                         hi * 1e3
                     )),
-                    verdict(met),
-                    if met {
-                        String::new()
-                    } else {
-                        format!(
-                            ", over by {:.1} ms ({:.1}×)",
-                            rcv_p99 - 50.0,
-                            rcv_p99 / 50.0
-                        )
-                    }
+                    rcv_p99,
                 );
             } else {
                 let _ = writeln!(
@@ -2519,19 +2713,21 @@ impl Report<'_> {
         if let Some(b) = &self.big {
             if b.drain_after_commit_s.is_some() {
                 let growth = b.peak_kib.saturating_sub(b.baseline_kib);
-                let met = growth <= 100 * 1024;
+                // 100 MB = 10^8 bytes.
+                let met = growth * 1024 <= 100_000_000;
                 let _ = writeln!(
                     o,
-                    "| RSS growth ≤ 100 MB on a {}-row transaction | {} ({} → peak {}) | {}{} |",
+                    "| RSS growth ≤ 100 MB on a {}-row transaction | {} = {:.1} MB ({} → peak {}) | {}{} |",
                     thousands(b.rows as f64),
                     mib(growth),
+                    (growth * 1024) as f64 / 1e6,
                     mib(b.baseline_kib),
                     mib(b.peak_kib),
                     verdict(met),
                     if met {
-                        String::new()
+                        format!(", {:.1} MB to spare", 100.0 - (growth * 1024) as f64 / 1e6)
                     } else {
-                        format!(", over by {}", mib(growth - 100 * 1024))
+                        format!(", over by {:.1} MB", (growth * 1024) as f64 / 1e6 - 100.0)
                     }
                 );
             } else {
@@ -2900,6 +3096,17 @@ impl Report<'_> {
                 f64::NAN
             },
         );
+        if st.hist_count + 0.5 < st.confirmed_txs {
+            let _ = writeln!(
+                o,
+                "The histogram has fewer observations than confirmed transactions: the daemon observes one \
+                 latency per confirmation step — that of the newest transaction confirmed in the step \
+                 (`AckTracker::take_confirmed` returns only its latency, `stream::confirm` observes it once) — \
+                 so when several transactions are confirmed together the older, slower ones are not \
+                 recorded. The histogram therefore under-counts and leans low; its p99 bucket floor is still \
+                 a valid lower bound.\n"
+            );
+        }
         if !st.hist_buckets.is_empty() {
             let _ = writeln!(o, "<details><summary>histogram buckets (delta)</summary>\n");
             let _ = writeln!(o, "| le (s) | cumulative count |");
@@ -2962,8 +3169,9 @@ impl Report<'_> {
         );
         let _ = writeln!(
             o,
-            "After the commit: first event produced after {} s (Postgres decodes the whole transaction — spilled to disk \
-             beyond `logical_decoding_work_mem` — before sending its first change; proto_version 1 cannot stream it), \
+            "After the commit: first event produced after {} s (the walsender decodes the transaction while it is written — \
+             spilling to disk beyond `logical_decoding_work_mem` — and sends nothing of it before the commit; \
+             proto_version 1 cannot stream an open transaction), \
              confirmed after {} s → {} rows/s end to end after commit. Events counted: {}; backpressure waits (producer \
              queue full): {}.\n",
             opt(b.first_event_after_commit_s, 1),
@@ -3069,7 +3277,7 @@ async fn setup_database(ctx: &Ctx) -> Result<(), String> {
 
 async fn run(ctx: &Ctx, report: &mut Report<'_>) {
     let s = &ctx.settings;
-    wait_for_quiet(s.quiet_timeout, "setting up");
+    wait_for_quiet(s.quiet_timeout, "setting up").await;
     let brokers = ctx.svc.brokers().to_owned();
     if let Err(e) = tokio::task::spawn_blocking(move || wait_for_broker(&brokers))
         .await
@@ -3120,7 +3328,7 @@ async fn run(ctx: &Ctx, report: &mut Report<'_>) {
 
     if s.phases.contains(&Phase::Steady) || s.phases.contains(&Phase::BigTx) {
         let slot = ctx.slot("s");
-        wait_for_quiet(s.quiet_timeout, "the streaming phases");
+        wait_for_quiet(s.quiet_timeout, "the streaming phases").await;
         let mut daemon = ctx.spawn_daemon(&slot, "stream");
         if let Err(e) = daemon.wait_ready(Duration::from_secs(60)).await {
             report.setup_note = e;
@@ -3142,7 +3350,7 @@ async fn run(ctx: &Ctx, report: &mut Report<'_>) {
             report.steady = Some(steady_phase(ctx, &daemon, &mut loader, &admin, &slot).await);
         }
         if s.phases.contains(&Phase::BigTx) {
-            wait_for_quiet(s.quiet_timeout, "the large transaction");
+            wait_for_quiet(s.quiet_timeout, "the large transaction").await;
             report.big = Some(big_tx_phase(ctx, &daemon, &mut loader, &admin, &slot).await);
         }
         let exit = daemon.terminate().await;
@@ -3161,7 +3369,16 @@ fn main() {
         return;
     }
     let settings = Settings::from_env();
-    let svc = Services::load();
+    let mut svc = Services::load();
+    let broker = if settings.private_broker {
+        let b = PrivateBroker::start().unwrap_or_else(|e| panic!("private broker: {e}"));
+        svc.vars
+            .insert("MEMBERSYNC_DEV_KAFKA_BROKERS".into(), b.addr.clone());
+        Some(b)
+    } else {
+        None
+    };
+    let _ = BROKER_ADDR.set(svc.brokers().to_owned());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -3178,6 +3395,7 @@ fn main() {
         brokers: svc.brokers().to_owned(),
         db: db.clone(),
         topic_prefix: topic_prefix.clone(),
+        delete_topics: broker.is_none(),
         done: AtomicBool::new(false),
     });
     let out_path = settings.out.clone();
@@ -3198,6 +3416,8 @@ fn main() {
     let stale = rt.block_on(Cleanup::remove_stale(&ctx.svc));
     let mut report = Report {
         ctx: &ctx,
+        broker: broker_description(broker.is_some()),
+        broker_storage: None,
         started: chrono::Utc::now(),
         finished: chrono::Utc::now(),
         machine_before: machine(),
@@ -3227,6 +3447,7 @@ fn main() {
     // Every daemon of `run` is dropped (killed) by now; remove slots, database and topics.
     report.finished = chrono::Utc::now();
     report.log_issues = log_issues(ctx.logs.path());
+    report.broker_storage = broker.as_ref().map(PrivateBroker::storage_bytes);
     report.cleanup = cleanup.run_blocking();
     report.leftover_slots = rt.block_on(async {
         let client = ctx.svc.connect("postgres").await;
@@ -3246,6 +3467,7 @@ fn main() {
             Err(e) => format!("unknown ({e})"),
         }
     });
+    drop(broker);
     if interrupted {
         eprintln!("cdc bench: interrupted; cleaned up, no report written");
         std::process::exit(130);

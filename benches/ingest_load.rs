@@ -248,8 +248,8 @@ fn parent(pid: u32) -> Option<u32> {
 }
 
 /// Builds and test runs other than this one: compilers (`rustc`, `clippy-driver`,
-/// `rustdoc`) and `cargo*` processes (cargo, cargo-nextest, cargo-clippy, …) that are not
-/// this benchmark's own ancestors.
+/// `rustdoc`) and `cargo*` processes (cargo, cargo-nextest, cargo-clippy, …; not `cargo
+/// run`) that are not this benchmark's own ancestors.
 fn foreign_activity() -> BTreeSet<String> {
     let mut ancestors = BTreeSet::new();
     let mut pid = std::process::id();
@@ -262,11 +262,27 @@ fn foreign_activity() -> BTreeSet<String> {
     pids()
         .into_iter()
         .filter(|pid| !ancestors.contains(pid))
-        .filter_map(comm)
-        .filter(|c| {
-            c == "rustc" || c == "clippy-driver" || c == "rustdoc" || c.starts_with("cargo")
+        .filter_map(|pid| {
+            let name = comm(pid)?;
+            let busy = match name.as_str() {
+                "rustc" | "clippy-driver" | "rustdoc" => true,
+                // `cargo run` (someone's long-running daemon) is not a build; its CPU, if
+                // any, shows up in the per-phase accounting instead.
+                n if n.starts_with("cargo") => cargo_subcommand(pid).as_deref() != Some("run"),
+                _ => false,
+            };
+            busy.then_some(name)
         })
         .collect()
+}
+
+/// The subcommand of a cargo process (`build`, `test`, `run`, …), from its command line.
+fn cargo_subcommand(pid: u32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    raw.split(|b| *b == 0)
+        .skip(1)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .find(|a| !a.is_empty() && !a.starts_with('-') && !a.starts_with('+'))
 }
 
 /// Waits until no other build or test run is going on, or `timeout` passed (then returns
@@ -331,7 +347,7 @@ fn thread_ticks(prefix: &str) -> u64 {
 }
 
 /// Per process: (own user+system ticks, reaped children's user+system ticks), with its
-/// name. Per-task accounting is exact where `/proc/stat` (tick sampling, tickless idle)
+/// name (only the own ticks are used). Per-task accounting is exact where `/proc/stat` (tick sampling, tickless idle)
 /// badly undercounts short bursts on an otherwise idle machine.
 fn all_process_ticks() -> HashMap<u32, (u64, u64, String)> {
     pids()
@@ -347,6 +363,51 @@ fn all_process_ticks() -> HashMap<u32, (u64, u64, String)> {
             Some((pid, (get(14) + get(15), get(16) + get(17), name)))
         })
         .collect()
+}
+
+/// The process listening on `port` on loopback (the broker), from `/proc/net/tcp*` and
+/// the processes' socket descriptors.
+fn listener_pid(port: u16) -> Option<u32> {
+    let suffix = format!(":{port:04X}");
+    let inodes: BTreeSet<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|text| {
+            text.lines()
+                .skip(1)
+                .filter_map(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    (f.len() > 9 && f[1].ends_with(&suffix) && f[3] == "0A")
+                        .then(|| f[9].to_owned())
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if inodes.is_empty() {
+        return None;
+    }
+    pids().into_iter().find(|pid| {
+        std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+            fds.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .any(|target| {
+                    let t = target.to_string_lossy();
+                    t.strip_prefix("socket:[")
+                        .and_then(|r| r.strip_suffix(']'))
+                        .is_some_and(|inode| inodes.contains(inode))
+                })
+        })
+    })
+}
+
+/// The broker's process: whoever listens on the first broker address, else the dev Tansu.
+fn broker_pid(brokers: &str) -> Option<u32> {
+    brokers
+        .split(',')
+        .next()
+        .and_then(|b| b.trim().rsplit_once(':'))
+        .and_then(|(_, port)| port.parse().ok())
+        .and_then(listener_pid)
+        .or_else(tansu_pid)
 }
 
 fn tansu_pid() -> Option<u32> {
@@ -406,17 +467,17 @@ impl CpuUse {
     ) -> CpuUse {
         let secs = b.at.duration_since(a.at).as_secs_f64().max(1e-9);
         let cores = |x: u64, y: u64| y.saturating_sub(x) as f64 / hz / secs;
-        // Every process's CPU during the phase: own time plus children it reaped meanwhile
-        // (so short-lived compilers count through their parent); new processes count whole.
+        // Every process's own CPU during the phase (new processes count whole). Children
+        // reaped meanwhile are left out: their total may predate the phase by far; builds
+        // and test runs are caught by the activity watch instead. Processes that ended
+        // during the phase are missed, so "other" is a lower bound.
         let mut by_process: Vec<(u32, String, u64)> = b
             .all
             .iter()
-            .map(|(pid, (own, children, name))| {
+            .map(|(pid, (own, _, name))| {
                 let ticks = match a.all.get(pid) {
-                    Some((own0, children0, _)) => {
-                        own.saturating_sub(*own0) + children.saturating_sub(*children0)
-                    }
-                    None => own + children,
+                    Some((own0, _, _)) => own.saturating_sub(*own0),
+                    None => *own,
                 };
                 (*pid, name.clone(), ticks)
             })
@@ -719,47 +780,19 @@ fn log_summary(path: &Path) -> Vec<(String, u64)> {
     counts
 }
 
-/// A topic left by an earlier run of this benchmark that did not clean up after itself
-/// (`bench-ingest-<pid>-…` where no process `<pid>` runs any more).
-fn is_stale_bench_topic(name: &str) -> bool {
-    let Some(rest) = name.strip_prefix("bench-ingest-") else {
-        return false;
-    };
-    let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
-        return false;
-    };
-    !Path::new(&format!("/proc/{pid}")).exists()
+/// The topics `membersync ingest` creates for `prefix` (with the default configuration,
+/// as the benchmark runs it).
+fn daemon_topics(prefix: &str) -> Vec<String> {
+    membersync::kafka::topics::Topics::new(prefix).all(&membersync::config::Config::default())
 }
 
-/// Deletes the topics the daemon created (`<prefix>.*`, and those of earlier runs that
-/// were interrupted), so repeated runs do not grow the shared dev broker's storage.
+/// Deletes the run's topics by name, so repeated runs do not grow the shared dev broker's
+/// storage. (Listing every topic instead is far too slow on a large Tansu SQLite file: one
+/// such metadata request kept the broker busy for minutes.)
 async fn delete_topics(kafka: &KafkaConfig) -> Result<Vec<String>, String> {
     use rdkafka::admin::{AdminClient, AdminOptions};
     use rdkafka::client::DefaultClientContext;
-    let prefix = format!("{}.", kafka.topic_prefix);
-    let names = {
-        let kafka = kafka.clone();
-        let prefix = prefix.clone();
-        tokio::task::spawn_blocking(move || -> Result<Vec<String>, String> {
-            let consumer: BaseConsumer = membersync::kafka::client_config(&kafka)
-                .create()
-                .map_err(|e| e.to_string())?;
-            let metadata = consumer
-                .fetch_metadata(None, Duration::from_secs(30))
-                .map_err(|e| e.to_string())?;
-            Ok(metadata
-                .topics()
-                .iter()
-                .map(|t| t.name().to_owned())
-                .filter(|n| n.starts_with(&prefix) || is_stale_bench_topic(n))
-                .collect())
-        })
-        .await
-        .map_err(|e| e.to_string())??
-    };
-    if names.is_empty() {
-        return Ok(names);
-    }
+    let names = daemon_topics(&kafka.topic_prefix);
     let admin: AdminClient<DefaultClientContext> = membersync::kafka::client_config(kafka)
         .create()
         .map_err(|e| e.to_string())?;
@@ -774,13 +807,22 @@ async fn delete_topics(kafka: &KafkaConfig) -> Result<Vec<String>, String> {
         .await
         .map_err(|e| e.to_string())?;
     let mut deleted = Vec::new();
+    let mut failed = Vec::new();
     for r in results {
         match r {
             Ok(name) => deleted.push(name),
-            Err((name, code)) => return Err(format!("{name}: {code}")),
+            // Already gone (Tansu answers this for topics a multi-topic delete removed).
+            Err((name, rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition)) => {
+                deleted.push(name)
+            }
+            Err((name, code)) => failed.push(format!("{name}: {code}")),
         }
     }
-    Ok(deleted)
+    if failed.is_empty() {
+        Ok(deleted)
+    } else {
+        Err(failed.join(", "))
+    }
 }
 
 impl Drop for Daemon {
@@ -1384,31 +1426,31 @@ fn machine() -> Machine {
 }
 
 fn broker_description(pid: Option<u32>) -> String {
-    let version = std::fs::read_to_string(repo_root().join("scripts/dev-services"))
+    let Some(pid) = pid else {
+        return "unknown broker process".into();
+    };
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    let version = exe
+        .as_ref()
+        .and_then(|e| command_output(&e.to_string_lossy(), &["--version"]))
+        .unwrap_or_else(|| comm(pid).unwrap_or_else(|| "?".into()));
+    let args: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
         .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("TANSU_VERSION=")
-                .map(|v| v.trim().to_owned())
-        })
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let storage = args
+        .iter()
+        .position(|a| a == "--storage-engine")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|url| url.split_once("://").map(|(scheme, _)| scheme.to_owned()))
         .unwrap_or_else(|| "?".into());
-    let storage = pid
-        .and_then(|p| std::fs::read(format!("/proc/{p}/cmdline")).ok())
-        .map(|raw| {
-            let args: Vec<String> = raw
-                .split(|b| *b == 0)
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            args.iter()
-                .position(|a| a == "--storage-engine")
-                .and_then(|i| args.get(i + 1))
-                .and_then(|url| url.split_once("://").map(|(scheme, _)| scheme.to_owned()))
-                .unwrap_or_else(|| "?".into())
-        })
-        .unwrap_or_else(|| "?".into());
-    format!(
-        "Tansu {version} (`scripts/dev-services`), {storage} storage, single broker on loopback"
-    )
+    let origin = if Some(pid) == tansu_pid() {
+        " (the dev broker of `scripts/dev-services`)"
+    } else {
+        ""
+    };
+    format!("{version}{origin}, {storage} storage, single broker on loopback")
 }
 
 fn pct(x: f64) -> String {
@@ -1444,6 +1486,7 @@ struct Final {
     machine: Machine,
     foreign_at_start: BTreeSet<String>,
     log: PathBuf,
+    topic_prefix: String,
     /// Size of the broker's SQLite file when the run started (shared with other users).
     broker_db_mib: Option<f64>,
     log_summary: Vec<(String, u64)>,
@@ -1638,7 +1681,10 @@ fn report(settings: &Settings, runs: &[PhaseRun], fin: &Final, broker_pid: Optio
          without verifying or producing. The daemon is idle (already started) while the baseline runs.\n- Error = any answer other than the expected \
          status (200; 401 for invalid signatures) or no answer. Throughput = expected answers ÷ (first due time → last answer) of the measured part.\n\
          - A phase is measured again (up to {MAX_ATTEMPTS} times, after waiting for quiet) if another build or test run (`rustc`, `clippy-driver`, `cargo*`) \
-         was seen during it or other processes used more than {OTHER_CPU_LIMIT} cores on average; the least disturbed attempt is reported.\n"
+         was seen during it or other processes used more than {OTHER_CPU_LIMIT} cores on average; the least disturbed attempt is reported.\n\
+         - CPU: each process's own user+system time over the phase (`/proc/<pid>/stat`), in cores. Load generator = this process minus the \
+         baseline server's threads; broker = the process listening on the broker's port; other = every other process (a lower bound: \
+         processes that ended during the phase are missed).\n"
     );
 
     let _ = writeln!(o, "## Results\n");
@@ -1828,7 +1874,12 @@ fn report(settings: &Settings, runs: &[PhaseRun], fin: &Final, broker_pid: Optio
             let _ = writeln!(o, "The run's topics were deleted afterwards ({}).", t.len());
         }
         Err(e) => {
-            let _ = writeln!(o, "The run's topics could not be deleted: {e}.");
+            let _ = writeln!(
+                o,
+                "The run's topics could not be deleted ({e}); delete them later with \
+                 `MEMBERSYNC_BENCH_CLEANUP={} cargo bench --bench ingest_load`.",
+                fin.topic_prefix
+            );
         }
     }
     if fin.log_summary.is_empty() {
@@ -1899,9 +1950,25 @@ fn main() {
     if !binary.contains("/release/") {
         eprintln!("ingest_load: warning: {binary} is not a release build");
     }
+    if let Ok(prefix) = std::env::var("MEMBERSYNC_BENCH_CLEANUP") {
+        // Only delete the topics of an earlier run that could not clean up after itself.
+        let kafka = KafkaConfig {
+            brokers,
+            topic_prefix: prefix,
+            ..KafkaConfig::default()
+        };
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        match rt.block_on(delete_topics(&kafka)) {
+            Ok(deleted) => eprintln!("ingest_load: deleted {deleted:?}"),
+            Err(e) => panic!("cannot delete the topics of {}: {e}", kafka.topic_prefix),
+        }
+        return;
+    }
     let foreign_at_start = wait_for_quiet(settings.quiet_timeout, "starting");
-    let broker_db_mib = std::fs::metadata(repo_root().join(".dev/tansu/tansu.db"))
-        .ok()
+    // The dev broker's SQLite file, when the dev Tansu is the broker in use.
+    let broker_db_mib = (broker_pid(&brokers).is_some() && broker_pid(&brokers) == tansu_pid())
+        .then(|| std::fs::metadata(repo_root().join(".dev/tansu/tansu.db")).ok())
+        .flatten()
         .map(|m| m.len() as f64 / 1024.0 / 1024.0);
     let started = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let machine = machine();
@@ -1920,9 +1987,9 @@ fn main() {
             SvixVerifier::new(&[SecretString::from(random_secret())]).expect("wrong secret");
         let baseline = start_baseline();
         let daemon = Daemon::start(&brokers, &secret).await;
-        let broker_pid = tansu_pid();
+        let broker_pid = broker_pid(&brokers);
         if broker_pid.is_none() {
-            eprintln!("ingest_load: no tansu process found; broker CPU is counted as other");
+            eprintln!("ingest_load: broker process not found; its CPU is counted as other");
         }
         let ctx = Context {
             settings,
@@ -1974,6 +2041,7 @@ fn main() {
             delete_topics(&kafka).await
         };
         let fin = Final {
+            topic_prefix: kafka.topic_prefix.clone(),
             log,
             broker_db_mib,
             log_summary,
