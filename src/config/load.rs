@@ -151,12 +151,10 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
             "must be between 1 and 65535",
         ));
     }
-    if db.connect_timeout_secs == 0 {
-        return Err(ConfigError::new(
-            "database.connect_timeout_secs",
-            "must be at least 1",
-        ));
-    }
+    at_least_one(
+        "database.connect_timeout_secs",
+        db.connect_timeout_secs as i64,
+    )?;
 
     let k = &c.kafka;
     validate_brokers(&k.brokers)?;
@@ -193,30 +191,13 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
             ));
         }
     }
-    if k.message_timeout_ms == 0 {
-        return Err(ConfigError::new(
-            "kafka.message_timeout_ms",
-            "must be at least 1",
-        ));
-    }
-    if k.request_timeout_ms == 0 {
-        return Err(ConfigError::new(
-            "kafka.request_timeout_ms",
-            "must be at least 1",
-        ));
-    }
-    if k.topic_partitions < 1 {
-        return Err(ConfigError::new(
-            "kafka.topic_partitions",
-            "must be at least 1",
-        ));
-    }
-    if k.topic_replication_factor < 1 {
-        return Err(ConfigError::new(
-            "kafka.topic_replication_factor",
-            "must be at least 1",
-        ));
-    }
+    at_least_one("kafka.message_timeout_ms", k.message_timeout_ms as i64)?;
+    at_least_one("kafka.request_timeout_ms", k.request_timeout_ms as i64)?;
+    at_least_one("kafka.topic_partitions", k.topic_partitions as i64)?;
+    at_least_one(
+        "kafka.topic_replication_factor",
+        k.topic_replication_factor as i64,
+    )?;
 
     validate_ingest(&c.ingest)?;
 
@@ -275,26 +256,16 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
             ));
         }
     }
-    if cdc.snapshot_fetch_rows == 0 {
-        return Err(ConfigError::new(
-            "cdc.snapshot_fetch_rows",
-            "must be at least 1",
-        ));
-    }
-    if cdc.status_interval_ms == 0 {
-        return Err(ConfigError::new(
-            "cdc.status_interval_ms",
-            "must be at least 1",
-        ));
-    }
-    if cdc.slot_poll_interval_secs == 0 || cdc.reconnect_max_backoff_secs == 0 {
-        let key = if cdc.slot_poll_interval_secs == 0 {
-            "cdc.slot_poll_interval_secs"
-        } else {
-            "cdc.reconnect_max_backoff_secs"
-        };
-        return Err(ConfigError::new(key, "must be at least 1"));
-    }
+    at_least_one("cdc.snapshot_fetch_rows", cdc.snapshot_fetch_rows as i64)?;
+    at_least_one("cdc.status_interval_ms", cdc.status_interval_ms as i64)?;
+    at_least_one(
+        "cdc.slot_poll_interval_secs",
+        cdc.slot_poll_interval_secs as i64,
+    )?;
+    at_least_one(
+        "cdc.reconnect_max_backoff_secs",
+        cdc.reconnect_max_backoff_secs as i64,
+    )?;
 
     let t = &c.telemetry;
     if tracing_subscriber::EnvFilter::try_new(&t.log_level).is_err() {
@@ -322,12 +293,10 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
             "must be between 0.0 and 1.0",
         ));
     }
-    if c.shutdown.drain_timeout_secs == 0 {
-        return Err(ConfigError::new(
-            "shutdown.drain_timeout_secs",
-            "must be at least 1",
-        ));
-    }
+    at_least_one(
+        "shutdown.drain_timeout_secs",
+        c.shutdown.drain_timeout_secs as i64,
+    )?;
     Ok(())
 }
 
@@ -344,24 +313,14 @@ fn validate_ingest(i: &crate::config::IngestConfig) -> Result<(), ConfigError> {
             ),
         ));
     }
-    if i.request_timeout_ms == 0 {
-        return Err(ConfigError::new(
-            "ingest.request_timeout_ms",
-            "must be at least 1",
-        ));
-    }
+    at_least_one("ingest.request_timeout_ms", i.request_timeout_ms as i64)?;
     if i.kafka_ack_timeout_ms == 0 || i.kafka_ack_timeout_ms >= i.request_timeout_ms {
         return Err(ConfigError::new(
             "ingest.kafka_ack_timeout_ms",
             "must be at least 1 and below ingest.request_timeout_ms",
         ));
     }
-    if i.concurrency_limit == 0 {
-        return Err(ConfigError::new(
-            "ingest.concurrency_limit",
-            "must be at least 1",
-        ));
-    }
+    at_least_one("ingest.concurrency_limit", i.concurrency_limit as i64)?;
     for (key, secrets) in [
         (
             "ingest.memberstack_webhook_secrets",
@@ -383,6 +342,14 @@ fn validate_ingest(i: &crate::config::IngestConfig) -> Result<(), ConfigError> {
         usable.map_err(|e| ConfigError::new(key, e.to_string()))?;
     }
     Ok(())
+}
+
+fn at_least_one(key: &str, value: i64) -> Result<(), ConfigError> {
+    if value < 1 {
+        Err(ConfigError::new(key, "must be at least 1"))
+    } else {
+        Ok(())
+    }
 }
 
 fn non_empty(key: &str, value: &str) -> Result<(), ConfigError> {
