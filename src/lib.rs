@@ -10,5 +10,8 @@ pub mod db;
 pub mod http;
 pub mod ingest;
 pub mod kafka;
+pub mod merge;
 pub mod shutdown;
+pub mod sim;
+pub mod sinks;
 pub mod telemetry;

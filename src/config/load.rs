@@ -14,13 +14,15 @@ pub const ENV_PREFIX: &str = "MEMBERSYNC__";
 
 /// Keys whose values are secrets: they may come from the environment or a `<key>_file`,
 /// never from the config file itself (files get committed, copied and pasted into tickets).
-const SECRET_KEYS: [&str; 6] = [
+const SECRET_KEYS: [&str; 8] = [
     "database.password",
     "database.admin_password",
     "kafka.sasl_password",
     "telemetry.sentry_dsn",
     "ingest.memberstack_webhook_secrets",
     "ingest.stripe_webhook_secrets",
+    "memberstack.api_key",
+    "supabase.service_role_key",
 ];
 
 /// Loads the configuration the daemon runs with.
@@ -95,6 +97,16 @@ fn resolve_secrets(c: &mut Config) -> Result<(), ConfigError> {
         "ingest.stripe_webhook_secrets",
         &mut c.ingest.stripe_webhook_secrets,
         c.ingest.stripe_webhook_secrets_file.take(),
+    )?;
+    resolve(
+        "memberstack.api_key",
+        &mut c.memberstack.api_key,
+        c.memberstack.api_key_file.take(),
+    )?;
+    resolve(
+        "supabase.service_role_key",
+        &mut c.supabase.service_role_key,
+        c.supabase.service_role_key_file.take(),
     )?;
     if c.telemetry.sentry_dsn.is_none() {
         // Sentry's own convention; honoured so existing deployments keep working.
@@ -200,6 +212,7 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
     )?;
 
     validate_ingest(&c.ingest)?;
+    validate_merge(c)?;
 
     let cdc = &c.cdc;
     if !is_pg_name(&cdc.slot) || cdc.slot.chars().any(|ch| ch.is_ascii_uppercase()) {
@@ -340,6 +353,87 @@ fn validate_ingest(i: &crate::config::IngestConfig) -> Result<(), ConfigError> {
         };
         // KeyError's text never contains the secret.
         usable.map_err(|e| ConfigError::new(key, e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Columns of `public.members` a field may map to; everything else is the daemon's own.
+const MAPPABLE_COLUMNS: [&str; 6] = [
+    "email",
+    "subscription_status",
+    "plan_id",
+    "custom_fields",
+    "project_data",
+    "usage_stats",
+];
+
+fn validate_merge(c: &Config) -> Result<(), ConfigError> {
+    let m = &c.merge;
+    non_empty("merge.group_id", &m.group_id)?;
+    at_least_one("merge.workers", m.workers as i64)?;
+    at_least_one("merge.max_in_flight", m.max_in_flight as i64)?;
+    at_least_one("merge.max_attempts", m.max_attempts as i64)?;
+    at_least_one("merge.commit_interval_ms", m.commit_interval_ms as i64)?;
+    if m.backoff_max_ms < m.backoff_base_ms {
+        return Err(ConfigError::new(
+            "merge.backoff_max_ms",
+            "must be at least merge.backoff_base_ms",
+        ));
+    }
+    let mut names = std::collections::HashSet::new();
+    let mut columns = std::collections::HashSet::new();
+    for (i, f) in m.fields.iter().enumerate() {
+        let key = format!("merge.fields[{i}]");
+        if !names.insert(f.name.as_str()) {
+            return Err(ConfigError::new(
+                format!("{key}.name"),
+                format!("field {:?} is mapped twice", f.name),
+            ));
+        }
+        if !MAPPABLE_COLUMNS.contains(&f.supabase.as_str()) {
+            return Err(ConfigError::new(
+                format!("{key}.supabase"),
+                format!("must be one of {}", MAPPABLE_COLUMNS.join(", ")),
+            ));
+        }
+        if !columns.insert(f.supabase.as_str()) {
+            return Err(ConfigError::new(
+                format!("{key}.supabase"),
+                format!("column {:?} is mapped twice", f.supabase),
+            ));
+        }
+        if let Err(why) = crate::merge::MemberstackPath::parse(&f.memberstack) {
+            return Err(ConfigError::new(format!("{key}.memberstack"), why));
+        }
+    }
+    for (key, v) in [
+        ("memberstack.requests_per_second", c.memberstack.requests_per_second as i64),
+        ("memberstack.request_timeout_ms", c.memberstack.request_timeout_ms as i64),
+        ("memberstack.max_attempts", c.memberstack.max_attempts as i64),
+        ("supabase.request_timeout_ms", c.supabase.request_timeout_ms as i64),
+        ("supabase.max_attempts", c.supabase.max_attempts as i64),
+        ("posthog.batch_size", c.posthog.batch_size as i64),
+        ("posthog.flush_interval_ms", c.posthog.flush_interval_ms as i64),
+        ("posthog.queue_capacity", c.posthog.queue_capacity as i64),
+        ("posthog.max_attempts", c.posthog.max_attempts as i64),
+    ] {
+        at_least_one(key, v)?;
+    }
+    for (key, url) in [
+        ("memberstack.api_url", Some(c.memberstack.api_url.as_str())),
+        ("supabase.url", c.supabase.url.as_deref()),
+        ("posthog.host", Some(c.posthog.host.as_str())),
+    ] {
+        let Some(url) = url else { continue };
+        if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 8 {
+            return Err(ConfigError::new(key, "must be an http:// or https:// URL"));
+        }
+    }
+    if c.supabase.url.is_some() != c.supabase.service_role_key.is_some() {
+        return Err(ConfigError::new(
+            "supabase.service_role_key",
+            "supabase.url and supabase.service_role_key are set together or not at all",
+        ));
     }
     Ok(())
 }

@@ -8,7 +8,9 @@
 mod error;
 mod load;
 mod sections;
+mod sync;
 
 pub use error::ConfigError;
 pub use load::{ENV_PREFIX, load, load_from};
 pub use sections::*;
+pub use sync::*;

@@ -15,6 +15,10 @@ pub struct Config {
     pub kafka: KafkaConfig,
     pub cdc: CdcConfig,
     pub ingest: IngestConfig,
+    pub merge: super::MergeConfig,
+    pub memberstack: super::MemberstackConfig,
+    pub supabase: super::SupabaseConfig,
+    pub posthog: super::PostHogConfig,
     pub telemetry: TelemetryConfig,
     pub shutdown: ShutdownConfig,
 }

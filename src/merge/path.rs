@@ -1,0 +1,213 @@
+//! Where a mapped field lives in a Memberstack member (`merge.fields[].memberstack`), and how
+//! to read it from a member or webhook payload and write it into a PATCH body.
+
+use serde_json::{Map, Value};
+
+/// A parsed Memberstack path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberstackPath {
+    /// `auth.email`.
+    Email,
+    /// `customFields`: the whole object.
+    CustomFields,
+    /// `customFields.<key>`.
+    CustomField(String),
+    /// `metaData.<key>`.
+    MetaData(String),
+    /// `json.<key>` (Memberstack replaces `json` whole: writes are read-modify-write).
+    Json(String),
+    /// `planConnection.status`.
+    PlanStatus,
+    /// `planConnection.planId`.
+    PlanId,
+}
+
+impl MemberstackPath {
+    pub fn parse(path: &str) -> Result<Self, String> {
+        let key = |rest: &str| -> Result<String, String> {
+            if rest.is_empty() || rest.contains('.') {
+                Err(format!("{path:?}: expected exactly one key after the dot"))
+            } else {
+                Ok(rest.to_owned())
+            }
+        };
+        Ok(match path {
+            "auth.email" => Self::Email,
+            "customFields" => Self::CustomFields,
+            "planConnection.status" => Self::PlanStatus,
+            "planConnection.planId" => Self::PlanId,
+            _ => {
+                if let Some(rest) = path.strip_prefix("customFields.") {
+                    Self::CustomField(key(rest)?)
+                } else if let Some(rest) = path.strip_prefix("metaData.") {
+                    Self::MetaData(key(rest)?)
+                } else if let Some(rest) = path.strip_prefix("json.") {
+                    Self::Json(key(rest)?)
+                } else {
+                    return Err(format!(
+                        "{path:?} is not a Memberstack path: use auth.email, customFields, \
+                         customFields.<key>, metaData.<key>, json.<key>, planConnection.status \
+                         or planConnection.planId"
+                    ));
+                }
+            }
+        })
+    }
+
+    /// Memberstack's API cannot change a plan connection of a paid plan (Stripe checkout
+    /// does): plan fields are read-only for the daemon.
+    pub fn is_writable(&self) -> bool {
+        !matches!(self, Self::PlanStatus | Self::PlanId)
+    }
+
+    /// Reads the value from a member object (or a webhook payload, which has the same
+    /// shape). `None`: the object does not carry the field at all (a partial payload), which
+    /// is different from `Some(Value::Null)`.
+    pub fn get(&self, member: &Value) -> Option<Value> {
+        match self {
+            Self::Email => member.get("auth")?.get("email").cloned(),
+            Self::CustomFields => member.get("customFields").cloned(),
+            Self::CustomField(k) => Some(
+                member
+                    .get("customFields")?
+                    .get(k)
+                    .cloned()
+                    .unwrap_or(Value::Null),
+            ),
+            Self::MetaData(k) => Some(
+                member
+                    .get("metaData")?
+                    .get(k)
+                    .cloned()
+                    .unwrap_or(Value::Null),
+            ),
+            Self::Json(k) => Some(member.get("json")?.get(k).cloned().unwrap_or(Value::Null)),
+            Self::PlanStatus => primary_plan(member).map(|p| p.get("status").cloned().unwrap_or(Value::Null)),
+            Self::PlanId => primary_plan(member).map(|p| p.get("planId").cloned().unwrap_or(Value::Null)),
+        }
+    }
+
+    /// Adds the value to a PATCH body (`{email, customFields, metaData, json}`). `current`
+    /// is the member as last read, needed for `json` (replaced whole by Memberstack).
+    pub fn put(&self, patch: &mut Map<String, Value>, value: Value, current: Option<&Value>) {
+        let object = |patch: &mut Map<String, Value>, name: &str| -> Map<String, Value> {
+            match patch.remove(name) {
+                Some(Value::Object(m)) => m,
+                _ => Map::new(),
+            }
+        };
+        match self {
+            Self::Email => {
+                patch.insert("email".into(), value);
+            }
+            Self::CustomFields => {
+                // Memberstack shallow-merges customFields: every key is sent.
+                let mut merged = object(patch, "customFields");
+                if let Value::Object(m) = value {
+                    merged.extend(m);
+                }
+                patch.insert("customFields".into(), Value::Object(merged));
+            }
+            Self::CustomField(k) => {
+                let mut m = object(patch, "customFields");
+                m.insert(k.clone(), value);
+                patch.insert("customFields".into(), Value::Object(m));
+            }
+            Self::MetaData(k) => {
+                let mut m = object(patch, "metaData");
+                m.insert(k.clone(), value);
+                patch.insert("metaData".into(), Value::Object(m));
+            }
+            Self::Json(k) => {
+                let mut m = match patch.remove("json") {
+                    Some(Value::Object(m)) => m,
+                    _ => current
+                        .and_then(|c| c.get("json"))
+                        .and_then(Value::as_object)
+                        .cloned()
+                        .unwrap_or_default(),
+                };
+                m.insert(k.clone(), value);
+                patch.insert("json".into(), Value::Object(m));
+            }
+            Self::PlanStatus | Self::PlanId => {}
+        }
+    }
+
+    /// Whether writing this path needs the member's current state first.
+    pub fn needs_read_before_write(&self) -> bool {
+        matches!(self, Self::Json(_))
+    }
+}
+
+/// The plan connection that stands for the member's subscription: the first active one,
+/// else the first. Plan webhooks carry a single `planConnection`.
+fn primary_plan(member: &Value) -> Option<Value> {
+    if let Some(single) = member.get("planConnection").filter(|v| v.is_object()) {
+        return Some(single.clone());
+    }
+    let list = member.get("planConnections")?.as_array()?;
+    let active = list
+        .iter()
+        .find(|p| p.get("active").and_then(Value::as_bool) == Some(true));
+    // An empty list: the member has no plan (Null), which is not "not in the payload".
+    Some(active.or(list.first()).cloned().unwrap_or(Value::Null))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn parses_every_documented_path_and_rejects_others() {
+        for p in [
+            "auth.email",
+            "customFields",
+            "customFields.tier",
+            "metaData.project_data",
+            "json.usage",
+            "planConnection.status",
+            "planConnection.planId",
+        ] {
+            MemberstackPath::parse(p).unwrap();
+        }
+        for p in ["email", "metaData", "metaData.a.b", "json.", "plans.status"] {
+            assert!(MemberstackPath::parse(p).is_err(), "{p}");
+        }
+    }
+
+    #[test]
+    fn reads_plan_from_list_or_single_connection() {
+        let m = json!({"planConnections": [
+            {"planId": "pln_free", "status": "ACTIVE", "active": false},
+            {"planId": "pln_pro", "status": "ACTIVE", "active": true}
+        ]});
+        assert_eq!(MemberstackPath::PlanId.get(&m), Some(json!("pln_pro")));
+        let single = json!({"planConnection": {"planId": "pln_x", "status": "CANCELED"}});
+        assert_eq!(MemberstackPath::PlanStatus.get(&single), Some(json!("CANCELED")));
+        assert_eq!(MemberstackPath::PlanId.get(&json!({"planConnections": []})), Some(Value::Null));
+        assert_eq!(MemberstackPath::PlanId.get(&json!({"auth": {}})), None);
+    }
+
+    #[test]
+    fn partial_payloads_are_not_nulls() {
+        let deleted = json!({"id": "mem_1"});
+        assert_eq!(MemberstackPath::Email.get(&deleted), None);
+        assert_eq!(MemberstackPath::MetaData("a".into()).get(&deleted), None);
+        let m = json!({"metaData": {}});
+        assert_eq!(MemberstackPath::MetaData("a".into()).get(&m), Some(Value::Null));
+    }
+
+    #[test]
+    fn json_writes_keep_the_other_keys() {
+        let current = json!({"json": {"keep": 1, "x": 0}});
+        let mut patch = Map::new();
+        MemberstackPath::Json("x".into()).put(&mut patch, json!(5), Some(&current));
+        MemberstackPath::MetaData("m".into()).put(&mut patch, json!("v"), None);
+        assert_eq!(
+            Value::Object(patch),
+            json!({"json": {"keep": 1, "x": 5}, "metaData": {"m": "v"}})
+        );
+    }
+}
