@@ -40,10 +40,40 @@ pub enum Command {
     /// Run only the webhook ingest role: POST /webhooks/memberstack and /webhooks/stripe on
     /// ingest.listen_addr, verified and produced to Kafka (scale out behind a load balancer).
     Ingest,
+    /// Run only the merge role: consume the Memberstack, Stripe and CDC topics as one consumer
+    /// group (merge.group_id), reconcile each member by field authority and write both sides
+    /// (scale out: instances share the partitions).
+    Merge,
+    /// Inspect and replay the dead-letter topic (<prefix>.dlq).
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Apply the database migrations (schemas/migrations) as database.admin_user: tables, row-level
     /// security, the membersync role's grants and the publication. Safe to re-run.
     Migrate,
     /// Check configuration, Postgres and Kafka; one line per item with ✓ or ✗ and a fix hint.
     /// Exits 1 if any item fails.
     Check,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List the dead letters: id, when, origin topic/partition/offset, attempts, error, and
+    /// whether it was replayed.
+    List {
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-feed dead letters to their original topic (unchanged, with a membersync-replay-of
+    /// header); merge processes them again. Each replay is recorded in audit_logs.
+    Replay {
+        /// The dead letter to replay (from `dlq list`).
+        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        id: Vec<String>,
+        /// Replay every dead letter not replayed yet.
+        #[arg(long)]
+        all: bool,
+    },
 }

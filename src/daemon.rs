@@ -112,14 +112,15 @@ fn outcome(
 pub enum Role {
     Cdc,
     Ingest,
+    Merge,
 }
 
 impl Role {
-    pub const ALL: &'static [Role] = &[Role::Cdc, Role::Ingest];
+    pub const ALL: &'static [Role] = &[Role::Cdc, Role::Ingest, Role::Merge];
 
     fn needs_postgres(self) -> bool {
         match self {
-            Role::Cdc => true,
+            Role::Cdc | Role::Merge => true,
             Role::Ingest => false,
         }
     }
@@ -182,6 +183,15 @@ pub async fn run(config: Config, roles: &[Role]) -> Result<(), DaemonError> {
         let token = shutdown.clone();
         supervisor.spawn("ingest", async move {
             ingest.serve(token).await.map_err(|e| e.to_string())
+        });
+    }
+
+    if roles.contains(&Role::Merge) {
+        let merge = crate::merge::Merge::new(&config, &metrics)
+            .map_err(|e| DaemonError::Setup(e.to_string()))?;
+        let token = shutdown.clone();
+        supervisor.spawn("merge", async move {
+            merge.run(token).await.map_err(|e| e.to_string())
         });
     }
 

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use membersync::cli::{Cli, Command};
+use membersync::cli::{Cli, Command, DlqCommand};
 use membersync::config::{self, Config};
 use membersync::daemon::Role;
 use membersync::db::{self, Login};
@@ -55,6 +55,11 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             membersync::daemon::run(config, &[Role::Ingest]).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Merge => {
+            membersync::daemon::run(config, &[Role::Merge]).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dlq { command } => dlq(command, &config).await,
         Command::Migrate => {
             let mut client = db::connect(&config.database, Login::Admin).await?;
             let report = db::migrate::migrate(&mut client)
@@ -82,6 +87,60 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+    }
+}
+
+async fn dlq(command: DlqCommand, config: &Config) -> anyhow::Result<ExitCode> {
+    use membersync::merge::dlq;
+    let topic = membersync::kafka::topics::Topics::new(&config.kafka.topic_prefix).dlq();
+    let letters = dlq::read_all(&config.kafka, &topic)
+        .await
+        .with_context(|| format!("reading {topic}"))?;
+    let client = db::connect(&config.database, Login::Daemon).await?;
+    let replayed = dlq::replayed_ids(&client).await.context("reading audit_logs")?;
+    match command {
+        DlqCommand::List { json } => {
+            if json {
+                for l in &letters {
+                    let mut v = serde_json::to_value(l)?;
+                    v["replayed"] = serde_json::Value::Bool(replayed.contains(&l.id));
+                    println!("{v}");
+                }
+            } else {
+                print!("{}", dlq::table(&letters, &replayed));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCommand::Replay { id, all } => {
+            let chosen: Vec<&dlq::DeadLetter> = if all {
+                letters.iter().filter(|l| !replayed.contains(&l.id)).collect()
+            } else {
+                let mut chosen = Vec::new();
+                for wanted in &id {
+                    match letters.iter().find(|l| &l.id == wanted) {
+                        Some(l) => chosen.push(l),
+                        None => anyhow::bail!("no dead letter with id {wanted} on {topic}"),
+                    }
+                }
+                chosen
+            };
+            let producer = membersync::kafka::producer::Producer::new(
+                &config.kafka,
+                std::time::Duration::from_millis(config.kafka.message_timeout_ms),
+            )?;
+            for letter in &chosen {
+                letter
+                    .replay(&producer, std::time::Duration::from_secs(10))
+                    .await
+                    .with_context(|| format!("replaying {}", letter.id))?;
+                dlq::record_replay(&client, letter).await.context("writing audit_logs")?;
+                println!("replayed {} to {}", letter.id, letter.origin.topic);
+            }
+            if chosen.is_empty() {
+                println!("nothing to replay");
+            }
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

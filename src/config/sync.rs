@@ -99,10 +99,13 @@ pub struct MergeConfig {
     pub backoff_max_ms: u64,
     /// How often finished offsets are committed to Kafka.
     pub commit_interval_ms: u64,
+    /// How long the broker may hold a fetch waiting for records (librdkafka
+    /// `fetch.wait.max.ms`): the upper bound of the consumer's added latency when idle.
+    pub fetch_wait_max_ms: u64,
     /// A value we pushed to Memberstack is recognised in its webhook for this long.
     pub echo_window_secs: u64,
     pub on_member_deleted: DeleteMode,
-    /// Create the Supabase auth user on `member.created` (needs `[supabase]`).
+    /// Create the Supabase auth user for a new member (needs `[supabase]`).
     pub create_auth_users: bool,
     pub fields: Vec<FieldMapping>,
 }
@@ -118,6 +121,7 @@ impl Default for MergeConfig {
             backoff_base_ms: 2_000,
             backoff_max_ms: 60_000,
             commit_interval_ms: 1_000,
+            fetch_wait_max_ms: 100,
             echo_window_secs: 600,
             on_member_deleted: DeleteMode::Soft,
             create_auth_users: true,

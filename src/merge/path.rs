@@ -61,27 +61,16 @@ impl MemberstackPath {
     }
 
     /// Reads the value from a member object (or a webhook payload, which has the same
-    /// shape). `None`: the object does not carry the field at all (a partial payload), which
-    /// is different from `Some(Value::Null)`.
+    /// shape). `None`: the object does not carry the field (a partial payload, or a key the
+    /// member never had), which is different from `Some(Value::Null)`.
     pub fn get(&self, member: &Value) -> Option<Value> {
         match self {
             Self::Email => member.get("auth")?.get("email").cloned(),
             Self::CustomFields => member.get("customFields").cloned(),
-            Self::CustomField(k) => Some(
-                member
-                    .get("customFields")?
-                    .get(k)
-                    .cloned()
-                    .unwrap_or(Value::Null),
-            ),
-            Self::MetaData(k) => Some(
-                member
-                    .get("metaData")?
-                    .get(k)
-                    .cloned()
-                    .unwrap_or(Value::Null),
-            ),
-            Self::Json(k) => Some(member.get("json")?.get(k).cloned().unwrap_or(Value::Null)),
+            // An absent key says nothing (Memberstack merges keys and never removes one).
+            Self::CustomField(k) => member.get("customFields")?.get(k).cloned(),
+            Self::MetaData(k) => member.get("metaData")?.get(k).cloned(),
+            Self::Json(k) => member.get("json")?.get(k).cloned(),
             Self::PlanStatus => primary_plan(member).map(|p| p.get("status").cloned().unwrap_or(Value::Null)),
             Self::PlanId => primary_plan(member).map(|p| p.get("planId").cloned().unwrap_or(Value::Null)),
         }
@@ -195,8 +184,9 @@ mod tests {
         let deleted = json!({"id": "mem_1"});
         assert_eq!(MemberstackPath::Email.get(&deleted), None);
         assert_eq!(MemberstackPath::MetaData("a".into()).get(&deleted), None);
-        let m = json!({"metaData": {}});
-        assert_eq!(MemberstackPath::MetaData("a".into()).get(&m), Some(Value::Null));
+        let m = json!({"metaData": {"b": null}});
+        assert_eq!(MemberstackPath::MetaData("a".into()).get(&m), None);
+        assert_eq!(MemberstackPath::MetaData("b".into()).get(&m), Some(Value::Null));
     }
 
     #[test]

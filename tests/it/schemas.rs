@@ -408,7 +408,7 @@ fn pattern_matches(pattern: &str, text: &str) -> bool {
     go(&atoms, &text.chars().collect::<Vec<_>>())
 }
 
-fn assert_valid(name: &str, value: &Value, what: &str) {
+pub(crate) fn assert_valid(name: &str, value: &Value, what: &str) {
     let errors = check(&schema(name), value);
     assert!(
         errors.is_empty(),

@@ -15,7 +15,13 @@ impl Daemon {
     /// Starts `membersync <command>` with `env` and waits until every role has started
     /// (`/readyz` reports `startup: ok`, whatever the dependencies say).
     pub async fn start(command: &str, env: Vec<(String, String)>) -> Daemon {
-        let (ops_port, ingest_port) = (free_port(), free_port());
+        Self::start_on(command, env, free_port()).await
+    }
+
+    /// [`Daemon::start`] with the ingest server on `ingest_port` (for senders configured
+    /// before the daemon starts, like the Memberstack simulator's webhooks).
+    pub async fn start_on(command: &str, env: Vec<(String, String)>, ingest_port: u16) -> Daemon {
+        let ops_port = free_port();
         let child = membersync()
             .arg(command)
             .envs(env)

@@ -1,0 +1,334 @@
+//! Decoding one Kafka record of a consumed topic into a [`Change`]: who it is about, when it
+//! happened, and the mapped field values it carries. A record that cannot be decoded is
+//! poison ([`DecodeError`]) and goes straight to the dead-letter topic.
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde_json::{Map, Value};
+
+use crate::cdc::envelope::UNCHANGED_TOAST;
+use crate::config::FieldMapping;
+use crate::merge::MemberstackPath;
+use crate::merge::resolve::Side;
+
+/// Where a record was read.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Position {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChangeKind {
+    /// A Memberstack webhook. `refetch`: the payload does not describe the member (unknown
+    /// and team events): read the member from the Admin API instead.
+    Memberstack { event: String, deleted: bool, refetch: bool },
+    /// A Stripe event.
+    Stripe { event: String },
+    /// A row change of `public.members`. `own`: written by membersync (never pushed back).
+    Cdc { op: String, own: bool },
+}
+
+/// One change to merge.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    /// Exactly-once key (`webhook_log.event_id`): svix-id, Stripe event id, or
+    /// `cdc:<lsn>:<order>`.
+    pub event_id: String,
+    pub member_id: Option<String>,
+    pub side: Side,
+    pub source: &'static str,
+    pub kind: ChangeKind,
+    pub occurred_at: DateTime<Utc>,
+    /// The member object (Memberstack), or the row (CDC), as sent.
+    pub payload: Value,
+    pub position: Position,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("the record has no value")]
+    Empty,
+    #[error("the value is not JSON: {0}")]
+    NotJson(String),
+    #[error("the value lacks {0}")]
+    Missing(&'static str),
+    #[error("{0} is not a topic merge consumes")]
+    UnknownTopic(String),
+}
+
+/// Which kind of topic a consumed topic is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicKind {
+    Memberstack,
+    Stripe,
+    Cdc,
+}
+
+impl TopicKind {
+    pub fn of(topic: &str, prefix: &str) -> Option<Self> {
+        let rest = topic.strip_prefix(prefix)?.strip_prefix('.')?;
+        match rest {
+            "memberstack" => Some(Self::Memberstack),
+            "stripe" => Some(Self::Stripe),
+            r if r.starts_with("cdc.") => Some(Self::Cdc),
+            _ => None,
+        }
+    }
+}
+
+pub fn decode(kind: TopicKind, position: Position, value: Option<&[u8]>) -> Result<Change, DecodeError> {
+    let bytes = value.filter(|v| !v.is_empty()).ok_or(DecodeError::Empty)?;
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+    match kind {
+        TopicKind::Memberstack => memberstack(v, position),
+        TopicKind::Stripe => stripe(v, position),
+        TopicKind::Cdc => cdc(v, position),
+    }
+}
+
+fn text<'a>(v: &'a Value, key: &'static str) -> Result<&'a str, DecodeError> {
+    v.get(key).and_then(Value::as_str).ok_or(DecodeError::Missing(key))
+}
+
+fn instant(v: &Value, key: &'static str) -> Result<DateTime<Utc>, DecodeError> {
+    text(v, key)?
+        .parse::<DateTime<Utc>>()
+        .map_err(|_| DecodeError::Missing(key))
+}
+
+fn memberstack(v: Value, position: Position) -> Result<Change, DecodeError> {
+    let event = text(&v, "type")?.to_owned();
+    let kind = v.get("kind").and_then(Value::as_str).unwrap_or("unknown");
+    let data = v.get("data").ok_or(DecodeError::Missing("data"))?;
+    let payload = data
+        .get("payload")
+        .or_else(|| data.get("data"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    let member_id = v
+        .get("member_id")
+        .and_then(Value::as_str)
+        .or_else(|| payload.get("id").and_then(Value::as_str))
+        .map(str::to_owned);
+    let known = matches!(
+        kind,
+        "member_created" | "member_updated" | "member_deleted" | "plan_added" | "plan_updated" | "plan_canceled"
+    );
+    Ok(Change {
+        event_id: text(&v, "id")?.to_owned(),
+        member_id,
+        side: Side::Memberstack,
+        source: "memberstack",
+        kind: ChangeKind::Memberstack {
+            event,
+            deleted: kind == "member_deleted",
+            refetch: !known,
+        },
+        occurred_at: instant(&v, "occurred_at")?,
+        payload,
+        position,
+    })
+}
+
+fn stripe(v: Value, position: Position) -> Result<Change, DecodeError> {
+    let event = text(&v, "type")?.to_owned();
+    let object = v
+        .get("data")
+        .and_then(|d| d.get("data"))
+        .and_then(|d| d.get("object"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    // A subscription event's object is the subscription; `deleted` means it ended.
+    let status = if event == "customer.subscription.deleted" {
+        Some(Value::String("canceled".into()))
+    } else if event.starts_with("customer.subscription.") {
+        object.get("status").cloned()
+    } else {
+        None
+    };
+    let needs_lookup = v.get("needs_lookup").and_then(Value::as_bool).unwrap_or(false);
+    let mut payload = Map::new();
+    if let Some(status) = status {
+        // Shaped like a Memberstack plan event so the mapping's plan status path reads it.
+        payload.insert("planConnection".into(), serde_json::json!({ "status": status }));
+    }
+    Ok(Change {
+        event_id: text(&v, "id")?.to_owned(),
+        member_id: if needs_lookup {
+            None
+        } else {
+            v.get("member_id").and_then(Value::as_str).map(str::to_owned)
+        },
+        side: Side::Memberstack,
+        source: "stripe",
+        kind: ChangeKind::Stripe { event },
+        occurred_at: instant(&v, "occurred_at")?,
+        payload: Value::Object(payload),
+        position,
+    })
+}
+
+fn cdc(v: Value, position: Position) -> Result<Change, DecodeError> {
+    let op = text(&v, "op")?.to_owned();
+    let source = v.get("source").ok_or(DecodeError::Missing("source"))?;
+    let lsn = source.get("lsn").and_then(Value::as_u64).ok_or(DecodeError::Missing("source.lsn"))?;
+    let order = v
+        .get("transaction")
+        .and_then(|t| t.get("total_order"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    let own = source.get("origin").and_then(Value::as_str) == Some(crate::cdc::ORIGIN_NAME);
+    let row = v
+        .get("after")
+        .filter(|a| a.is_object())
+        .or_else(|| v.get("before"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    let member_id = row
+        .get("memberstack_id")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let commit_ms = source.get("ts_ms").and_then(Value::as_i64).ok_or(DecodeError::Missing("source.ts_ms"))?;
+    // A snapshot row's commit time is the snapshot's; the row's own updated_at says when it
+    // was last edited.
+    let occurred_at = if op == "r" {
+        row.get("updated_at")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse::<DateTime<Utc>>().ok())
+    } else {
+        None
+    }
+    .or_else(|| Utc.timestamp_millis_opt(commit_ms).single())
+    .ok_or(DecodeError::Missing("source.ts_ms"))?;
+    let event_id = if op == "r" {
+        // Snapshot rows share the consistent point's LSN: the key tells them apart.
+        format!("cdc:{lsn}:r:{}", member_id.as_deref().unwrap_or(""))
+    } else {
+        format!("cdc:{lsn}:{order}")
+    };
+    Ok(Change {
+        event_id,
+        member_id,
+        side: Side::Supabase,
+        source: "supabase",
+        kind: ChangeKind::Cdc { op, own },
+        occurred_at,
+        payload: row,
+        position,
+    })
+}
+
+impl Change {
+    /// The mapped field's value in this change, or `None` when the change does not carry it.
+    pub fn field_value(&self, field: &FieldMapping) -> Option<Value> {
+        match &self.kind {
+            ChangeKind::Cdc { .. } => {
+                let v = self.payload.get(&field.supabase)?;
+                (v.as_str() != Some(UNCHANGED_TOAST)).then(|| v.clone())
+            }
+            ChangeKind::Stripe { .. } => {
+                let path = MemberstackPath::parse(&field.memberstack).ok()?;
+                (path == MemberstackPath::PlanStatus)
+                    .then(|| path.get(&self.payload))
+                    .flatten()
+            }
+            ChangeKind::Memberstack { .. } => {
+                MemberstackPath::parse(&field.memberstack).ok()?.get(&self.payload)
+            }
+        }
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        match &self.kind {
+            ChangeKind::Memberstack { deleted, .. } => *deleted,
+            ChangeKind::Cdc { op, .. } => op == "d",
+            ChangeKind::Stripe { .. } => false,
+        }
+    }
+
+    pub fn event_type(&self) -> &str {
+        match &self.kind {
+            ChangeKind::Memberstack { event, .. } | ChangeKind::Stripe { event } => event,
+            ChangeKind::Cdc { op, .. } => op,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pos() -> Position {
+        Position {
+            topic: "t".into(),
+            partition: 0,
+            offset: 7,
+        }
+    }
+
+    #[test]
+    fn memberstack_envelope_decodes() {
+        let v = json!({
+            "schema_version": 1, "id": "msg_1", "source": "memberstack", "type": "member.updated",
+            "kind": "member_updated", "member_id": "mem_1", "needs_lookup": false,
+            "occurred_at": "2026-01-01T00:00:00.123Z", "signed_at": "2026-01-01T00:00:01Z",
+            "received_at": "2026-01-01T00:00:01Z",
+            "data": {"event": "member.updated", "timestamp": 1, "payload": {"id": "mem_1", "auth": {"email": "A@x.io"}, "customFields": {"n": 1}}}
+        });
+        let c = decode(TopicKind::Memberstack, pos(), Some(v.to_string().as_bytes())).unwrap();
+        assert_eq!(c.event_id, "msg_1");
+        assert_eq!(c.member_id.as_deref(), Some("mem_1"));
+        let email = &crate::config::default_fields()[0];
+        assert_eq!(c.field_value(email), Some(json!("A@x.io")));
+        let project = crate::config::default_fields()
+            .into_iter()
+            .find(|f| f.name == "project_data")
+            .unwrap();
+        assert_eq!(c.field_value(&project), None, "metaData is not in this payload");
+    }
+
+    #[test]
+    fn own_cdc_events_are_marked_and_toast_is_absent() {
+        let v = json!({
+            "op": "u", "before": null,
+            "after": {"memberstack_id": "mem_1", "email": "a@x", "project_data": "__unchanged_toast"},
+            "source": {"lsn": 42, "ts_ms": 1_700_000_000_000i64, "origin": "membersync"},
+            "transaction": {"id": "1:42", "total_order": 3, "data_collection_order": 1}
+        });
+        let c = decode(TopicKind::Cdc, pos(), Some(v.to_string().as_bytes())).unwrap();
+        assert_eq!(c.event_id, "cdc:42:3");
+        assert_eq!(c.kind, ChangeKind::Cdc { op: "u".into(), own: true });
+        let fields = crate::config::default_fields();
+        let project = fields.iter().find(|f| f.name == "project_data").unwrap();
+        assert_eq!(c.field_value(project), None);
+    }
+
+    #[test]
+    fn poison_is_precise() {
+        assert_eq!(decode(TopicKind::Cdc, pos(), None), Err(DecodeError::Empty));
+        assert!(matches!(decode(TopicKind::Cdc, pos(), Some(b"{nope")), Err(DecodeError::NotJson(_))));
+        assert_eq!(
+            decode(TopicKind::Stripe, pos(), Some(b"{}")),
+            Err(DecodeError::Missing("type"))
+        );
+    }
+
+    #[test]
+    fn stripe_subscription_status_reads_as_plan_status() {
+        let v = json!({
+            "id": "evt_1", "type": "customer.subscription.updated", "member_id": "mem_9",
+            "needs_lookup": false, "occurred_at": "2026-01-01T00:00:00Z",
+            "data": {"data": {"object": {"status": "past_due"}}}
+        });
+        let c = decode(TopicKind::Stripe, pos(), Some(v.to_string().as_bytes())).unwrap();
+        let status = crate::config::default_fields()
+            .into_iter()
+            .find(|f| f.name == "subscription_status")
+            .unwrap();
+        assert_eq!(c.field_value(&status), Some(json!("past_due")));
+        let plan = crate::config::default_fields().into_iter().find(|f| f.name == "plan_id").unwrap();
+        assert_eq!(c.field_value(&plan), None);
+    }
+}

@@ -1,0 +1,204 @@
+//! The outcome of one change: the record on `<prefix>.sync` (schema
+//! `schemas/kafka/sync.json`) and the PostHog events derived from it.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use super::change::{Change, Position};
+use super::resolve::{Conflict, Side, Verdict};
+use crate::sinks::posthog::CaptureEvent;
+
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Namespace of outcome ids: `uuid_v5(NS, event_id)`, so a re-announced outcome has the
+/// same id and consumers can deduplicate.
+const OUTCOME_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6d656d62_6572_7379_6e63_6f7574636f6d);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Something was written to Supabase and/or Memberstack.
+    Applied,
+    /// Processed; both sides already agreed (echoes, stale and equal values).
+    Unchanged,
+    /// Already processed earlier (same event id): nothing done again.
+    Duplicate,
+    /// Not applicable (no member id, a Stripe customer without member, a truncate, …).
+    Skipped,
+    /// Exhausted its attempts or could not be decoded: it is on the dead-letter topic.
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FieldOutcome {
+    pub field: String,
+    pub verdict: String,
+    pub value: Value,
+    pub wrote_supabase: bool,
+    pub pushed_memberstack: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConflictOutcome {
+    pub field: String,
+    pub winner: Side,
+    pub winning: Value,
+    pub losing: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    pub schema_version: u32,
+    pub id: String,
+    pub event_id: String,
+    pub member_id: Option<String>,
+    pub user_id: Option<String>,
+    pub source: String,
+    pub event_type: String,
+    pub status: Status,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reason: Option<String>,
+    pub fields: Vec<FieldOutcome>,
+    pub conflicts: Vec<ConflictOutcome>,
+    /// The `members` row was created by this change.
+    pub created: bool,
+    /// `deleted_at` was set by this change.
+    pub deleted: bool,
+    /// What happened to the Supabase auth user: created, linked (existing email) or updated.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub auth_user: Option<String>,
+    pub origin: Position,
+    pub occurred_at: String,
+    pub processed_at: String,
+    pub attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+impl Outcome {
+    pub fn new(change: &Change, status: Status) -> Self {
+        Self {
+            schema_version: SCHEMA_VERSION,
+            id: uuid::Uuid::new_v5(&OUTCOME_NAMESPACE, change.event_id.as_bytes()).to_string(),
+            event_id: change.event_id.clone(),
+            member_id: change.member_id.clone(),
+            user_id: None,
+            source: change.source.to_owned(),
+            event_type: change.event_type().to_owned(),
+            status,
+            reason: None,
+            fields: Vec::new(),
+            conflicts: Vec::new(),
+            created: false,
+            deleted: false,
+            auth_user: None,
+            origin: change.position.clone(),
+            occurred_at: rfc3339(change.occurred_at),
+            processed_at: rfc3339(Utc::now()),
+            attempts: 1,
+            error: None,
+        }
+    }
+
+    pub fn with_reason(mut self, reason: impl Into<String>) -> Self {
+        self.reason = Some(reason.into());
+        self
+    }
+
+    pub fn record_conflict(&mut self, field: &str, c: &Conflict) {
+        self.conflicts.push(ConflictOutcome {
+            field: field.to_owned(),
+            winner: c.winner,
+            winning: c.winning.clone(),
+            losing: c.losing.clone(),
+        });
+    }
+
+    pub fn record_field(&mut self, field: &str, verdict: Verdict, value: &Value, wrote: bool, pushed: bool) {
+        self.fields.push(FieldOutcome {
+            field: field.to_owned(),
+            verdict: verdict.as_str().to_owned(),
+            value: value.clone(),
+            wrote_supabase: wrote,
+            pushed_memberstack: pushed,
+        });
+    }
+
+    pub fn to_json(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+
+    /// The PostHog events this outcome stands for (sync rules: sync_completed, sync_failed,
+    /// user_created, subscription_changed, conflict_resolved). Their uuids derive from the
+    /// event id, so a redelivered change is deduplicated by PostHog.
+    pub fn posthog_events(&self) -> Vec<CaptureEvent> {
+        let Some(member) = self.member_id.as_deref() else {
+            return Vec::new();
+        };
+        let mut base = Map::new();
+        base.insert("source".into(), json!(self.source));
+        base.insert("event_type".into(), json!(self.event_type));
+        base.insert("event_id".into(), json!(self.event_id));
+        let event = |name: &str, key: &str, extra: Map<String, Value>| {
+            let mut e = CaptureEvent::new(name, member, key);
+            e.properties.extend(base.clone());
+            e.properties.extend(extra);
+            // PostHog deduplicates on uuid, event, timestamp and distinct_id: the change's
+            // own time keeps a redelivered change identical.
+            if let Ok(t) = self.occurred_at.parse() {
+                e.timestamp = t;
+            }
+            e
+        };
+        let mut out = Vec::new();
+        match self.status {
+            Status::Applied => {
+                let fields: Vec<&str> = self
+                    .fields
+                    .iter()
+                    .filter(|f| f.wrote_supabase || f.pushed_memberstack)
+                    .map(|f| f.field.as_str())
+                    .collect();
+                out.push(event("sync_completed", &self.event_id, props(json!({ "fields": fields }))));
+            }
+            Status::Failed => out.push(event(
+                "sync_failed",
+                &self.event_id,
+                props(json!({ "error": self.error, "attempts": self.attempts })),
+            )),
+            _ => {}
+        }
+        if self.created {
+            out.push(event("user_created", &self.event_id, props(json!({ "user_id": self.user_id }))));
+        }
+        let subscription: Map<String, Value> = self
+            .fields
+            .iter()
+            .filter(|f| f.wrote_supabase && (f.field == "subscription_status" || f.field == "plan_id"))
+            .map(|f| (f.field.clone(), f.value.clone()))
+            .collect();
+        if !subscription.is_empty() {
+            out.push(event("subscription_changed", &self.event_id, subscription));
+        }
+        for c in &self.conflicts {
+            out.push(event(
+                "conflict_resolved",
+                &format!("{}:{}", self.event_id, c.field),
+                props(json!({ "field": c.field, "winner": c.winner })),
+            ));
+        }
+        out
+    }
+}
+
+fn props(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}

@@ -1,0 +1,715 @@
+//! Merge end to end: the real daemon (`membersync run`: CDC, ingest and merge) on the dev
+//! Postgres and broker, with the Memberstack, Supabase Auth and PostHog simulators sending
+//! and receiving real HTTP. Changes are made the way people make them: in the Memberstack
+//! dashboard (the simulator then sends Svix-signed webhooks) and by SQL in Supabase.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use membersync::config::KafkaConfig;
+use membersync::sim::memberstack::{MemberstackConfig, MemberstackSim};
+use membersync::sim::posthog::{PostHogConfig, PostHogSim};
+use membersync::sim::supabase_auth::{AuthConfig, AuthSim};
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+use tokio_postgres::Client;
+
+use crate::support::{self, Services, TestDb, daemon::Daemon, free_port, wait_for};
+
+const API_KEY: &str = "sk_sb_merge_test_key";
+const SERVICE_KEY: &str = "service-role-test-key";
+const POSTHOG_KEY: &str = "phc_merge_test";
+const STRIPE_SECRET: &str = "whsec_stripe_merge_test_secret";
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Stack {
+    db: TestDb,
+    admin: Client,
+    kafka: KafkaConfig,
+    ms: MemberstackSim,
+    auth: AuthSim,
+    posthog: PostHogSim,
+    daemon: Daemon,
+    env: Vec<(String, String)>,
+}
+
+fn webhook_secret() -> String {
+    let key: [u8; 24] = rand::random();
+    format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(key))
+}
+
+impl Stack {
+    async fn start(extra: &[(&str, &str)]) -> Stack {
+        let db = TestDb::migrated().await;
+        let admin = db.admin().await;
+        let kafka = support::kafka::config();
+        let s = Services::get();
+        let ingest_port = free_port();
+        let secret = webhook_secret();
+        let ms = MemberstackSim::start(
+            MemberstackConfig::new(API_KEY)
+                .with_webhook(format!("http://127.0.0.1:{ingest_port}/webhooks/memberstack"), secret.clone()),
+        )
+        .await
+        .expect("memberstack simulator");
+        let dsn = format!(
+            "host={} port={} user={} password={} dbname={}",
+            s.pg_host(),
+            s.pg_port(),
+            s.var("MEMBERSYNC_DEV_PG_SUPERUSER"),
+            s.superuser_password(),
+            db.name
+        );
+        let auth = AuthSim::start(AuthConfig::new(dsn, SERVICE_KEY)).await.expect("auth simulator");
+        let posthog = PostHogSim::start(PostHogConfig::new(POSTHOG_KEY)).await.expect("posthog simulator");
+        let mut env = db.env();
+        let group = support::unique_name("merge");
+        for (k, v) in [
+            ("MEMBERSYNC__KAFKA__BROKERS", kafka.brokers.clone()),
+            ("MEMBERSYNC__KAFKA__TOPIC_PREFIX", kafka.topic_prefix.clone()),
+            ("MEMBERSYNC__KAFKA__TOPIC_PARTITIONS", "3".into()),
+            ("MEMBERSYNC__CDC__HEARTBEAT_INTERVAL_SECS", "1".into()),
+            ("MEMBERSYNC__CDC__STATUS_INTERVAL_MS", "200".into()),
+            ("MEMBERSYNC__INGEST__MEMBERSTACK_WEBHOOK_SECRETS", secret),
+            ("MEMBERSYNC__INGEST__STRIPE_WEBHOOK_SECRETS", STRIPE_SECRET.into()),
+            ("MEMBERSYNC__MEMBERSTACK__API_URL", ms.base_url()),
+            ("MEMBERSYNC__MEMBERSTACK__API_KEY", API_KEY.into()),
+            ("MEMBERSYNC__MEMBERSTACK__BACKOFF_BASE_MS", "50".into()),
+            ("MEMBERSYNC__SUPABASE__URL", auth.base_url()),
+            ("MEMBERSYNC__SUPABASE__SERVICE_ROLE_KEY", SERVICE_KEY.into()),
+            ("MEMBERSYNC__POSTHOG__HOST", posthog.base_url()),
+            ("MEMBERSYNC__POSTHOG__API_KEY", POSTHOG_KEY.into()),
+            ("MEMBERSYNC__POSTHOG__FLUSH_INTERVAL_MS", "100".into()),
+            ("MEMBERSYNC__MERGE__GROUP_ID", group),
+            ("MEMBERSYNC__MERGE__BACKOFF_BASE_MS", "200".into()),
+            ("MEMBERSYNC__MERGE__BACKOFF_MAX_MS", "400".into()),
+            ("MEMBERSYNC__MERGE__COMMIT_INTERVAL_MS", "200".into()),
+        ] {
+            env.push((k.into(), v));
+        }
+        for (k, v) in extra {
+            env.retain(|(key, _)| key != k);
+            env.push(((*k).into(), (*v).into()));
+        }
+        let daemon = Daemon::start_on("run", env.clone(), ingest_port).await;
+        Stack {
+            db,
+            admin,
+            kafka,
+            ms,
+            auth,
+            posthog,
+            daemon,
+            env,
+        }
+    }
+
+    fn topic(&self, suffix: &str) -> String {
+        format!("{}.{suffix}", self.kafka.topic_prefix)
+    }
+
+    /// A member created in the Memberstack dashboard, once merge has created its row.
+    async fn dashboard_member(&self, email: &str, custom_fields: Value) -> String {
+        let new = serde_json::from_value(json!({
+            "email": email,
+            "customFields": custom_fields,
+            "metaData": {},
+            "plans": [{"planId": "pln_free"}],
+        }))
+        .unwrap();
+        let member = self.ms.dashboard_create(new).expect("dashboard create");
+        let id = member.id.clone();
+        self.row_where(&id, "user_id is not null").await;
+        id
+    }
+
+    /// Waits until the member's row satisfies `condition` (SQL), returns the row as JSON.
+    async fn row_where(&self, id: &str, condition: &str) -> Value {
+        let sql = format!("select to_jsonb(m) from public.members m where memberstack_id = $1 and ({condition})");
+        wait_for(&format!("members row of {id} where {condition}"), WAIT, || {
+            let sql = sql.clone();
+            async move {
+                let row = self.admin.query_opt(&sql, &[&id]).await.unwrap();
+                row.map(|r| r.get::<_, Value>(0))
+            }
+        })
+        .await
+    }
+
+    async fn row(&self, id: &str) -> Value {
+        self.row_where(id, "true").await
+    }
+
+    fn ms_member(&self, id: &str) -> Value {
+        serde_json::to_value(self.ms.member(id).expect("member in the simulator")).unwrap()
+    }
+
+    fn dashboard_update(&self, id: &str, patch: Value) {
+        let patch = serde_json::from_value(patch).unwrap();
+        self.ms.dashboard_update(id, &patch).expect("dashboard update");
+    }
+
+    fn patches(&self) -> usize {
+        self.ms.calls().iter().filter(|c| c.method == "PATCH").count()
+    }
+
+    /// Both sides stop changing: webhooks delivered, and for `quiet` no new PATCH, no new
+    /// row version and no new outcome.
+    async fn quiescent(&self, quiet: Duration) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            self.ms.wait_webhooks_quiescent(WAIT).await.expect("webhooks delivered");
+            let before = (self.patches(), self.row_versions().await, self.processed().await);
+            tokio::time::sleep(quiet).await;
+            let after = (self.patches(), self.row_versions().await, self.processed().await);
+            if before == after && self.ms.wait_webhooks_quiescent(Duration::from_millis(1)).await.is_ok() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no quiescence: {before:?} → {after:?}");
+        }
+    }
+
+    /// A fingerprint of every members row (changes whenever any row changes).
+    async fn row_versions(&self) -> String {
+        let r = self
+            .admin
+            .query_one("select coalesce(string_agg(md5(m::text), ',' order by memberstack_id), '') from public.members m", &[])
+            .await
+            .unwrap();
+        r.get(0)
+    }
+
+    /// What merge did for a member, for failure messages.
+    async fn history(&self, id: &str) -> String {
+        let rows = self
+            .admin
+            .query(
+                "select processed_at::text, event_id, event_type, result->>'occurred_at', result->'fields'::text
+                   from public.webhook_log where memberstack_id = $1 order by processed_at",
+                &[&id],
+            )
+            .await
+            .unwrap();
+        let mut out = String::new();
+        for r in rows {
+            out.push_str(&format!(
+                "{} {} {} occurred {} {}\n",
+                r.get::<_, String>(0),
+                r.get::<_, String>(1),
+                r.get::<_, Option<String>>(2).unwrap_or_default(),
+                r.get::<_, Option<String>>(3).unwrap_or_default(),
+                r.get::<_, Option<String>>(4).unwrap_or_default()
+            ));
+        }
+        let state = self
+            .admin
+            .query("select field, last_synced_at::text, last_value::text, pushed_at::text, echoes::text from public.sync_state where memberstack_id = $1", &[&id])
+            .await
+            .unwrap();
+        for r in state {
+            out.push_str(&format!(
+                "state {} synced {} value {} pushed {:?} echoes {}\n",
+                r.get::<_, String>(0),
+                r.get::<_, String>(1),
+                r.get::<_, Option<String>>(2).unwrap_or_default(),
+                r.get::<_, Option<String>>(3),
+                r.get::<_, String>(4)
+            ));
+        }
+        out
+    }
+
+    async fn processed(&self) -> i64 {
+        self.admin
+            .query_one("select count(*) from public.webhook_log", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// Runs `sql` as the member's signed-in user, through RLS, as PostgREST would.
+    async fn as_user(&self, user_id: &str, sql: &str) {
+        let mut c = self.db.admin().await;
+        let tx = c.transaction().await.unwrap();
+        tx.batch_execute(&format!(
+            "set local role authenticated; select set_config('request.jwt.claims', '{}', true);",
+            json!({"sub": user_id, "role": "authenticated"})
+        ))
+        .await
+        .unwrap();
+        let n = tx.execute(sql, &[]).await.expect("user update");
+        assert_eq!(n, 1, "the user's update reached its own row through RLS");
+        tx.commit().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn member_created_in_memberstack_gets_auth_user_row_and_outcome() {
+    let s = Stack::start(&[]).await;
+    let started = Instant::now();
+    let new = serde_json::from_value(json!({
+        "email": "Ada@Example.com",
+        "customFields": {"seats": "3"},
+        "plans": [{"planId": "pln_free"}],
+    }))
+    .unwrap();
+    let id = s.ms.dashboard_create(new).unwrap().id;
+    let row = s.row_where(&id, "user_id is not null").await;
+    eprintln!("member.created → members row with auth user: {:?}", started.elapsed());
+    assert_eq!(row["email"], "ada@example.com", "Memberstack stores emails lowercased");
+    assert_eq!(row["subscription_status"], "active");
+    assert_eq!(row["subscription_status_raw"], "ACTIVE");
+    assert_eq!(row["plan_id"], "pln_free");
+    assert_eq!(row["custom_fields"], json!({"seats": "3"}));
+
+    let user = s
+        .admin
+        .query_one(
+            "select email, raw_user_meta_data, email_confirmed_at is not null from auth.users where id = $1::text::uuid",
+            &[&row["user_id"].as_str().unwrap()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(user.get::<_, String>(0), "ada@example.com");
+    let meta: Value = user.get(1);
+    assert_eq!(meta["memberstack_id"], id.as_str());
+    assert_eq!(meta["subscription_status"], "active");
+    assert_eq!(meta["plan_id"], "pln_free");
+    assert!(user.get::<_, bool>(2), "email_confirm");
+    let creates = s.auth.calls().iter().filter(|c| c.method == "POST").count();
+    assert_eq!(creates, 1, "one POST /auth/v1/admin/users");
+
+    let logs: i64 = s
+        .admin
+        .query_one(
+            "select count(*) from public.user_logs where memberstack_id = $1 and change_type = 'created' and source = 'memberstack'",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(logs, 1);
+
+    let outcomes = support::kafka::consume(&s.kafka, &s.topic("sync"), 1, WAIT).await;
+    let outcome: Value = serde_json::from_slice(rdkafka::Message::payload(&outcomes[0]).unwrap()).unwrap();
+    assert_eq!(outcome["status"], "applied");
+    assert_eq!(outcome["created"], true);
+    assert_eq!(outcome["auth_user"], "created");
+    assert_eq!(outcome["member_id"], id.as_str());
+    crate::schemas::assert_valid("sync", &outcome, "outcome of member.created");
+
+    let events = wait_for("PostHog user_created", WAIT, || async {
+        let events = s.posthog.events();
+        events.iter().any(|e| e.event == "user_created").then_some(events)
+    })
+    .await;
+    let created = events.iter().find(|e| e.event == "user_created").unwrap();
+    assert_eq!(created.distinct_id, id);
+    assert!(created.uuid.is_some());
+    assert!(events.iter().any(|e| e.event == "sync_completed"));
+
+    // Nothing follows: the origin-tagged CDC event of merge's own insert is not pushed back.
+    s.quiescent(Duration::from_secs(1)).await;
+    assert_eq!(s.patches(), 0, "no PATCH for a member created in Memberstack");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn supabase_owned_field_updated_by_the_user_is_patched_to_memberstack() {
+    let s = Stack::start(&[]).await;
+    let id = s.dashboard_member("grace@example.com", json!({})).await;
+    let user_id = s.row(&id).await["user_id"].as_str().unwrap().to_owned();
+    s.quiescent(Duration::from_millis(500)).await;
+    let before = s.patches();
+
+    let started = Instant::now();
+    s.as_user(&user_id, r#"update public.members set project_data = '{"stage": 4}' where true"#)
+        .await;
+    wait_for("project_data in Memberstack metaData", WAIT, || async {
+        (s.ms_member(&id)["metaData"]["project_data"] == json!({"stage": 4})).then_some(())
+    })
+    .await;
+    eprintln!("SQL update → PATCH applied in Memberstack: {:?}", started.elapsed());
+
+    s.quiescent(Duration::from_secs(1)).await;
+    assert_eq!(s.patches(), before + 1, "exactly one PATCH; its webhook is an echo");
+    let echo: i64 = s
+        .admin
+        .query_one(
+            "select count(*) from public.webhook_log where memberstack_id = $1 and result->'fields' @> '[{\"verdict\": \"echo\"}]'",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(echo, 1, "the PATCH's webhook was recognised as our echo");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn owned_fields_are_reverted_when_the_other_side_edits_them() {
+    let s = Stack::start(&[]).await;
+    let id = s.dashboard_member("linus@example.com", json!({})).await;
+    s.quiescent(Duration::from_millis(500)).await;
+
+    // Memberstack owns email: an SQL edit is reverted.
+    s.admin
+        .execute("update public.members set email = 'hijack@example.com' where memberstack_id = $1", &[&id])
+        .await
+        .unwrap();
+    s.row_where(&id, "email = 'linus@example.com'").await;
+    // Supabase owns project_data: a Memberstack edit is overwritten with Supabase's value.
+    s.dashboard_update(&id, json!({"metaData": {"project_data": {"stage": "forged"}}}));
+    wait_for("Supabase's project_data back in Memberstack", WAIT, || async {
+        (s.ms_member(&id)["metaData"]["project_data"] == json!({})).then_some(())
+    })
+    .await;
+    s.quiescent(Duration::from_secs(1)).await;
+    assert_eq!(s.row(&id).await["project_data"], json!({}));
+    let conflicts: Vec<String> = s
+        .admin
+        .query(
+            "select new_data->>'winner' from public.user_logs where memberstack_id = $1 and change_type = 'conflict_resolved' order by created_at",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(conflicts, ["memberstack", "supabase"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn latest_field_edited_on_both_sides_in_the_same_second_converges_to_the_newer() {
+    let s = Stack::start(&[]).await;
+    let id = s.dashboard_member("hedy@example.com", json!({"tier": "bronze"})).await;
+    s.quiescent(Duration::from_millis(500)).await;
+
+    for (first_memberstack, older, newer) in [(true, "silver", "gold"), (false, "platinum", "iron")] {
+        if first_memberstack {
+            s.dashboard_update(&id, json!({"customFields": {"tier": older}}));
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            s.admin
+                .execute(
+                    "update public.members set custom_fields = jsonb_build_object('tier', $2::text) where memberstack_id = $1",
+                    &[&id, &newer],
+                )
+                .await
+                .unwrap();
+        } else {
+            s.admin
+                .execute(
+                    "update public.members set custom_fields = jsonb_build_object('tier', $2::text) where memberstack_id = $1",
+                    &[&id, &older],
+                )
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            s.dashboard_update(&id, json!({"customFields": {"tier": newer}}));
+        }
+        s.quiescent(Duration::from_secs(1)).await;
+        assert_eq!(s.row(&id).await["custom_fields"], json!({"tier": newer}), "Supabase");
+        assert_eq!(s.ms_member(&id)["customFields"], json!({"tier": newer}), "Memberstack");
+        let patches = s.patches();
+        let versions = s.row_versions().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!((s.patches(), s.row_versions().await), (patches, versions), "no further writes");
+    }
+}
+
+/// Randomised interleavings of edits on both sides, several seeds: after quiescence both
+/// sides hold what the authority rules say, nothing was lost, and every edit caused a
+/// bounded number of writes.
+#[tokio::test(flavor = "multi_thread")]
+async fn random_edits_on_both_sides_converge() {
+    let seeds: Vec<u64> = std::env::var("MEMBERSYNC_TEST_SEEDS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 2, 3]);
+    let s = Stack::start(&[]).await;
+    let mut members = Vec::new();
+    for i in 0..3 {
+        members.push(s.dashboard_member(&format!("m{i}@example.com"), json!({"k": "0"})).await);
+    }
+    s.quiescent(Duration::from_millis(500)).await;
+    for seed in seeds {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        // Expected final value per (member, field).
+        let mut expect: BTreeMap<(String, &str), Value> = BTreeMap::new();
+        let patches_before = s.patches();
+        let ops = 24;
+        let mut ms_edits = 0;
+        for n in 0..ops {
+            let id = members[rng.random_range(0..members.len())].clone();
+            let value = format!("s{seed}-{n}");
+            let op = rng.random_range(0..5);
+            eprintln!("op {n} {} {id} {op}", chrono::Utc::now().format("%H:%M:%S%.3f"));
+            match op {
+                // latest: the newer edit wins, whichever side.
+                0 => {
+                    s.dashboard_update(&id, json!({"customFields": {"k": value}}));
+                    ms_edits += 1;
+                    expect.insert((id, "custom_fields"), json!({"k": value}));
+                }
+                1 => {
+                    s.admin
+                        .execute(
+                            "update public.members set custom_fields = jsonb_build_object('k', $2::text) where memberstack_id = $1",
+                            &[&id, &value],
+                        )
+                        .await
+                        .unwrap();
+                    expect.insert((id, "custom_fields"), json!({"k": value}));
+                }
+                // supabase-owned: Supabase's edits win, Memberstack's are overwritten.
+                2 => {
+                    s.admin
+                        .execute(
+                            "update public.members set project_data = jsonb_build_object('v', $2::text) where memberstack_id = $1",
+                            &[&id, &value],
+                        )
+                        .await
+                        .unwrap();
+                    expect.insert((id, "project_data"), json!({"v": value}));
+                }
+                3 => {
+                    s.dashboard_update(&id, json!({"metaData": {"project_data": {"v": format!("forged-{value}")}}}));
+                    ms_edits += 1;
+                }
+                // memberstack-owned: Memberstack's edits win, Supabase's are reverted.
+                _ => {
+                    let email = format!("{value}@example.com");
+                    if rng.random_bool(0.5) {
+                        s.dashboard_update(&id, json!({"email": email}));
+                        ms_edits += 1;
+                        expect.insert((id, "email"), json!(email));
+                    } else {
+                        s.admin
+                            .execute("update public.members set email = $2 where memberstack_id = $1", &[&id, &email])
+                            .await
+                            .unwrap();
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(rng.random_range(20..120))).await;
+        }
+        s.quiescent(Duration::from_secs(2)).await;
+        for id in &members {
+            let row = s.row(id).await;
+            let ms = s.ms_member(id);
+            // Both sides agree on every field …
+            if row["custom_fields"] != ms["customFields"] {
+                eprintln!("{}", s.history(id).await);
+            }
+            assert_eq!(row["custom_fields"], ms["customFields"], "seed {seed} {id} custom_fields");
+            // A key Memberstack never had is Supabase's default, {}.
+            let ms_project = ms["metaData"].get("project_data").cloned().unwrap_or(json!({}));
+            assert_eq!(row["project_data"], ms_project, "seed {seed} {id} project_data");
+            assert_eq!(row["email"], ms["auth"]["email"], "seed {seed} {id} email");
+            // … and on the authority's value: no edit was lost.
+            for (field, ms_value) in [
+                ("custom_fields", &ms["customFields"]),
+                ("project_data", &ms_project),
+                ("email", &ms["auth"]["email"]),
+            ] {
+                if let Some(expected) = expect.get(&(id.clone(), field)) {
+                    if ms_value != expected {
+                        eprintln!("{}", s.history(id).await);
+                    }
+                    assert_eq!(ms_value, expected, "seed {seed}: {id} {field}");
+                }
+            }
+        }
+        // Bounded writes: each edit causes at most two PATCHes (a push and one re-push).
+        let patches = s.patches() - patches_before;
+        assert!(patches <= 2 * ops, "seed {seed}: {patches} PATCHes for {ops} edits ({ms_edits} in Memberstack)");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_changes_go_to_the_dlq_and_replay_applies_them() {
+    let s = Stack::start(&[("MEMBERSYNC__MEMBERSTACK__MAX_ATTEMPTS", "1")]).await;
+    let id = s.dashboard_member("barbara@example.com", json!({})).await;
+    s.quiescent(Duration::from_millis(500)).await;
+
+    // Poison on the Memberstack topic is dead-lettered and does not block the partition.
+    let producer = membersync::kafka::producer::Producer::new(&s.kafka, Duration::from_secs(10)).unwrap();
+    producer
+        .send(
+            &membersync::kafka::producer::Record {
+                topic: &s.topic("memberstack"),
+                key: id.as_bytes(),
+                payload: b"{not json",
+                headers: &[],
+            },
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+
+    // Memberstack fails every call: three attempts, then the dead letter.
+    s.ms.fail_next(1_000, 503);
+    s.admin
+        .execute(
+            "update public.members set usage_stats = '{\"calls\": 7}' where memberstack_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let letters = support::kafka::consume(&s.kafka, &s.topic("dlq"), 2, WAIT).await;
+    let letters: Vec<Value> = letters
+        .iter()
+        .map(|m| serde_json::from_slice(rdkafka::Message::payload(m).unwrap()).unwrap())
+        .collect();
+    for l in &letters {
+        crate::schemas::assert_valid("dlq", l, "dead letter");
+    }
+    let poison = letters.iter().find(|l| l["error"]["kind"] == "decode").expect("poison dead letter");
+    assert_eq!(poison["attempts"], 0);
+    assert_eq!(poison["value_base64"], base64::engine::general_purpose::STANDARD.encode(b"{not json"));
+    let failed = letters.iter().find(|l| l["error"]["kind"] == "memberstack").expect("failed change");
+    assert_eq!(failed["attempts"], 3);
+    assert_eq!(failed["member_id"], id.as_str());
+    let errors: i64 = s
+        .admin
+        .query_one("select count(*) from public.error_logs where memberstack_id = $1 and retry_count = 3", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(errors, 1);
+
+    // The partition moved on: a later change of the same member is applied.
+    s.ms.reset_faults();
+    s.dashboard_update(&id, json!({"customFields": {"after": "dlq"}}));
+    s.row_where(&id, "custom_fields->>'after' = 'dlq'").await;
+    assert_ne!(s.ms_member(&id)["metaData"]["usage_stats"], json!({"calls": 7}));
+
+    // `dlq list` shows both; `dlq replay --id` re-feeds the failed change, which now applies.
+    let list = cli(&s.env, &["dlq", "list", "--json"]);
+    let listed: Vec<Value> = list.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(listed.len(), 2, "{list}");
+    assert!(listed.iter().all(|l| l["replayed"] == false));
+    let table = cli(&s.env, &["dlq", "list"]);
+    assert!(table.contains(failed["id"].as_str().unwrap()) && table.contains("2 dead letter(s)"), "{table}");
+    cli(&s.env, &["dlq", "replay", "--id", failed["id"].as_str().unwrap()]);
+    wait_for("replayed change applied in Memberstack", WAIT, || async {
+        (s.ms_member(&id)["metaData"]["usage_stats"] == json!({"calls": 7})).then_some(())
+    })
+    .await;
+    let list = cli(&s.env, &["dlq", "list", "--json"]);
+    let replayed: Vec<bool> = list
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l["id"] == failed["id"])
+        .map(|l| l["replayed"].as_bool().unwrap())
+        .collect();
+    assert_eq!(replayed, [true]);
+    let audit: i64 = s
+        .admin
+        .query_one("select count(*) from public.audit_logs where action = 'dlq_replay' and target = $1", &[&failed["id"].as_str().unwrap()])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(audit, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn duplicate_webhooks_have_one_effect_and_stripe_updates_the_subscription() {
+    let s = Stack::start(&[]).await;
+    let id = s.dashboard_member("katherine@example.com", json!({})).await;
+    s.quiescent(Duration::from_millis(500)).await;
+
+    // Svix retries the same message: same svix-id, one effect.
+    let first = s.ms.deliveries().into_iter().find(|d| d.member_id == id).expect("delivery");
+    let secret = s
+        .env
+        .iter()
+        .find(|(k, _)| k == "MEMBERSYNC__INGEST__MEMBERSTACK_WEBHOOK_SECRETS")
+        .unwrap()
+        .1
+        .clone();
+    let svix = membersync::ingest::verify::svix::SvixVerifier::new(&[secret.into()]).unwrap();
+    let now = chrono::Utc::now().timestamp();
+    let resp = reqwest::Client::new()
+        .post(format!("{}/webhooks/memberstack", s.daemon.ingest))
+        .header("content-type", "application/json")
+        .header("svix-id", &first.svix_id)
+        .header("svix-timestamp", now.to_string())
+        .header("svix-signature", svix.sign(&first.svix_id, now, first.body.as_bytes()))
+        .body(first.body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    wait_for("the redelivery processed as a duplicate", WAIT, || async {
+        let n: i64 = s
+            .admin
+            .query_one(
+                "select count(*) from public.webhook_log where event_id = $1",
+                &[&first.svix_id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let dup = s.daemon.metric("membersync_merge_changes_total{source=\"memberstack\",status=\"duplicate\"}").await;
+        (n == 1 && dup >= 1.0).then_some(())
+    })
+    .await;
+    s.quiescent(Duration::from_millis(500)).await;
+    let created: i64 = s
+        .admin
+        .query_one("select count(*) from public.user_logs where memberstack_id = $1 and change_type = 'created'", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(created, 1, "one effect for two deliveries");
+
+    // Stripe: the subscription went past due.
+    let stripe = membersync::ingest::verify::stripe::StripeVerifier::new(&[STRIPE_SECRET.to_owned().into()]).unwrap();
+    let body = json!({
+        "id": "evt_merge_1", "object": "event", "type": "customer.subscription.updated",
+        "created": chrono::Utc::now().timestamp(),
+        "data": {"object": {"id": "sub_1", "object": "subscription", "customer": "cus_1", "status": "past_due",
+                 "metadata": {"memberstack_user_id": id}}}
+    })
+    .to_string();
+    let ts = chrono::Utc::now().timestamp();
+    let resp = reqwest::Client::new()
+        .post(format!("{}/webhooks/stripe", s.daemon.ingest))
+        .header("content-type", "application/json")
+        .header("stripe-signature", stripe.signature_header(ts, body.as_bytes()))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap_or_default());
+    let row = s.row_where(&id, "subscription_status = 'inactive'").await;
+    assert_eq!(row["subscription_status_raw"], "past_due");
+    let meta: Value = s
+        .admin
+        .query_one("select raw_user_meta_data from auth.users where id = $1::text::uuid", &[&row["user_id"].as_str().unwrap()])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(meta["subscription_status"], "inactive", "auth user_metadata follows");
+    wait_for("PostHog subscription_changed", WAIT, || async {
+        s.posthog.events().iter().any(|e| e.event == "subscription_changed" && e.distinct_id == id).then_some(())
+    })
+    .await;
+
+    // Deleted in Memberstack: soft-deleted here.
+    s.ms.dashboard_delete(&id).unwrap();
+    s.row_where(&id, "deleted_at is not null").await;
+}
+
+/// `membersync <args>` with the stack's environment; panics on failure, returns stdout.
+fn cli(env: &[(String, String)], args: &[&str]) -> String {
+    let out = support::membersync().args(args).envs(env.iter().cloned()).output().unwrap();
+    assert!(
+        out.status.success(),
+        "membersync {args:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
