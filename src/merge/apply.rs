@@ -244,7 +244,7 @@ impl Applier {
                 continue;
             };
             let before = states.get(&field.mapping.name).cloned().unwrap_or_default();
-            let after = observe_own_write(&before, &value);
+            let after = observe_own_write(field.mapping.normalize, &before, &value);
             if after != before {
                 store::save_field_state(&tx, member_id, &field.mapping.name, &after).await?;
             }

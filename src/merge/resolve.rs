@@ -138,9 +138,14 @@ pub struct Resolution {
     pub state: FieldState,
 }
 
-/// A CDC event of membersync's own write: nothing to resolve, but it is the Supabase
-/// stream's newest value of the field.
-pub fn observe_own_write(state: &FieldState, value: &Value) -> FieldState {
+/// A CDC event of membersync's own write: nothing to resolve, but for the fields it wrote
+/// (their value is the agreed one) it is the Supabase stream's newest value. Other columns
+/// of the row may hold a user's edit whose own event is still to be resolved (or was
+/// dead-lettered and will be replayed): those are left for that event.
+pub fn observe_own_write(normalize: Normalize, state: &FieldState, value: &Value) -> FieldState {
+    if !state.value.as_ref().is_some_and(|agreed| same(normalize, agreed, value)) {
+        return state.clone();
+    }
     FieldState {
         supabase_seen: Some(value.clone()),
         ..state.clone()
@@ -234,8 +239,9 @@ fn from_memberstack(rules: &Rules, mut st: FieldState, sb: &SupabaseNow, inc: &I
         Authority::Latest => {
             let sb_time = if agreed { st.synced_at } else { sb.edited_at.or(st.synced_at) };
             let newer = if superseded {
-                // Made before our last push landed: it wins only over the value we pushed.
-                st.synced_at.is_none_or(|s| t > s)
+                // Made before our last push landed: it wins only over the value we pushed
+                // (a tie goes to Memberstack).
+                st.synced_at.is_none_or(|s| t >= s)
             } else {
                 sb_time.is_none_or(|s| t >= s)
             };

@@ -23,15 +23,16 @@ const POSTHOG_KEY: &str = "phc_merge_test";
 const STRIPE_SECRET: &str = "whsec_stripe_merge_test_secret";
 const WAIT: Duration = Duration::from_secs(20);
 
+/// Fields drop in order: the daemon stops before its database is dropped.
 struct Stack {
-    db: TestDb,
+    daemon: Daemon,
     admin: Client,
     kafka: KafkaConfig,
     ms: MemberstackSim,
     auth: AuthSim,
     posthog: PostHogSim,
-    daemon: Daemon,
     env: Vec<(String, String)>,
+    db: TestDb,
 }
 
 fn webhook_secret() -> String {

@@ -320,7 +320,7 @@ impl World {
             self.now += 10;
             let inc = match ev {
                 Ev::Own(v) => {
-                    self.state = observe_own_write(&self.state, &v);
+                    self.state = observe_own_write(Normalize::None, &self.state, &v);
                     continue;
                 }
                 Ev::In(inc) => inc,

@@ -216,6 +216,33 @@ impl Drop for TestDb {
                 .ok()?;
             rt.block_on(async {
                 let client = Services::get().superuser("postgres").await;
+                // A logical slot keeps its database from being dropped, and slots are a
+                // cluster-wide budget (max_replication_slots) that parallel tests share.
+                let _ = client
+                    .execute(
+                        "select pg_terminate_backend(active_pid) from pg_replication_slots
+                          where database = $1 and active_pid is not null",
+                        &[&name],
+                    )
+                    .await;
+                for _ in 0..50 {
+                    let dropped = client
+                        .execute(
+                            "select pg_drop_replication_slot(slot_name) from pg_replication_slots
+                              where database = $1 and not active",
+                            &[&name],
+                        )
+                        .await;
+                    let left: i64 = client
+                        .query_one("select count(*) from pg_replication_slots where database = $1", &[&name])
+                        .await
+                        .map(|r| r.get(0))
+                        .unwrap_or(0);
+                    if dropped.is_ok() && left == 0 {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
                 client
                     .batch_execute(&format!("drop database if exists {name} with (force)"))
                     .await
