@@ -463,7 +463,7 @@ async fn daemon_role_is_created_least_privileged() {
     assert_eq!(
         privileges,
         [
-            "audit_logs:INSERT",
+            "audit_logs:INSERT,SELECT",
             "error_logs:INSERT,SELECT",
             "members:INSERT,SELECT,UPDATE",
             "sync_state:DELETE,INSERT,SELECT,UPDATE",
