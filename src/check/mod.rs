@@ -2,6 +2,7 @@
 
 mod kafka;
 mod postgres;
+mod services;
 
 use std::fmt;
 
@@ -52,10 +53,15 @@ impl fmt::Display for Item {
     }
 }
 
-/// Runs every check. Postgres and Kafka are checked concurrently; the order of the
-/// returned items is stable (Postgres first).
+/// Runs every check. Postgres, Kafka and the external services are checked concurrently;
+/// the order of the returned items is stable (Postgres, Kafka, services).
 pub async fn run(config: &Config) -> Vec<Item> {
-    let (mut pg, kafka) = tokio::join!(postgres::check(config), kafka::check(config));
+    let (mut pg, kafka, services) = tokio::join!(
+        postgres::check(config),
+        kafka::check(config),
+        services::check(config)
+    );
     pg.extend(kafka);
+    pg.extend(services);
     pg
 }

@@ -67,14 +67,13 @@ fn normalize_none() -> Normalize {
     Normalize::None
 }
 
-/// What `member.deleted` does to the Supabase row.
+/// What `member.deleted` does to the Supabase row. (No hard delete: the daemon's role has no
+/// DELETE on `members`, and the row's history stays queryable.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeleteMode {
     /// Set `deleted_at` (and keep the row and its history).
     Soft,
-    /// Delete the row.
-    Hard,
     /// Only log it.
     Ignore,
 }

@@ -129,18 +129,23 @@ impl MemberstackPath {
     }
 }
 
-/// The plan connection that stands for the member's subscription: the first active one,
-/// else the first. Plan webhooks carry a single `planConnection`.
+/// The plan connection that stands for the member's subscription: the first active paid one,
+/// else the first active one, else the first. Plan webhooks carry a single `planConnection`.
 fn primary_plan(member: &Value) -> Option<Value> {
     if let Some(single) = member.get("planConnection").filter(|v| v.is_object()) {
         return Some(single.clone());
     }
     let list = member.get("planConnections")?.as_array()?;
-    let active = list
+    let active = |p: &&Value| p.get("active").and_then(Value::as_bool) == Some(true);
+    let free = |p: &&Value| p.get("type").and_then(Value::as_str).is_some_and(|t| t.eq_ignore_ascii_case("free"));
+    // A paid subscription says more about the member than the free plan everyone has.
+    let chosen = list
         .iter()
-        .find(|p| p.get("active").and_then(Value::as_bool) == Some(true));
+        .find(|p| active(p) && !free(p))
+        .or_else(|| list.iter().find(active))
+        .or(list.first());
     // An empty list: the member has no plan (Null), which is not "not in the payload".
-    Some(active.or(list.first()).cloned().unwrap_or(Value::Null))
+    Some(chosen.cloned().unwrap_or(Value::Null))
 }
 
 #[cfg(test)]
@@ -169,8 +174,9 @@ mod tests {
     #[test]
     fn reads_plan_from_list_or_single_connection() {
         let m = json!({"planConnections": [
-            {"planId": "pln_free", "status": "ACTIVE", "active": false},
-            {"planId": "pln_pro", "status": "ACTIVE", "active": true}
+            {"planId": "pln_old", "status": "CANCELED", "active": false},
+            {"planId": "pln_free", "status": "ACTIVE", "active": true, "type": "FREE"},
+            {"planId": "pln_pro", "status": "ACTIVE", "active": true, "type": "SUBSCRIPTION"}
         ]});
         assert_eq!(MemberstackPath::PlanId.get(&m), Some(json!("pln_pro")));
         let single = json!({"planConnection": {"planId": "pln_x", "status": "CANCELED"}});

@@ -665,6 +665,18 @@ async fn duplicate_webhooks_have_one_effect_and_stripe_updates_the_subscription(
         .get(0);
     assert_eq!(created, 1, "one effect for two deliveries");
 
+    // A paid plan added in Memberstack (member.plan.added): plan and status follow.
+    s.ms
+        .dashboard_plan(
+            &id,
+            serde_json::from_value(json!({"action": "add", "planId": "pln_pro", "type": "SUBSCRIPTION", "status": "TRIALING"}))
+                .unwrap(),
+        )
+        .unwrap();
+    let row = s.row_where(&id, "plan_id = 'pln_pro'").await;
+    assert_eq!(row["subscription_status"], "active", "trialing provisions access");
+    assert_eq!(row["subscription_status_raw"], "TRIALING");
+
     // Stripe: the subscription went past due.
     let stripe = membersync::ingest::verify::stripe::StripeVerifier::new(&[STRIPE_SECRET.to_owned().into()]).unwrap();
     let body = json!({
