@@ -98,7 +98,9 @@ async fn dlq(command: DlqCommand, config: &Config) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("reading {topic}"))?;
     let client = db::connect(&config.database, Login::Daemon).await?;
-    let replayed = dlq::replayed_ids(&client).await.context("reading audit_logs")?;
+    let replayed = dlq::replayed_ids(&client)
+        .await
+        .context("reading audit_logs")?;
     match command {
         DlqCommand::List { json } => {
             if json {
@@ -114,7 +116,10 @@ async fn dlq(command: DlqCommand, config: &Config) -> anyhow::Result<ExitCode> {
         }
         DlqCommand::Replay { id, all } => {
             let chosen: Vec<&dlq::DeadLetter> = if all {
-                letters.iter().filter(|l| !replayed.contains(&l.id)).collect()
+                letters
+                    .iter()
+                    .filter(|l| !replayed.contains(&l.id))
+                    .collect()
             } else {
                 let mut chosen = Vec::new();
                 for wanted in &id {
@@ -134,7 +139,9 @@ async fn dlq(command: DlqCommand, config: &Config) -> anyhow::Result<ExitCode> {
                     .replay(&producer, std::time::Duration::from_secs(10))
                     .await
                     .with_context(|| format!("replaying {}", letter.id))?;
-                dlq::record_replay(&client, letter).await.context("writing audit_logs")?;
+                dlq::record_replay(&client, letter)
+                    .await
+                    .context("writing audit_logs")?;
                 println!("replayed {} to {}", letter.id, letter.origin.topic);
             }
             if chosen.is_empty() {

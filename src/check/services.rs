@@ -21,7 +21,10 @@ pub(super) async fn check(config: &Config) -> Vec<Item> {
             Ok(client) => match client.list_members(None, 1, false).await {
                 Ok(page) => Item::pass(
                     label,
-                    format!("{} reachable, key accepted ({} members)", config.memberstack.api_url, page.total_count),
+                    format!(
+                        "{} reachable, key accepted ({} members)",
+                        config.memberstack.api_url, page.total_count
+                    ),
                 ),
                 Err(e) => Item::fail(label, e.to_string(), hint),
             },

@@ -48,16 +48,16 @@ pub fn load_from(path: Option<&Path>, env_prefix: &str) -> Result<Config, Config
     let figment = figment.merge(Env::prefixed(env_prefix).split("__"));
 
     for key in SECRET_KEYS {
-        if let Some(meta) = figment.find_metadata(key) {
-            if matches!(meta.source, Some(figment::Source::File(_))) {
-                let var = format!("{env_prefix}{}", key.to_uppercase().replace('.', "__"));
-                return Err(ConfigError::new(
-                    key,
-                    format!(
-                        "secrets may not be written in the config file; set {var} or `{key}_file` instead"
-                    ),
-                ));
-            }
+        if let Some(meta) = figment.find_metadata(key)
+            && matches!(meta.source, Some(figment::Source::File(_)))
+        {
+            let var = format!("{env_prefix}{}", key.to_uppercase().replace('.', "__"));
+            return Err(ConfigError::new(
+                key,
+                format!(
+                    "secrets may not be written in the config file; set {var} or `{key}_file` instead"
+                ),
+            ));
         }
     }
 
@@ -110,10 +110,10 @@ fn resolve_secrets(c: &mut Config) -> Result<(), ConfigError> {
     )?;
     if c.telemetry.sentry_dsn.is_none() {
         // Sentry's own convention; honoured so existing deployments keep working.
-        if let Ok(dsn) = std::env::var("SENTRY_DSN") {
-            if !dsn.trim().is_empty() {
-                c.telemetry.sentry_dsn = Some(SecretString::from(dsn.trim().to_owned()));
-            }
+        if let Ok(dsn) = std::env::var("SENTRY_DSN")
+            && !dsn.trim().is_empty()
+        {
+            c.telemetry.sentry_dsn = Some(SecretString::from(dsn.trim().to_owned()));
         }
     }
     Ok(())
@@ -407,13 +407,28 @@ fn validate_merge(c: &Config) -> Result<(), ConfigError> {
         }
     }
     for (key, v) in [
-        ("memberstack.requests_per_second", c.memberstack.requests_per_second as i64),
-        ("memberstack.request_timeout_ms", c.memberstack.request_timeout_ms as i64),
-        ("memberstack.max_attempts", c.memberstack.max_attempts as i64),
-        ("supabase.request_timeout_ms", c.supabase.request_timeout_ms as i64),
+        (
+            "memberstack.requests_per_second",
+            c.memberstack.requests_per_second as i64,
+        ),
+        (
+            "memberstack.request_timeout_ms",
+            c.memberstack.request_timeout_ms as i64,
+        ),
+        (
+            "memberstack.max_attempts",
+            c.memberstack.max_attempts as i64,
+        ),
+        (
+            "supabase.request_timeout_ms",
+            c.supabase.request_timeout_ms as i64,
+        ),
         ("supabase.max_attempts", c.supabase.max_attempts as i64),
         ("posthog.batch_size", c.posthog.batch_size as i64),
-        ("posthog.flush_interval_ms", c.posthog.flush_interval_ms as i64),
+        (
+            "posthog.flush_interval_ms",
+            c.posthog.flush_interval_ms as i64,
+        ),
         ("posthog.queue_capacity", c.posthog.queue_capacity as i64),
         ("posthog.max_attempts", c.posthog.max_attempts as i64),
     ] {

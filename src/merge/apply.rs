@@ -12,11 +12,13 @@ use serde_json::{Map, Value, json};
 use tokio_postgres::Client;
 use uuid::Uuid;
 
+use super::MemberstackPath;
 use super::change::{Change, ChangeKind};
 use super::outcome::{Outcome, Status};
-use super::resolve::{FieldState, Incoming, Resolution, Rules, Side, SupabaseNow, observe_own_write, resolve};
+use super::resolve::{
+    FieldState, Incoming, Resolution, Rules, Side, SupabaseNow, observe_own_write, resolve,
+};
 use super::store::{self, LogEntry};
-use super::MemberstackPath;
 use crate::config::{DeleteMode, FieldMapping, MergeConfig};
 use crate::sinks::memberstack::{MemberstackClient, MemberstackError};
 use crate::sinks::supabase_auth::{AuthError, CreateUser, SupabaseAuthClient};
@@ -98,7 +100,11 @@ struct Decided<'a> {
 }
 
 impl Applier {
-    pub fn new(cfg: Arc<MergeConfig>, memberstack: Option<MemberstackClient>, auth: Option<SupabaseAuthClient>) -> Self {
+    pub fn new(
+        cfg: Arc<MergeConfig>,
+        memberstack: Option<MemberstackClient>,
+        auth: Option<SupabaseAuthClient>,
+    ) -> Self {
         let fields = cfg
             .fields
             .iter()
@@ -131,7 +137,9 @@ impl Applier {
                 return self.observe_own_write(client, &change, &member_id).await;
             }
             ChangeKind::Cdc { own: true, .. } => {
-                return Ok(Outcome::new(&change, Status::Skipped).with_reason("membersync's own write"));
+                return Ok(
+                    Outcome::new(&change, Status::Skipped).with_reason("membersync's own write")
+                );
             }
             ChangeKind::Cdc { op, .. } if op == "d" || op == "t" => {
                 return Ok(Outcome::new(&change, Status::Skipped)
@@ -141,12 +149,14 @@ impl Applier {
                 Some(ms) => match ms.get_member(&member_id).await? {
                     Some(member) => change.payload = member.raw,
                     None => {
-                        return Ok(Outcome::new(&change, Status::Skipped).with_reason("the member no longer exists in Memberstack"));
+                        return Ok(Outcome::new(&change, Status::Skipped)
+                            .with_reason("the member no longer exists in Memberstack"));
                     }
                 },
                 None => {
-                    return Ok(Outcome::new(&change, Status::Skipped)
-                        .with_reason("unknown event and no Memberstack API key to re-read the member"));
+                    return Ok(Outcome::new(&change, Status::Skipped).with_reason(
+                        "unknown event and no Memberstack API key to re-read the member",
+                    ));
                 }
             },
             _ => {}
@@ -159,7 +169,8 @@ impl Applier {
         if let Some(previous) = store::processed(&tx, &change.event_id).await? {
             let mut outcome = serde_json::from_value::<Outcome>(previous)
                 .unwrap_or_else(|_| Outcome::new(&change, Status::Duplicate));
-            outcome.reason = Some(format!("already processed ({:?})", outcome.status).to_lowercase());
+            outcome.reason =
+                Some(format!("already processed ({:?})", outcome.status).to_lowercase());
             outcome.status = Status::Duplicate;
             tx.rollback().await?;
             return Ok(outcome);
@@ -169,7 +180,9 @@ impl Applier {
         outcome.user_id = row.as_ref().and_then(|r| r.user_id).map(|u| u.to_string());
 
         if change.is_deleted() {
-            return self.delete(tx, &change, &member_id, row.is_some(), outcome).await;
+            return self
+                .delete(tx, &change, &member_id, row.is_some(), outcome)
+                .await;
         }
 
         let decided = self.decide(&change, row.as_ref(), &states);
@@ -180,11 +193,16 @@ impl Applier {
         let create_row = row.is_none() && change.side == Side::Memberstack;
 
         // External writes first: if one fails nothing is committed and the retry redoes them.
-        let user_id = self.sync_auth_user(&tx, &change, row.as_ref(), &decided, &mut outcome).await?;
+        let user_id = self
+            .sync_auth_user(&tx, &change, row.as_ref(), &decided, &mut outcome)
+            .await?;
         self.push_to_memberstack(&member_id, &decided).await?;
 
         let doc = store::column_values(&writes);
-        if !doc.is_empty() || create_row || (user_id.is_some() && row.as_ref().is_some_and(|r| r.user_id.is_none())) {
+        if !doc.is_empty()
+            || create_row
+            || (user_id.is_some() && row.as_ref().is_some_and(|r| r.user_id.is_none()))
+        {
             store::mark_origin(&tx).await?;
             if doc.is_empty() && !create_row {
                 if let Some(uid) = user_id {
@@ -215,10 +233,16 @@ impl Applier {
                 store::save_field_state(&tx, &member_id, &d.field.mapping.name, &r.state).await?;
             }
         }
-        if outcome.fields.iter().any(|f| f.wrote_supabase || f.pushed_memberstack) || outcome.created {
+        if outcome
+            .fields
+            .iter()
+            .any(|f| f.wrote_supabase || f.pushed_memberstack)
+            || outcome.created
+        {
             outcome.status = Status::Applied;
         }
-        self.log(&tx, &change, &member_id, user_id, &decided, &outcome).await?;
+        self.log(&tx, &change, &member_id, user_id, &decided, &outcome)
+            .await?;
         outcome.processed_at = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         store::mark_processed(
             &tx,
@@ -235,7 +259,12 @@ impl Applier {
 
     /// membersync's own write, seen through CDC: nothing to apply (it is never pushed back),
     /// but its values are the newest the Supabase stream has shown (`supabase_seen`).
-    async fn observe_own_write(&self, client: &mut Client, change: &Change, member_id: &str) -> Result<Outcome, ApplyError> {
+    async fn observe_own_write(
+        &self,
+        client: &mut Client,
+        change: &Change,
+        member_id: &str,
+    ) -> Result<Outcome, ApplyError> {
         let tx = client.transaction().await?;
         store::lock_member(&tx, member_id).await?;
         let states = store::field_states(&tx, member_id).await?;
@@ -253,7 +282,12 @@ impl Applier {
         Ok(Outcome::new(change, Status::Skipped).with_reason("membersync's own write"))
     }
 
-    fn decide<'a>(&'a self, change: &Change, row: Option<&store::MemberRow>, states: &HashMap<String, FieldState>) -> Vec<Decided<'a>> {
+    fn decide<'a>(
+        &'a self,
+        change: &Change,
+        row: Option<&store::MemberRow>,
+        states: &HashMap<String, FieldState>,
+    ) -> Vec<Decided<'a>> {
         let now = Utc::now();
         let mut out = Vec::new();
         for field in self.fields.iter() {
@@ -268,7 +302,12 @@ impl Applier {
                 echo_window: chrono::Duration::seconds(self.cfg.echo_window_secs as i64),
             };
             let supabase = SupabaseNow {
-                value: row.map(|r| r.columns.get(&field.mapping.supabase).cloned().unwrap_or(Value::Null)),
+                value: row.map(|r| {
+                    r.columns
+                        .get(&field.mapping.supabase)
+                        .cloned()
+                        .unwrap_or(Value::Null)
+                }),
                 edited_at: row.map(|r| r.updated_at),
             };
             let incoming = Incoming {
@@ -320,7 +359,10 @@ impl Applier {
             "plan_id": after.get("plan_id").cloned().unwrap_or(Value::Null),
             "subscription_status": after.get("subscription_status").cloned().unwrap_or(json!("free")),
         });
-        let email = after.get("email").and_then(Value::as_str).map(str::to_owned);
+        let email = after
+            .get("email")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
         match existing {
             None => {
                 let Some(email) = email else {
@@ -351,7 +393,10 @@ impl Applier {
             Some(id) => {
                 let touched = decided.iter().any(|d| {
                     d.resolution.write_supabase.is_some()
-                        && matches!(d.field.mapping.supabase.as_str(), "email" | "subscription_status" | "plan_id")
+                        && matches!(
+                            d.field.mapping.supabase.as_str(),
+                            "email" | "subscription_status" | "plan_id"
+                        )
                 });
                 if touched {
                     let mut body = json!({ "user_metadata": metadata });
@@ -368,7 +413,11 @@ impl Applier {
 
     /// One PATCH with every field to push. `json` is replaced whole by Memberstack, so a
     /// `json.<key>` field reads the member first (read-modify-write).
-    async fn push_to_memberstack(&self, member_id: &str, decided: &[Decided<'_>]) -> Result<(), ApplyError> {
+    async fn push_to_memberstack(
+        &self,
+        member_id: &str,
+        decided: &[Decided<'_>],
+    ) -> Result<(), ApplyError> {
         let pushes: Vec<(&Field, Value)> = decided
             .iter()
             .filter_map(|d| Some((d.field, d.resolution.push_memberstack.clone()?)))
@@ -395,7 +444,9 @@ impl Applier {
         }
         match ms.update_member(member_id, &patch).await {
             Ok(_) => Ok(()),
-            Err(MemberstackError::Api { status: 404, .. }) => Err(ApplyError::MissingInMemberstack(member_id.to_owned())),
+            Err(MemberstackError::Api { status: 404, .. }) => {
+                Err(ApplyError::MissingInMemberstack(member_id.to_owned()))
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -428,8 +479,15 @@ impl Applier {
             },
         )
         .await?;
-        store::mark_processed(&tx, &change.event_id, change.source, change.event_type(), Some(member_id), &outcome.to_json())
-            .await?;
+        store::mark_processed(
+            &tx,
+            &change.event_id,
+            change.source,
+            change.event_type(),
+            Some(member_id),
+            &outcome.to_json(),
+        )
+        .await?;
         tx.commit().await?;
         Ok(outcome)
     }
@@ -450,9 +508,16 @@ impl Applier {
         for d in decided {
             let r = &d.resolution;
             if let Some(v) = r.write_supabase.as_ref().or(r.push_memberstack.as_ref()) {
-                old.insert(d.field.mapping.name.clone(), d.previous.clone().unwrap_or(Value::Null));
+                old.insert(
+                    d.field.mapping.name.clone(),
+                    d.previous.clone().unwrap_or(Value::Null),
+                );
                 new.insert(d.field.mapping.name.clone(), v.clone());
-                subscription |= r.write_supabase.is_some() && matches!(d.field.mapping.supabase.as_str(), "subscription_status" | "plan_id");
+                subscription |= r.write_supabase.is_some()
+                    && matches!(
+                        d.field.mapping.supabase.as_str(),
+                        "subscription_status" | "plan_id"
+                    );
             }
         }
         if !new.is_empty() {
@@ -460,7 +525,10 @@ impl Applier {
                 "created"
             } else if subscription {
                 "subscription_updated"
-            } else if decided.iter().all(|d| d.resolution.write_supabase.is_none()) {
+            } else if decided
+                .iter()
+                .all(|d| d.resolution.write_supabase.is_none())
+            {
                 "synced"
             } else {
                 "updated"
@@ -495,4 +563,3 @@ impl Applier {
         Ok(())
     }
 }
-

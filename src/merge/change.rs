@@ -22,7 +22,11 @@ pub struct Position {
 pub enum ChangeKind {
     /// A Memberstack webhook. `refetch`: the payload does not describe the member (unknown
     /// and team events): read the member from the Admin API instead.
-    Memberstack { event: String, deleted: bool, refetch: bool },
+    Memberstack {
+        event: String,
+        deleted: bool,
+        refetch: bool,
+    },
     /// A Stripe event.
     Stripe { event: String },
     /// A row change of `public.members`. `own`: written by membersync (never pushed back).
@@ -77,9 +81,14 @@ impl TopicKind {
     }
 }
 
-pub fn decode(kind: TopicKind, position: Position, value: Option<&[u8]>) -> Result<Change, DecodeError> {
+pub fn decode(
+    kind: TopicKind,
+    position: Position,
+    value: Option<&[u8]>,
+) -> Result<Change, DecodeError> {
     let bytes = value.filter(|v| !v.is_empty()).ok_or(DecodeError::Empty)?;
-    let v: Value = serde_json::from_slice(bytes).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+    let v: Value =
+        serde_json::from_slice(bytes).map_err(|e| DecodeError::NotJson(e.to_string()))?;
     match kind {
         TopicKind::Memberstack => memberstack(v, position),
         TopicKind::Stripe => stripe(v, position),
@@ -88,7 +97,9 @@ pub fn decode(kind: TopicKind, position: Position, value: Option<&[u8]>) -> Resu
 }
 
 fn text<'a>(v: &'a Value, key: &'static str) -> Result<&'a str, DecodeError> {
-    v.get(key).and_then(Value::as_str).ok_or(DecodeError::Missing(key))
+    v.get(key)
+        .and_then(Value::as_str)
+        .ok_or(DecodeError::Missing(key))
 }
 
 fn instant(v: &Value, key: &'static str) -> Result<DateTime<Utc>, DecodeError> {
@@ -113,7 +124,12 @@ fn memberstack(v: Value, position: Position) -> Result<Change, DecodeError> {
         .map(str::to_owned);
     let known = matches!(
         kind,
-        "member_created" | "member_updated" | "member_deleted" | "plan_added" | "plan_updated" | "plan_canceled"
+        "member_created"
+            | "member_updated"
+            | "member_deleted"
+            | "plan_added"
+            | "plan_updated"
+            | "plan_canceled"
     );
     Ok(Change {
         event_id: text(&v, "id")?.to_owned(),
@@ -147,18 +163,26 @@ fn stripe(v: Value, position: Position) -> Result<Change, DecodeError> {
     } else {
         None
     };
-    let needs_lookup = v.get("needs_lookup").and_then(Value::as_bool).unwrap_or(false);
+    let needs_lookup = v
+        .get("needs_lookup")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let mut payload = Map::new();
     if let Some(status) = status {
         // Shaped like a Memberstack plan event so the mapping's plan status path reads it.
-        payload.insert("planConnection".into(), serde_json::json!({ "status": status }));
+        payload.insert(
+            "planConnection".into(),
+            serde_json::json!({ "status": status }),
+        );
     }
     Ok(Change {
         event_id: text(&v, "id")?.to_owned(),
         member_id: if needs_lookup {
             None
         } else {
-            v.get("member_id").and_then(Value::as_str).map(str::to_owned)
+            v.get("member_id")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
         },
         side: Side::Memberstack,
         source: "stripe",
@@ -172,7 +196,10 @@ fn stripe(v: Value, position: Position) -> Result<Change, DecodeError> {
 fn cdc(v: Value, position: Position) -> Result<Change, DecodeError> {
     let op = text(&v, "op")?.to_owned();
     let source = v.get("source").ok_or(DecodeError::Missing("source"))?;
-    let lsn = source.get("lsn").and_then(Value::as_u64).ok_or(DecodeError::Missing("source.lsn"))?;
+    let lsn = source
+        .get("lsn")
+        .and_then(Value::as_u64)
+        .ok_or(DecodeError::Missing("source.lsn"))?;
     let order = v
         .get("transaction")
         .and_then(|t| t.get("total_order"))
@@ -189,7 +216,10 @@ fn cdc(v: Value, position: Position) -> Result<Change, DecodeError> {
         .get("memberstack_id")
         .and_then(Value::as_str)
         .map(str::to_owned);
-    let commit_ms = source.get("ts_ms").and_then(Value::as_i64).ok_or(DecodeError::Missing("source.ts_ms"))?;
+    let commit_ms = source
+        .get("ts_ms")
+        .and_then(Value::as_i64)
+        .ok_or(DecodeError::Missing("source.ts_ms"))?;
     // A snapshot row's commit time is the snapshot's; the row's own updated_at says when it
     // was last edited.
     let occurred_at = if op == "r" {
@@ -233,9 +263,9 @@ impl Change {
                     .then(|| path.get(&self.payload))
                     .flatten()
             }
-            ChangeKind::Memberstack { .. } => {
-                MemberstackPath::parse(&field.memberstack).ok()?.get(&self.payload)
-            }
+            ChangeKind::Memberstack { .. } => MemberstackPath::parse(&field.memberstack)
+                .ok()?
+                .get(&self.payload),
         }
     }
 
@@ -277,7 +307,12 @@ mod tests {
             "received_at": "2026-01-01T00:00:01Z",
             "data": {"event": "member.updated", "timestamp": 1, "payload": {"id": "mem_1", "auth": {"email": "A@x.io"}, "customFields": {"n": 1}}}
         });
-        let c = decode(TopicKind::Memberstack, pos(), Some(v.to_string().as_bytes())).unwrap();
+        let c = decode(
+            TopicKind::Memberstack,
+            pos(),
+            Some(v.to_string().as_bytes()),
+        )
+        .unwrap();
         assert_eq!(c.event_id, "msg_1");
         assert_eq!(c.member_id.as_deref(), Some("mem_1"));
         let email = &crate::config::default_fields()[0];
@@ -286,7 +321,11 @@ mod tests {
             .into_iter()
             .find(|f| f.name == "project_data")
             .unwrap();
-        assert_eq!(c.field_value(&project), None, "metaData is not in this payload");
+        assert_eq!(
+            c.field_value(&project),
+            None,
+            "metaData is not in this payload"
+        );
     }
 
     #[test]
@@ -299,7 +338,13 @@ mod tests {
         });
         let c = decode(TopicKind::Cdc, pos(), Some(v.to_string().as_bytes())).unwrap();
         assert_eq!(c.event_id, "cdc:42:3");
-        assert_eq!(c.kind, ChangeKind::Cdc { op: "u".into(), own: true });
+        assert_eq!(
+            c.kind,
+            ChangeKind::Cdc {
+                op: "u".into(),
+                own: true
+            }
+        );
         let fields = crate::config::default_fields();
         let project = fields.iter().find(|f| f.name == "project_data").unwrap();
         assert_eq!(c.field_value(project), None);
@@ -308,7 +353,10 @@ mod tests {
     #[test]
     fn poison_is_precise() {
         assert_eq!(decode(TopicKind::Cdc, pos(), None), Err(DecodeError::Empty));
-        assert!(matches!(decode(TopicKind::Cdc, pos(), Some(b"{nope")), Err(DecodeError::NotJson(_))));
+        assert!(matches!(
+            decode(TopicKind::Cdc, pos(), Some(b"{nope")),
+            Err(DecodeError::NotJson(_))
+        ));
         assert_eq!(
             decode(TopicKind::Stripe, pos(), Some(b"{}")),
             Err(DecodeError::Missing("type"))
@@ -328,7 +376,10 @@ mod tests {
             .find(|f| f.name == "subscription_status")
             .unwrap();
         assert_eq!(c.field_value(&status), Some(json!("past_due")));
-        let plan = crate::config::default_fields().into_iter().find(|f| f.name == "plan_id").unwrap();
+        let plan = crate::config::default_fields()
+            .into_iter()
+            .find(|f| f.name == "plan_id")
+            .unwrap();
         assert_eq!(c.field_value(&plan), None);
     }
 }

@@ -8,7 +8,9 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -76,7 +78,11 @@ impl Merge {
         let topics = Topics::new(&config.kafka.topic_prefix);
         let m = &config.merge;
         let subscribed: Vec<String> = if m.topics.is_empty() {
-            vec![topics.memberstack(), topics.stripe(), topics.cdc("public", "members")]
+            vec![
+                topics.memberstack(),
+                topics.stripe(),
+                topics.cdc("public", "members"),
+            ]
         } else {
             m.topics.clone()
         };
@@ -95,9 +101,14 @@ impl Merge {
         consumer.subscribe(&refs)?;
 
         let memberstack = match &config.memberstack.api_key {
-            Some(_) => Some(MemberstackClient::new(&config.memberstack, Some(metrics.registry()))?),
+            Some(_) => Some(MemberstackClient::new(
+                &config.memberstack,
+                Some(metrics.registry()),
+            )?),
             None => {
-                tracing::warn!("memberstack.api_key is not set: merge writes Supabase only, nothing is pushed to Memberstack");
+                tracing::warn!(
+                    "memberstack.api_key is not set: merge writes Supabase only, nothing is pushed to Memberstack"
+                );
                 None
             }
         };
@@ -105,16 +116,20 @@ impl Merge {
             Some(_) => Some(SupabaseAuthClient::new(&config.supabase)?),
             None => None,
         };
-        let (posthog, posthog_task) = match PostHog::start(&config.posthog, Some(metrics.registry())) {
-            Some((ph, task)) => (Some(ph), Some(task)),
-            None => (None, None),
-        };
+        let (posthog, posthog_task) =
+            match PostHog::start(&config.posthog, Some(metrics.registry())) {
+                Some((ph, task)) => (Some(ph), Some(task)),
+                None => (None, None),
+            };
         let cfg = Arc::new(m.clone());
         let shared = Arc::new(Shared {
             applier: Applier::new(Arc::clone(&cfg), memberstack, auth),
             cfg,
             database: config.database.clone(),
-            producer: Producer::new(&config.kafka, Duration::from_millis(config.kafka.message_timeout_ms))?,
+            producer: Producer::new(
+                &config.kafka,
+                Duration::from_millis(config.kafka.message_timeout_ms),
+            )?,
             sync_topic: topics.sync(),
             dlq_topic: topics.dlq(),
             posthog,
@@ -197,10 +212,10 @@ impl Merge {
         for (topic, partition, offset) in tracker.committable() {
             let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(offset + 1));
         }
-        if tpl.count() > 0 {
-            if let Err(e) = self.consumer.commit(&tpl, CommitMode::Sync) {
-                tracing::warn!(error = %e, "final offset commit failed; finished records may be read again");
-            }
+        if tpl.count() > 0
+            && let Err(e) = self.consumer.commit(&tpl, CommitMode::Sync)
+        {
+            tracing::warn!(error = %e, "final offset commit failed; finished records may be read again");
         }
         if let Some(ph) = Arc::get_mut(&mut self.shared).and_then(|s| s.posthog.take()) {
             ph.shutdown();
@@ -221,7 +236,10 @@ impl Merge {
         kind: TopicKind,
     ) {
         tracker.begin(message.topic(), message.partition(), message.offset());
-        self.shared.metrics.in_flight.set(tracker.in_flight() as i64);
+        self.shared
+            .metrics
+            .in_flight
+            .set(tracker.in_flight() as i64);
         let mut h = DefaultHasher::new();
         message.key().unwrap_or_default().hash(&mut h);
         let queue = &queues[(h.finish() % queues.len() as u64) as usize];
@@ -231,11 +249,16 @@ impl Merge {
     }
 
     fn finish(&self, tracker: &mut OffsetTracker, done: Finished) {
-        if let Some(offset) = tracker.finish(&done.topic, done.partition, done.offset) {
-            if let Err(e) = self.consumer.store_offset(&done.topic, done.partition, offset) {
-                tracing::debug!(topic = %done.topic, partition = done.partition, error = %e, "offset not stored (partition revoked?)");
-            }
+        if let Some(offset) = tracker.finish(&done.topic, done.partition, done.offset)
+            && let Err(e) = self
+                .consumer
+                .store_offset(&done.topic, done.partition, offset)
+        {
+            tracing::debug!(topic = %done.topic, partition = done.partition, error = %e, "offset not stored (partition revoked?)");
         }
-        self.shared.metrics.in_flight.set(tracker.in_flight() as i64);
+        self.shared
+            .metrics
+            .in_flight
+            .set(tracker.in_flight() as i64);
     }
 }

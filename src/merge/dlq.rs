@@ -53,7 +53,13 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
-    pub fn new(message: &OwnedMessage, error: DlqError, attempts: u32, event_id: Option<String>, member_id: Option<String>) -> Self {
+    pub fn new(
+        message: &OwnedMessage,
+        error: DlqError,
+        attempts: u32,
+        event_id: Option<String>,
+        member_id: Option<String>,
+    ) -> Self {
         let origin = Position {
             topic: message.topic().to_owned(),
             partition: message.partition(),
@@ -73,7 +79,10 @@ impl DeadLetter {
         if let Some(h) = message.headers() {
             for header in h.iter() {
                 if let Some(v) = header.value {
-                    headers.insert(header.key.to_owned(), String::from_utf8_lossy(v).into_owned());
+                    headers.insert(
+                        header.key.to_owned(),
+                        String::from_utf8_lossy(v).into_owned(),
+                    );
                 }
             }
         }
@@ -86,7 +95,9 @@ impl DeadLetter {
             origin,
             event_id,
             member_id,
-            key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            key: message
+                .key()
+                .map(|k| String::from_utf8_lossy(k).into_owned()),
             value,
             value_base64,
             headers,
@@ -97,12 +108,19 @@ impl DeadLetter {
     pub fn original_value(&self) -> Vec<u8> {
         match (&self.value, &self.value_base64) {
             (Some(v), _) => serde_json::to_vec(v).unwrap_or_default(),
-            (None, Some(b)) => base64::engine::general_purpose::STANDARD.decode(b).unwrap_or_default(),
+            (None, Some(b)) => base64::engine::general_purpose::STANDARD
+                .decode(b)
+                .unwrap_or_default(),
             (None, None) => Vec::new(),
         }
     }
 
-    pub async fn publish(&self, producer: &Producer, topic: &str, wait: Duration) -> Result<(), ProduceError> {
+    pub async fn publish(
+        &self,
+        producer: &Producer,
+        topic: &str,
+        wait: Duration,
+    ) -> Result<(), ProduceError> {
         let payload = serde_json::to_vec(self).unwrap_or_default();
         let key = self.key.clone().unwrap_or_default();
         producer
@@ -200,10 +218,16 @@ fn read_all_blocking(cfg: &KafkaConfig, topic: &str) -> Result<Vec<DeadLetter>, 
             continue;
         };
         let msg = msg?;
-        if let Some(letter) = msg.payload().and_then(|p| serde_json::from_slice::<DeadLetter>(p).ok()) {
+        if let Some(letter) = msg
+            .payload()
+            .and_then(|p| serde_json::from_slice::<DeadLetter>(p).ok())
+        {
             letters.push(letter);
         }
-        if ends.get(&msg.partition()).is_some_and(|end| msg.offset() + 1 >= *end) {
+        if ends
+            .get(&msg.partition())
+            .is_some_and(|end| msg.offset() + 1 >= *end)
+        {
             ends.remove(&msg.partition());
         }
     }
@@ -212,14 +236,19 @@ fn read_all_blocking(cfg: &KafkaConfig, topic: &str) -> Result<Vec<DeadLetter>, 
 }
 
 /// Ids of dead letters already replayed (audit_logs, action `dlq_replay`).
-pub async fn replayed_ids(client: &tokio_postgres::Client) -> Result<std::collections::HashSet<String>, tokio_postgres::Error> {
+pub async fn replayed_ids(
+    client: &tokio_postgres::Client,
+) -> Result<std::collections::HashSet<String>, tokio_postgres::Error> {
     let rows = client
         .query("select target from public.audit_logs where action = 'dlq_replay' and target is not null", &[])
         .await?;
     Ok(rows.into_iter().map(|r| r.get::<_, String>(0)).collect())
 }
 
-pub async fn record_replay(client: &tokio_postgres::Client, letter: &DeadLetter) -> Result<(), tokio_postgres::Error> {
+pub async fn record_replay(
+    client: &tokio_postgres::Client,
+    letter: &DeadLetter,
+) -> Result<(), tokio_postgres::Error> {
     let details = serde_json::json!({
         "origin": letter.origin,
         "event_id": letter.event_id,
@@ -243,10 +272,16 @@ pub fn table(letters: &[DeadLetter], replayed: &std::collections::HashSet<String
         "ID", "FAILED AT", "ORIGIN (topic/partition/offset)", "ATTEMPTS", "REPLAYED", "ERROR"
     );
     for l in letters {
-        let origin = format!("{}/{}/{}", l.origin.topic, l.origin.partition, l.origin.offset);
+        let origin = format!(
+            "{}/{}/{}",
+            l.origin.topic, l.origin.partition, l.origin.offset
+        );
         let mut error = format!("{}: {}", l.error.kind, l.error.message);
         if error.len() > 100 {
-            let cut = (0..=100).rev().find(|i| error.is_char_boundary(*i)).unwrap_or(0);
+            let cut = (0..=100)
+                .rev()
+                .find(|i| error.is_char_boundary(*i))
+                .unwrap_or(0);
             error.truncate(cut);
             error.push('…');
         }
@@ -256,7 +291,11 @@ pub fn table(letters: &[DeadLetter], replayed: &std::collections::HashSet<String
             l.failed_at,
             origin,
             l.attempts,
-            if replayed.contains(&l.id) { "yes" } else { "no" },
+            if replayed.contains(&l.id) {
+                "yes"
+            } else {
+                "no"
+            },
             error
         ));
     }
@@ -279,7 +318,10 @@ mod tests {
             Timestamp::NotAvailable,
             2,
             41,
-            Some(OwnedHeaders::new().insert(rdkafka::message::Header { key: "h", value: Some("v") })),
+            Some(OwnedHeaders::new().insert(rdkafka::message::Header {
+                key: "h",
+                value: Some("v"),
+            })),
         );
         let err = DlqError {
             kind: "decode".into(),

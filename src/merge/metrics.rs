@@ -13,7 +13,9 @@ pub struct MergeMetrics {
     pub in_flight: IntGauge,
 }
 
-const LATENCY_BUCKETS: [f64; 14] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 impl MergeMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {

@@ -82,14 +82,22 @@ mod tests {
         assert_eq!(plan_status(&json!("SCA")), "inactive");
         assert_eq!(plan_status(&Value::Null), "free");
         for s in PLAN_STATUSES {
-            assert_eq!(plan_status(&json!(s)), s, "normalised values are fixed points");
+            assert_eq!(
+                plan_status(&json!(s)),
+                s,
+                "normalised values are fixed points"
+            );
         }
     }
 
     #[test]
     fn custom_fields_compare_string_and_number_alike() {
         let n = Normalize::CustomFields;
-        assert!(same(n, &json!({"seats": 1, "vip": true}), &json!({"seats": "1", "vip": "true"})));
+        assert!(same(
+            n,
+            &json!({"seats": 1, "vip": true}),
+            &json!({"seats": "1", "vip": "true"})
+        ));
         assert!(same(n, &json!({"a": "", "b": null}), &json!({})));
         assert!(!same(n, &json!({"seats": 1}), &json!({"seats": "2"})));
         assert!(same(n, &Value::Null, &json!({})));
@@ -97,7 +105,11 @@ mod tests {
 
     #[test]
     fn emails_compare_case_insensitively() {
-        assert!(same(Normalize::CaseInsensitive, &json!("A@X.com"), &json!("a@x.com ")));
+        assert!(same(
+            Normalize::CaseInsensitive,
+            &json!("A@X.com"),
+            &json!("a@x.com ")
+        ));
         assert!(!same(Normalize::None, &json!("A@X.com"), &json!("a@x.com")));
     }
 }

@@ -62,7 +62,10 @@ impl OffsetTracker {
     }
 
     pub fn in_flight(&self) -> usize {
-        self.parts.values().map(|p| p.in_flight.values().sum::<u32>() as usize).sum()
+        self.parts
+            .values()
+            .map(|p| p.in_flight.values().sum::<u32>() as usize)
+            .sum()
     }
 
     /// Every partition's committable offset (for the final commit at shutdown).

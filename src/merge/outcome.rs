@@ -119,7 +119,14 @@ impl Outcome {
         });
     }
 
-    pub fn record_field(&mut self, field: &str, verdict: Verdict, value: &Value, wrote: bool, pushed: bool) {
+    pub fn record_field(
+        &mut self,
+        field: &str,
+        verdict: Verdict,
+        value: &Value,
+        wrote: bool,
+        pushed: bool,
+    ) {
         self.fields.push(FieldOutcome {
             field: field.to_owned(),
             verdict: verdict.as_str().to_owned(),
@@ -164,7 +171,11 @@ impl Outcome {
                     .filter(|f| f.wrote_supabase || f.pushed_memberstack)
                     .map(|f| f.field.as_str())
                     .collect();
-                out.push(event("sync_completed", &self.event_id, props(json!({ "fields": fields }))));
+                out.push(event(
+                    "sync_completed",
+                    &self.event_id,
+                    props(json!({ "fields": fields })),
+                ));
             }
             Status::Failed => out.push(event(
                 "sync_failed",
@@ -174,12 +185,18 @@ impl Outcome {
             _ => {}
         }
         if self.created {
-            out.push(event("user_created", &self.event_id, props(json!({ "user_id": self.user_id }))));
+            out.push(event(
+                "user_created",
+                &self.event_id,
+                props(json!({ "user_id": self.user_id })),
+            ));
         }
         let subscription: Map<String, Value> = self
             .fields
             .iter()
-            .filter(|f| f.wrote_supabase && (f.field == "subscription_status" || f.field == "plan_id"))
+            .filter(|f| {
+                f.wrote_supabase && (f.field == "subscription_status" || f.field == "plan_id")
+            })
             .map(|f| (f.field.clone(), f.value.clone()))
             .collect();
         if !subscription.is_empty() {

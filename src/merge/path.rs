@@ -71,8 +71,12 @@ impl MemberstackPath {
             Self::CustomField(k) => member.get("customFields")?.get(k).cloned(),
             Self::MetaData(k) => member.get("metaData")?.get(k).cloned(),
             Self::Json(k) => member.get("json")?.get(k).cloned(),
-            Self::PlanStatus => primary_plan(member).map(|p| p.get("status").cloned().unwrap_or(Value::Null)),
-            Self::PlanId => primary_plan(member).map(|p| p.get("planId").cloned().unwrap_or(Value::Null)),
+            Self::PlanStatus => {
+                primary_plan(member).map(|p| p.get("status").cloned().unwrap_or(Value::Null))
+            }
+            Self::PlanId => {
+                primary_plan(member).map(|p| p.get("planId").cloned().unwrap_or(Value::Null))
+            }
         }
     }
 
@@ -137,7 +141,11 @@ fn primary_plan(member: &Value) -> Option<Value> {
     }
     let list = member.get("planConnections")?.as_array()?;
     let active = |p: &&Value| p.get("active").and_then(Value::as_bool) == Some(true);
-    let free = |p: &&Value| p.get("type").and_then(Value::as_str).is_some_and(|t| t.eq_ignore_ascii_case("free"));
+    let free = |p: &&Value| {
+        p.get("type")
+            .and_then(Value::as_str)
+            .is_some_and(|t| t.eq_ignore_ascii_case("free"))
+    };
     // A paid subscription says more about the member than the free plan everyone has.
     let chosen = list
         .iter()
@@ -180,8 +188,14 @@ mod tests {
         ]});
         assert_eq!(MemberstackPath::PlanId.get(&m), Some(json!("pln_pro")));
         let single = json!({"planConnection": {"planId": "pln_x", "status": "CANCELED"}});
-        assert_eq!(MemberstackPath::PlanStatus.get(&single), Some(json!("CANCELED")));
-        assert_eq!(MemberstackPath::PlanId.get(&json!({"planConnections": []})), Some(Value::Null));
+        assert_eq!(
+            MemberstackPath::PlanStatus.get(&single),
+            Some(json!("CANCELED"))
+        );
+        assert_eq!(
+            MemberstackPath::PlanId.get(&json!({"planConnections": []})),
+            Some(Value::Null)
+        );
         assert_eq!(MemberstackPath::PlanId.get(&json!({"auth": {}})), None);
     }
 
@@ -192,7 +206,10 @@ mod tests {
         assert_eq!(MemberstackPath::MetaData("a".into()).get(&deleted), None);
         let m = json!({"metaData": {"b": null}});
         assert_eq!(MemberstackPath::MetaData("a".into()).get(&m), None);
-        assert_eq!(MemberstackPath::MetaData("b".into()).get(&m), Some(Value::Null));
+        assert_eq!(
+            MemberstackPath::MetaData("b".into()).get(&m),
+            Some(Value::Null)
+        );
     }
 
     #[test]

@@ -143,7 +143,11 @@ pub struct Resolution {
 /// of the row may hold a user's edit whose own event is still to be resolved (or was
 /// dead-lettered and will be replayed): those are left for that event.
 pub fn observe_own_write(normalize: Normalize, state: &FieldState, value: &Value) -> FieldState {
-    if !state.value.as_ref().is_some_and(|agreed| same(normalize, agreed, value)) {
+    if !state
+        .value
+        .as_ref()
+        .is_some_and(|agreed| same(normalize, agreed, value))
+    {
         return state.clone();
     }
     FieldState {
@@ -152,7 +156,12 @@ pub fn observe_own_write(normalize: Normalize, state: &FieldState, value: &Value
     }
 }
 
-pub fn resolve(rules: &Rules, state: &FieldState, supabase: &SupabaseNow, incoming: &Incoming) -> Resolution {
+pub fn resolve(
+    rules: &Rules,
+    state: &FieldState,
+    supabase: &SupabaseNow,
+    incoming: &Incoming,
+) -> Resolution {
     let mut st = state.clone();
     st.echoes.retain(|e| rules.now - e.at < rules.echo_window);
     let mut r = match incoming.side {
@@ -160,10 +169,10 @@ pub fn resolve(rules: &Rules, state: &FieldState, supabase: &SupabaseNow, incomi
         Side::Supabase => from_supabase(rules, st, supabase, incoming),
     };
     // Never write what the target already holds.
-    if let (Some(w), Some(now)) = (&r.write_supabase, &supabase.value) {
-        if same(rules.normalize, w, now) {
-            r.write_supabase = None;
-        }
+    if let (Some(w), Some(now)) = (&r.write_supabase, &supabase.value)
+        && same(rules.normalize, w, now)
+    {
+        r.write_supabase = None;
     }
     if r.push_memberstack.is_some() && !rules.writable {
         r.push_memberstack = None;
@@ -189,10 +198,18 @@ fn outcome(verdict: Verdict, state: FieldState) -> Resolution {
     }
 }
 
-fn from_memberstack(rules: &Rules, mut st: FieldState, sb: &SupabaseNow, inc: &Incoming) -> Resolution {
+fn from_memberstack(
+    rules: &Rules,
+    mut st: FieldState,
+    sb: &SupabaseNow,
+    inc: &Incoming,
+) -> Resolution {
     let n = rules.normalize;
     let (v, t) = (&inc.value, inc.at);
-    let edited = st.memberstack_seen.as_ref().is_none_or(|seen| !same(n, seen, v));
+    let edited = st
+        .memberstack_seen
+        .as_ref()
+        .is_none_or(|seen| !same(n, seen, v));
     st.memberstack_seen = Some(v.clone());
     if st.echoes.iter().any(|e| same(n, &e.value, v)) {
         // The same value pushed twice comes back once (the second PATCH changed nothing).
@@ -222,7 +239,12 @@ fn from_memberstack(rules: &Rules, mut st: FieldState, sb: &SupabaseNow, inc: &I
                 st.value = Some(sb_value.clone());
                 return outcome(Verdict::Unchanged, st);
             }
-            if superseded && st.pushed_value.as_ref().is_some_and(|p| same(n, p, sb_value)) {
+            if superseded
+                && st
+                    .pushed_value
+                    .as_ref()
+                    .is_some_and(|p| same(n, p, sb_value))
+            {
                 // Our later push already put Supabase's value there.
                 return outcome(Verdict::Stale, st);
             }
@@ -237,7 +259,11 @@ fn from_memberstack(rules: &Rules, mut st: FieldState, sb: &SupabaseNow, inc: &I
             r
         }
         Authority::Latest => {
-            let sb_time = if agreed { st.synced_at } else { sb.edited_at.or(st.synced_at) };
+            let sb_time = if agreed {
+                st.synced_at
+            } else {
+                sb.edited_at.or(st.synced_at)
+            };
             let newer = if superseded {
                 // Made before our last push landed: it wins only over the value we pushed
                 // (a tie goes to Memberstack).
@@ -297,10 +323,18 @@ fn accept_memberstack(
     r
 }
 
-fn from_supabase(rules: &Rules, mut st: FieldState, sb: &SupabaseNow, inc: &Incoming) -> Resolution {
+fn from_supabase(
+    rules: &Rules,
+    mut st: FieldState,
+    sb: &SupabaseNow,
+    inc: &Incoming,
+) -> Resolution {
     let n = rules.normalize;
     let (v, t) = (&inc.value, inc.at);
-    let edited = st.supabase_seen.as_ref().is_none_or(|seen| !same(n, seen, v));
+    let edited = st
+        .supabase_seen
+        .as_ref()
+        .is_none_or(|seen| !same(n, seen, v));
     st.supabase_seen = Some(v.clone());
     if !edited || st.value.as_ref().is_some_and(|a| same(n, a, v)) {
         return outcome(Verdict::Unchanged, st);

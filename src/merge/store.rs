@@ -27,7 +27,10 @@ pub struct MemberRow {
 
 /// Serialises every writer of one member (merge instances, whatever topic the change came
 /// from) and locks the row against concurrent application writes until commit.
-pub async fn lock_member(tx: &Transaction<'_>, memberstack_id: &str) -> Result<Option<MemberRow>, tokio_postgres::Error> {
+pub async fn lock_member(
+    tx: &Transaction<'_>,
+    memberstack_id: &str,
+) -> Result<Option<MemberRow>, tokio_postgres::Error> {
     tx.execute(
         "select pg_advisory_xact_lock(hashtextextended('membersync.member:' || $1, 0))",
         &[&memberstack_id],
@@ -56,14 +59,23 @@ pub async fn lock_member(tx: &Transaction<'_>, memberstack_id: &str) -> Result<O
 }
 
 /// The outcome stored for an already-processed event, if any.
-pub async fn processed(tx: &Transaction<'_>, event_id: &str) -> Result<Option<Value>, tokio_postgres::Error> {
+pub async fn processed(
+    tx: &Transaction<'_>,
+    event_id: &str,
+) -> Result<Option<Value>, tokio_postgres::Error> {
     let row = tx
-        .query_opt("select result from public.webhook_log where event_id = $1", &[&event_id])
+        .query_opt(
+            "select result from public.webhook_log where event_id = $1",
+            &[&event_id],
+        )
         .await?;
     Ok(row.map(|r| r.get::<_, Option<Value>>(0).unwrap_or(Value::Null)))
 }
 
-pub async fn field_states(tx: &Transaction<'_>, memberstack_id: &str) -> Result<HashMap<String, FieldState>, tokio_postgres::Error> {
+pub async fn field_states(
+    tx: &Transaction<'_>,
+    memberstack_id: &str,
+) -> Result<HashMap<String, FieldState>, tokio_postgres::Error> {
     let rows = tx
         .query(
             "select field, last_synced_at, last_value, last_pushed_value, last_source, pushed_at, echoes,
@@ -153,7 +165,10 @@ pub fn column_values(writes: &[(&FieldMapping, Value)]) -> Map<String, Value> {
     let mut doc = Map::new();
     for (field, value) in writes {
         if field.normalize == Normalize::PlanStatus {
-            doc.insert(field.supabase.clone(), Value::String(plan_status(value).to_owned()));
+            doc.insert(
+                field.supabase.clone(),
+                Value::String(plan_status(value).to_owned()),
+            );
             if field.supabase == "subscription_status" {
                 doc.insert("subscription_status_raw".into(), value.clone());
             }
@@ -201,7 +216,11 @@ pub async fn write_member(
     Ok(())
 }
 
-pub async fn link_user(tx: &Transaction<'_>, memberstack_id: &str, user_id: Uuid) -> Result<(), tokio_postgres::Error> {
+pub async fn link_user(
+    tx: &Transaction<'_>,
+    memberstack_id: &str,
+    user_id: Uuid,
+) -> Result<(), tokio_postgres::Error> {
     tx.execute(
         "update public.members set user_id = $2 where memberstack_id = $1 and user_id is distinct from $2",
         &[&memberstack_id, &user_id],
@@ -210,7 +229,11 @@ pub async fn link_user(tx: &Transaction<'_>, memberstack_id: &str, user_id: Uuid
     Ok(())
 }
 
-pub async fn soft_delete(tx: &Transaction<'_>, memberstack_id: &str, at: DateTime<Utc>) -> Result<bool, tokio_postgres::Error> {
+pub async fn soft_delete(
+    tx: &Transaction<'_>,
+    memberstack_id: &str,
+    at: DateTime<Utc>,
+) -> Result<bool, tokio_postgres::Error> {
     let n = tx
         .execute(
             "update public.members set deleted_at = $2 where memberstack_id = $1 and deleted_at is null",
@@ -229,7 +252,10 @@ pub struct LogEntry<'a> {
     pub source: &'a str,
 }
 
-pub async fn log_change(tx: &Transaction<'_>, e: &LogEntry<'_>) -> Result<(), tokio_postgres::Error> {
+pub async fn log_change(
+    tx: &Transaction<'_>,
+    e: &LogEntry<'_>,
+) -> Result<(), tokio_postgres::Error> {
     tx.execute(
         "insert into public.user_logs (user_id, memberstack_id, change_type, old_data, new_data, source)
          values ($1, $2, $3, $4, $5, $6)",
@@ -258,9 +284,15 @@ pub async fn mark_processed(
 }
 
 /// The auth user already registered with this email (SECURITY DEFINER function, V8).
-pub async fn auth_user_by_email(tx: &Transaction<'_>, email: &str) -> Result<Option<Uuid>, tokio_postgres::Error> {
+pub async fn auth_user_by_email(
+    tx: &Transaction<'_>,
+    email: &str,
+) -> Result<Option<Uuid>, tokio_postgres::Error> {
     let row = tx
-        .query_one("select membersync_meta.auth_user_id_by_email($1)", &[&email])
+        .query_one(
+            "select membersync_meta.auth_user_id_by_email($1)",
+            &[&email],
+        )
         .await?;
     Ok(row.get(0))
 }

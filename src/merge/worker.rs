@@ -50,7 +50,12 @@ pub struct Shared {
     pub kafka_wait: Duration,
 }
 
-pub async fn run(shared: Arc<Shared>, mut jobs: mpsc::Receiver<Job>, finished: mpsc::UnboundedSender<Finished>, stop: CancellationToken) {
+pub async fn run(
+    shared: Arc<Shared>,
+    mut jobs: mpsc::Receiver<Job>,
+    finished: mpsc::UnboundedSender<Finished>,
+    stop: CancellationToken,
+) {
     let mut db: Option<Client> = None;
     while let Some(job) = jobs.recv().await {
         let done = Finished {
@@ -69,7 +74,12 @@ pub async fn run(shared: Arc<Shared>, mut jobs: mpsc::Receiver<Job>, finished: m
 }
 
 /// Returns false when interrupted by shutdown before the record was finished.
-async fn process(shared: &Shared, db: &mut Option<Client>, job: Job, stop: &CancellationToken) -> bool {
+async fn process(
+    shared: &Shared,
+    db: &mut Option<Client>,
+    job: Job,
+    stop: &CancellationToken,
+) -> bool {
     let m = &job.message;
     let position = Position {
         topic: m.topic().to_owned(),
@@ -104,7 +114,11 @@ async fn process(shared: &Shared, db: &mut Option<Client>, job: Job, stop: &Canc
                 return announce(shared, &change, outcome, stop).await;
             }
             Err(e) => {
-                shared.metrics.failed_attempts.with_label_values(&[e.kind()]).inc();
+                shared
+                    .metrics
+                    .failed_attempts
+                    .with_label_values(&[e.kind()])
+                    .inc();
                 if db.as_ref().is_some_and(Client::is_closed) {
                     *db = None;
                 }
@@ -135,11 +149,19 @@ async fn process(shared: &Shared, db: &mut Option<Client>, job: Job, stop: &Canc
     }
 }
 
-async fn apply_once(shared: &Shared, db: &mut Option<Client>, change: &Change) -> Result<Outcome, ApplyError> {
+async fn apply_once(
+    shared: &Shared,
+    db: &mut Option<Client>,
+    change: &Change,
+) -> Result<Outcome, ApplyError> {
     if db.is_none() {
-        let client = db::connect(&shared.database, Login::Daemon).await.map_err(|e| match e {
-            db::DbError::Connect { source, .. } | db::DbError::Query(source) => ApplyError::Db(source),
-        })?;
+        let client = db::connect(&shared.database, Login::Daemon)
+            .await
+            .map_err(|e| match e {
+                db::DbError::Connect { source, .. } | db::DbError::Query(source) => {
+                    ApplyError::Db(source)
+                }
+            })?;
         *db = Some(client);
     }
     let client = db.as_mut().expect("connected above");
@@ -148,18 +170,38 @@ async fn apply_once(shared: &Shared, db: &mut Option<Client>, change: &Change) -
 
 /// Publishes the outcome on the sync topic (keyed by member) and hands it to PostHog.
 /// Retries until Kafka takes it: the record is finished only then.
-async fn announce(shared: &Shared, change: &Change, outcome: Outcome, stop: &CancellationToken) -> bool {
+async fn announce(
+    shared: &Shared,
+    change: &Change,
+    outcome: Outcome,
+    stop: &CancellationToken,
+) -> bool {
     let status = format!("{:?}", outcome.status).to_lowercase();
-    shared.metrics.changes.with_label_values(&[change.source, &status]).inc();
+    shared
+        .metrics
+        .changes
+        .with_label_values(&[change.source, &status])
+        .inc();
     for f in &outcome.fields {
-        shared.metrics.fields.with_label_values(&[&f.field, &f.verdict]).inc();
+        shared
+            .metrics
+            .fields
+            .with_label_values(&[&f.field, &f.verdict])
+            .inc();
     }
     for c in &outcome.conflicts {
-        shared.metrics.conflicts.with_label_values(&[&c.field, c.winner.as_str()]).inc();
+        shared
+            .metrics
+            .conflicts
+            .with_label_values(&[&c.field, c.winner.as_str()])
+            .inc();
     }
     if outcome.status == Status::Applied {
         let lag = chrono::Utc::now() - change.occurred_at;
-        shared.metrics.change_to_applied.observe(lag.num_milliseconds().max(0) as f64 / 1000.0);
+        shared
+            .metrics
+            .change_to_applied
+            .observe(lag.num_milliseconds().max(0) as f64 / 1000.0);
     }
     // membersync's own writes coming back through CDC are not news.
     let own = matches!(change.kind, change::ChangeKind::Cdc { own: true, .. });
@@ -215,7 +257,11 @@ async fn dead_letter(
     if !send_until_acknowledged(shared, &record, stop).await {
         return false;
     }
-    shared.metrics.dead_letters.with_label_values(&[&error.kind]).inc();
+    shared
+        .metrics
+        .dead_letters
+        .with_label_values(&[&error.kind])
+        .inc();
     record_error(shared, &letter).await;
     true
 }
@@ -246,7 +292,11 @@ async fn record_error(shared: &Shared, letter: &DeadLetter) {
     }
 }
 
-async fn send_until_acknowledged(shared: &Shared, record: &Record<'_>, stop: &CancellationToken) -> bool {
+async fn send_until_acknowledged(
+    shared: &Shared,
+    record: &Record<'_>,
+    stop: &CancellationToken,
+) -> bool {
     let mut wait = Duration::from_millis(200);
     loop {
         match shared.producer.send(record, shared.kafka_wait).await {

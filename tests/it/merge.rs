@@ -37,7 +37,10 @@ struct Stack {
 
 fn webhook_secret() -> String {
     let key: [u8; 24] = rand::random();
-    format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(key))
+    format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(key)
+    )
 }
 
 impl Stack {
@@ -48,10 +51,10 @@ impl Stack {
         let s = Services::get();
         let ingest_port = free_port();
         let secret = webhook_secret();
-        let ms = MemberstackSim::start(
-            MemberstackConfig::new(API_KEY)
-                .with_webhook(format!("http://127.0.0.1:{ingest_port}/webhooks/memberstack"), secret.clone()),
-        )
+        let ms = MemberstackSim::start(MemberstackConfig::new(API_KEY).with_webhook(
+            format!("http://127.0.0.1:{ingest_port}/webhooks/memberstack"),
+            secret.clone(),
+        ))
         .await
         .expect("memberstack simulator");
         let dsn = format!(
@@ -62,18 +65,28 @@ impl Stack {
             s.superuser_password(),
             db.name
         );
-        let auth = AuthSim::start(AuthConfig::new(dsn, SERVICE_KEY)).await.expect("auth simulator");
-        let posthog = PostHogSim::start(PostHogConfig::new(POSTHOG_KEY)).await.expect("posthog simulator");
+        let auth = AuthSim::start(AuthConfig::new(dsn, SERVICE_KEY))
+            .await
+            .expect("auth simulator");
+        let posthog = PostHogSim::start(PostHogConfig::new(POSTHOG_KEY))
+            .await
+            .expect("posthog simulator");
         let mut env = db.env();
         let group = support::unique_name("merge");
         for (k, v) in [
             ("MEMBERSYNC__KAFKA__BROKERS", kafka.brokers.clone()),
-            ("MEMBERSYNC__KAFKA__TOPIC_PREFIX", kafka.topic_prefix.clone()),
+            (
+                "MEMBERSYNC__KAFKA__TOPIC_PREFIX",
+                kafka.topic_prefix.clone(),
+            ),
             ("MEMBERSYNC__KAFKA__TOPIC_PARTITIONS", "3".into()),
             ("MEMBERSYNC__CDC__HEARTBEAT_INTERVAL_SECS", "1".into()),
             ("MEMBERSYNC__CDC__STATUS_INTERVAL_MS", "200".into()),
             ("MEMBERSYNC__INGEST__MEMBERSTACK_WEBHOOK_SECRETS", secret),
-            ("MEMBERSYNC__INGEST__STRIPE_WEBHOOK_SECRETS", STRIPE_SECRET.into()),
+            (
+                "MEMBERSYNC__INGEST__STRIPE_WEBHOOK_SECRETS",
+                STRIPE_SECRET.into(),
+            ),
             ("MEMBERSYNC__MEMBERSTACK__API_URL", ms.base_url()),
             ("MEMBERSYNC__MEMBERSTACK__API_KEY", API_KEY.into()),
             ("MEMBERSYNC__MEMBERSTACK__BACKOFF_BASE_MS", "50".into()),
@@ -127,14 +140,20 @@ impl Stack {
 
     /// Waits until the member's row satisfies `condition` (SQL), returns the row as JSON.
     async fn row_where(&self, id: &str, condition: &str) -> Value {
-        let sql = format!("select to_jsonb(m) from public.members m where memberstack_id = $1 and ({condition})");
-        wait_for(&format!("members row of {id} where {condition}"), WAIT, || {
-            let sql = sql.clone();
-            async move {
-                let row = self.admin.query_opt(&sql, &[&id]).await.unwrap();
-                row.map(|r| r.get::<_, Value>(0))
-            }
-        })
+        let sql = format!(
+            "select to_jsonb(m) from public.members m where memberstack_id = $1 and ({condition})"
+        );
+        wait_for(
+            &format!("members row of {id} where {condition}"),
+            WAIT,
+            || {
+                let sql = sql.clone();
+                async move {
+                    let row = self.admin.query_opt(&sql, &[&id]).await.unwrap();
+                    row.map(|r| r.get::<_, Value>(0))
+                }
+            },
+        )
         .await
     }
 
@@ -148,11 +167,17 @@ impl Stack {
 
     fn dashboard_update(&self, id: &str, patch: Value) {
         let patch = serde_json::from_value(patch).unwrap();
-        self.ms.dashboard_update(id, &patch).expect("dashboard update");
+        self.ms
+            .dashboard_update(id, &patch)
+            .expect("dashboard update");
     }
 
     fn patches(&self) -> usize {
-        self.ms.calls().iter().filter(|c| c.method == "PATCH").count()
+        self.ms
+            .calls()
+            .iter()
+            .filter(|c| c.method == "PATCH")
+            .count()
     }
 
     /// Both sides stop changing: webhooks delivered, and for `quiet` no new PATCH, no new
@@ -160,14 +185,34 @@ impl Stack {
     async fn quiescent(&self, quiet: Duration) {
         let deadline = Instant::now() + WAIT;
         loop {
-            self.ms.wait_webhooks_quiescent(WAIT).await.expect("webhooks delivered");
-            let before = (self.patches(), self.row_versions().await, self.processed().await);
+            self.ms
+                .wait_webhooks_quiescent(WAIT)
+                .await
+                .expect("webhooks delivered");
+            let before = (
+                self.patches(),
+                self.row_versions().await,
+                self.processed().await,
+            );
             tokio::time::sleep(quiet).await;
-            let after = (self.patches(), self.row_versions().await, self.processed().await);
-            if before == after && self.ms.wait_webhooks_quiescent(Duration::from_millis(1)).await.is_ok() {
+            let after = (
+                self.patches(),
+                self.row_versions().await,
+                self.processed().await,
+            );
+            if before == after
+                && self
+                    .ms
+                    .wait_webhooks_quiescent(Duration::from_millis(1))
+                    .await
+                    .is_ok()
+            {
                 return;
             }
-            assert!(Instant::now() < deadline, "no quiescence: {before:?} → {after:?}");
+            assert!(
+                Instant::now() < deadline,
+                "no quiescence: {before:?} → {after:?}"
+            );
         }
     }
 
@@ -257,8 +302,14 @@ async fn member_created_in_memberstack_gets_auth_user_row_and_outcome() {
     .unwrap();
     let id = s.ms.dashboard_create(new).unwrap().id;
     let row = s.row_where(&id, "user_id is not null").await;
-    eprintln!("member.created → members row with auth user: {:?}", started.elapsed());
-    assert_eq!(row["email"], "ada@example.com", "Memberstack stores emails lowercased");
+    eprintln!(
+        "member.created → members row with auth user: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        row["email"], "ada@example.com",
+        "Memberstack stores emails lowercased"
+    );
     assert_eq!(row["subscription_status"], "active");
     assert_eq!(row["subscription_status_raw"], "ACTIVE");
     assert_eq!(row["plan_id"], "pln_free");
@@ -293,7 +344,8 @@ async fn member_created_in_memberstack_gets_auth_user_row_and_outcome() {
     assert_eq!(logs, 1);
 
     let outcomes = support::kafka::consume(&s.kafka, &s.topic("sync"), 1, WAIT).await;
-    let outcome: Value = serde_json::from_slice(rdkafka::Message::payload(&outcomes[0]).unwrap()).unwrap();
+    let outcome: Value =
+        serde_json::from_slice(rdkafka::Message::payload(&outcomes[0]).unwrap()).unwrap();
     assert_eq!(outcome["status"], "applied");
     assert_eq!(outcome["created"], true);
     assert_eq!(outcome["auth_user"], "created");
@@ -302,7 +354,10 @@ async fn member_created_in_memberstack_gets_auth_user_row_and_outcome() {
 
     let events = wait_for("PostHog user_created", WAIT, || async {
         let events = s.posthog.events();
-        events.iter().any(|e| e.event == "user_created").then_some(events)
+        events
+            .iter()
+            .any(|e| e.event == "user_created")
+            .then_some(events)
     })
     .await;
     let created = events.iter().find(|e| e.event == "user_created").unwrap();
@@ -312,7 +367,11 @@ async fn member_created_in_memberstack_gets_auth_user_row_and_outcome() {
 
     // Nothing follows: the origin-tagged CDC event of merge's own insert is not pushed back.
     s.quiescent(Duration::from_secs(1)).await;
-    assert_eq!(s.patches(), 0, "no PATCH for a member created in Memberstack");
+    assert_eq!(
+        s.patches(),
+        0,
+        "no PATCH for a member created in Memberstack"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -324,16 +383,26 @@ async fn supabase_owned_field_updated_by_the_user_is_patched_to_memberstack() {
     let before = s.patches();
 
     let started = Instant::now();
-    s.as_user(&user_id, r#"update public.members set project_data = '{"stage": 4}' where true"#)
-        .await;
+    s.as_user(
+        &user_id,
+        r#"update public.members set project_data = '{"stage": 4}' where true"#,
+    )
+    .await;
     wait_for("project_data in Memberstack metaData", WAIT, || async {
         (s.ms_member(&id)["metaData"]["project_data"] == json!({"stage": 4})).then_some(())
     })
     .await;
-    eprintln!("SQL update → PATCH applied in Memberstack: {:?}", started.elapsed());
+    eprintln!(
+        "SQL update → PATCH applied in Memberstack: {:?}",
+        started.elapsed()
+    );
 
     s.quiescent(Duration::from_secs(1)).await;
-    assert_eq!(s.patches(), before + 1, "exactly one PATCH; its webhook is an echo");
+    assert_eq!(
+        s.patches(),
+        before + 1,
+        "exactly one PATCH; its webhook is an echo"
+    );
     let echo: i64 = s
         .admin
         .query_one(
@@ -354,15 +423,23 @@ async fn owned_fields_are_reverted_when_the_other_side_edits_them() {
 
     // Memberstack owns email: an SQL edit is reverted.
     s.admin
-        .execute("update public.members set email = 'hijack@example.com' where memberstack_id = $1", &[&id])
+        .execute(
+            "update public.members set email = 'hijack@example.com' where memberstack_id = $1",
+            &[&id],
+        )
         .await
         .unwrap();
     s.row_where(&id, "email = 'linus@example.com'").await;
     // Supabase owns project_data: a Memberstack edit is overwritten with Supabase's value.
-    s.dashboard_update(&id, json!({"metaData": {"project_data": {"stage": "forged"}}}));
-    wait_for("Supabase's project_data back in Memberstack", WAIT, || async {
-        (s.ms_member(&id)["metaData"]["project_data"] == json!({})).then_some(())
-    })
+    s.dashboard_update(
+        &id,
+        json!({"metaData": {"project_data": {"stage": "forged"}}}),
+    );
+    wait_for(
+        "Supabase's project_data back in Memberstack",
+        WAIT,
+        || async { (s.ms_member(&id)["metaData"]["project_data"] == json!({})).then_some(()) },
+    )
     .await;
     s.quiescent(Duration::from_secs(1)).await;
     assert_eq!(s.row(&id).await["project_data"], json!({}));
@@ -383,10 +460,13 @@ async fn owned_fields_are_reverted_when_the_other_side_edits_them() {
 #[tokio::test(flavor = "multi_thread")]
 async fn latest_field_edited_on_both_sides_in_the_same_second_converges_to_the_newer() {
     let s = Stack::start(&[]).await;
-    let id = s.dashboard_member("hedy@example.com", json!({"tier": "bronze"})).await;
+    let id = s
+        .dashboard_member("hedy@example.com", json!({"tier": "bronze"}))
+        .await;
     s.quiescent(Duration::from_millis(500)).await;
 
-    for (first_memberstack, older, newer) in [(true, "silver", "gold"), (false, "platinum", "iron")] {
+    for (first_memberstack, older, newer) in [(true, "silver", "gold"), (false, "platinum", "iron")]
+    {
         if first_memberstack {
             s.dashboard_update(&id, json!({"customFields": {"tier": older}}));
             tokio::time::sleep(Duration::from_millis(150)).await;
@@ -409,12 +489,24 @@ async fn latest_field_edited_on_both_sides_in_the_same_second_converges_to_the_n
             s.dashboard_update(&id, json!({"customFields": {"tier": newer}}));
         }
         s.quiescent(Duration::from_secs(1)).await;
-        assert_eq!(s.row(&id).await["custom_fields"], json!({"tier": newer}), "Supabase");
-        assert_eq!(s.ms_member(&id)["customFields"], json!({"tier": newer}), "Memberstack");
+        assert_eq!(
+            s.row(&id).await["custom_fields"],
+            json!({"tier": newer}),
+            "Supabase"
+        );
+        assert_eq!(
+            s.ms_member(&id)["customFields"],
+            json!({"tier": newer}),
+            "Memberstack"
+        );
         let patches = s.patches();
         let versions = s.row_versions().await;
         tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!((s.patches(), s.row_versions().await), (patches, versions), "no further writes");
+        assert_eq!(
+            (s.patches(), s.row_versions().await),
+            (patches, versions),
+            "no further writes"
+        );
     }
 }
 
@@ -430,7 +522,10 @@ async fn random_edits_on_both_sides_converge() {
     let s = Stack::start(&[]).await;
     let mut members = Vec::new();
     for i in 0..3 {
-        members.push(s.dashboard_member(&format!("m{i}@example.com"), json!({"k": "0"})).await);
+        members.push(
+            s.dashboard_member(&format!("m{i}@example.com"), json!({"k": "0"}))
+                .await,
+        );
     }
     s.quiescent(Duration::from_millis(500)).await;
     for seed in seeds {
@@ -444,7 +539,10 @@ async fn random_edits_on_both_sides_converge() {
             let id = members[rng.random_range(0..members.len())].clone();
             let value = format!("s{seed}-{n}");
             let op = rng.random_range(0..5);
-            eprintln!("op {n} {} {id} {op}", chrono::Utc::now().format("%H:%M:%S%.3f"));
+            eprintln!(
+                "op {n} {} {id} {op}",
+                chrono::Utc::now().format("%H:%M:%S%.3f")
+            );
             match op {
                 // latest: the newer edit wins, whichever side.
                 0 => {
@@ -474,7 +572,10 @@ async fn random_edits_on_both_sides_converge() {
                     expect.insert((id, "project_data"), json!({"v": value}));
                 }
                 3 => {
-                    s.dashboard_update(&id, json!({"metaData": {"project_data": {"v": format!("forged-{value}")}}}));
+                    s.dashboard_update(
+                        &id,
+                        json!({"metaData": {"project_data": {"v": format!("forged-{value}")}}}),
+                    );
                     ms_edits += 1;
                 }
                 // memberstack-owned: Memberstack's edits win, Supabase's are reverted.
@@ -486,7 +587,10 @@ async fn random_edits_on_both_sides_converge() {
                         expect.insert((id, "email"), json!(email));
                     } else {
                         s.admin
-                            .execute("update public.members set email = $2 where memberstack_id = $1", &[&id, &email])
+                            .execute(
+                                "update public.members set email = $2 where memberstack_id = $1",
+                                &[&id, &email],
+                            )
                             .await
                             .unwrap();
                     }
@@ -502,10 +606,19 @@ async fn random_edits_on_both_sides_converge() {
             if row["custom_fields"] != ms["customFields"] {
                 eprintln!("{}", s.history(id).await);
             }
-            assert_eq!(row["custom_fields"], ms["customFields"], "seed {seed} {id} custom_fields");
+            assert_eq!(
+                row["custom_fields"], ms["customFields"],
+                "seed {seed} {id} custom_fields"
+            );
             // A key Memberstack never had is Supabase's default, {}.
-            let ms_project = ms["metaData"].get("project_data").cloned().unwrap_or(json!({}));
-            assert_eq!(row["project_data"], ms_project, "seed {seed} {id} project_data");
+            let ms_project = ms["metaData"]
+                .get("project_data")
+                .cloned()
+                .unwrap_or(json!({}));
+            assert_eq!(
+                row["project_data"], ms_project,
+                "seed {seed} {id} project_data"
+            );
             assert_eq!(row["email"], ms["auth"]["email"], "seed {seed} {id} email");
             // … and on the authority's value: no edit was lost.
             for (field, ms_value) in [
@@ -523,7 +636,10 @@ async fn random_edits_on_both_sides_converge() {
         }
         // Bounded writes: each edit causes at most two PATCHes (a push and one re-push).
         let patches = s.patches() - patches_before;
-        assert!(patches <= 2 * ops, "seed {seed}: {patches} PATCHes for {ops} edits ({ms_edits} in Memberstack)");
+        assert!(
+            patches <= 2 * ops,
+            "seed {seed}: {patches} PATCHes for {ops} edits ({ms_edits} in Memberstack)"
+        );
     }
 }
 
@@ -534,7 +650,8 @@ async fn failing_changes_go_to_the_dlq_and_replay_applies_them() {
     s.quiescent(Duration::from_millis(500)).await;
 
     // Poison on the Memberstack topic is dead-lettered and does not block the partition.
-    let producer = membersync::kafka::producer::Producer::new(&s.kafka, Duration::from_secs(10)).unwrap();
+    let producer =
+        membersync::kafka::producer::Producer::new(&s.kafka, Duration::from_secs(10)).unwrap();
     producer
         .send(
             &membersync::kafka::producer::Record {
@@ -565,15 +682,27 @@ async fn failing_changes_go_to_the_dlq_and_replay_applies_them() {
     for l in &letters {
         crate::schemas::assert_valid("dlq", l, "dead letter");
     }
-    let poison = letters.iter().find(|l| l["error"]["kind"] == "decode").expect("poison dead letter");
+    let poison = letters
+        .iter()
+        .find(|l| l["error"]["kind"] == "decode")
+        .expect("poison dead letter");
     assert_eq!(poison["attempts"], 0);
-    assert_eq!(poison["value_base64"], base64::engine::general_purpose::STANDARD.encode(b"{not json"));
-    let failed = letters.iter().find(|l| l["error"]["kind"] == "memberstack").expect("failed change");
+    assert_eq!(
+        poison["value_base64"],
+        base64::engine::general_purpose::STANDARD.encode(b"{not json")
+    );
+    let failed = letters
+        .iter()
+        .find(|l| l["error"]["kind"] == "memberstack")
+        .expect("failed change");
     assert_eq!(failed["attempts"], 3);
     assert_eq!(failed["member_id"], id.as_str());
     let errors: i64 = s
         .admin
-        .query_one("select count(*) from public.error_logs where memberstack_id = $1 and retry_count = 3", &[&id])
+        .query_one(
+            "select count(*) from public.error_logs where memberstack_id = $1 and retry_count = 3",
+            &[&id],
+        )
         .await
         .unwrap()
         .get(0);
@@ -583,16 +712,28 @@ async fn failing_changes_go_to_the_dlq_and_replay_applies_them() {
     s.ms.reset_faults();
     s.dashboard_update(&id, json!({"customFields": {"after": "dlq"}}));
     s.row_where(&id, "custom_fields->>'after' = 'dlq'").await;
-    assert_ne!(s.ms_member(&id)["metaData"]["usage_stats"], json!({"calls": 7}));
+    assert_ne!(
+        s.ms_member(&id)["metaData"]["usage_stats"],
+        json!({"calls": 7})
+    );
 
     // `dlq list` shows both; `dlq replay --id` re-feeds the failed change, which now applies.
     let list = cli(&s.env, &["dlq", "list", "--json"]);
-    let listed: Vec<Value> = list.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let listed: Vec<Value> = list
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(listed.len(), 2, "{list}");
     assert!(listed.iter().all(|l| l["replayed"] == false));
     let table = cli(&s.env, &["dlq", "list"]);
-    assert!(table.contains(failed["id"].as_str().unwrap()) && table.contains("2 dead letter(s)"), "{table}");
-    cli(&s.env, &["dlq", "replay", "--id", failed["id"].as_str().unwrap()]);
+    assert!(
+        table.contains(failed["id"].as_str().unwrap()) && table.contains("2 dead letter(s)"),
+        "{table}"
+    );
+    cli(
+        &s.env,
+        &["dlq", "replay", "--id", failed["id"].as_str().unwrap()],
+    );
     wait_for("replayed change applied in Memberstack", WAIT, || async {
         (s.ms_member(&id)["metaData"]["usage_stats"] == json!({"calls": 7})).then_some(())
     })
@@ -607,7 +748,10 @@ async fn failing_changes_go_to_the_dlq_and_replay_applies_them() {
     assert_eq!(replayed, [true]);
     let audit: i64 = s
         .admin
-        .query_one("select count(*) from public.audit_logs where action = 'dlq_replay' and target = $1", &[&failed["id"].as_str().unwrap()])
+        .query_one(
+            "select count(*) from public.audit_logs where action = 'dlq_replay' and target = $1",
+            &[&failed["id"].as_str().unwrap()],
+        )
         .await
         .unwrap()
         .get(0);
@@ -621,7 +765,11 @@ async fn duplicate_webhooks_have_one_effect_and_stripe_updates_the_subscription(
     s.quiescent(Duration::from_millis(500)).await;
 
     // Svix retries the same message: same svix-id, one effect.
-    let first = s.ms.deliveries().into_iter().find(|d| d.member_id == id).expect("delivery");
+    let first =
+        s.ms.deliveries()
+            .into_iter()
+            .find(|d| d.member_id == id)
+            .expect("delivery");
     let secret = s
         .env
         .iter()
@@ -636,7 +784,10 @@ async fn duplicate_webhooks_have_one_effect_and_stripe_updates_the_subscription(
         .header("content-type", "application/json")
         .header("svix-id", &first.svix_id)
         .header("svix-timestamp", now.to_string())
-        .header("svix-signature", svix.sign(&first.svix_id, now, first.body.as_bytes()))
+        .header(
+            "svix-signature",
+            svix.sign(&first.svix_id, now, first.body.as_bytes()),
+        )
         .body(first.body.clone())
         .send()
         .await
@@ -652,7 +803,10 @@ async fn duplicate_webhooks_have_one_effect_and_stripe_updates_the_subscription(
             .await
             .unwrap()
             .get(0);
-        let dup = s.daemon.metric("membersync_merge_changes_total{source=\"memberstack\",status=\"duplicate\"}").await;
+        let dup = s
+            .daemon
+            .metric("membersync_merge_changes_total{source=\"memberstack\",status=\"duplicate\"}")
+            .await;
         (n == 1 && dup >= 1.0).then_some(())
     })
     .await;
@@ -674,11 +828,16 @@ async fn duplicate_webhooks_have_one_effect_and_stripe_updates_the_subscription(
         )
         .unwrap();
     let row = s.row_where(&id, "plan_id = 'pln_pro'").await;
-    assert_eq!(row["subscription_status"], "active", "trialing provisions access");
+    assert_eq!(
+        row["subscription_status"], "active",
+        "trialing provisions access"
+    );
     assert_eq!(row["subscription_status_raw"], "TRIALING");
 
     // Stripe: the subscription went past due.
-    let stripe = membersync::ingest::verify::stripe::StripeVerifier::new(&[STRIPE_SECRET.to_owned().into()]).unwrap();
+    let stripe =
+        membersync::ingest::verify::stripe::StripeVerifier::new(&[STRIPE_SECRET.to_owned().into()])
+            .unwrap();
     let body = json!({
         "id": "evt_merge_1", "object": "event", "type": "customer.subscription.updated",
         "created": chrono::Utc::now().timestamp(),
@@ -690,23 +849,41 @@ async fn duplicate_webhooks_have_one_effect_and_stripe_updates_the_subscription(
     let resp = reqwest::Client::new()
         .post(format!("{}/webhooks/stripe", s.daemon.ingest))
         .header("content-type", "application/json")
-        .header("stripe-signature", stripe.signature_header(ts, body.as_bytes()))
+        .header(
+            "stripe-signature",
+            stripe.signature_header(ts, body.as_bytes()),
+        )
         .body(body)
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap_or_default());
+    assert_eq!(
+        resp.status(),
+        200,
+        "{}",
+        resp.text().await.unwrap_or_default()
+    );
     let row = s.row_where(&id, "subscription_status = 'inactive'").await;
     assert_eq!(row["subscription_status_raw"], "past_due");
     let meta: Value = s
         .admin
-        .query_one("select raw_user_meta_data from auth.users where id = $1::text::uuid", &[&row["user_id"].as_str().unwrap()])
+        .query_one(
+            "select raw_user_meta_data from auth.users where id = $1::text::uuid",
+            &[&row["user_id"].as_str().unwrap()],
+        )
         .await
         .unwrap()
         .get(0);
-    assert_eq!(meta["subscription_status"], "inactive", "auth user_metadata follows");
+    assert_eq!(
+        meta["subscription_status"], "inactive",
+        "auth user_metadata follows"
+    );
     wait_for("PostHog subscription_changed", WAIT, || async {
-        s.posthog.events().iter().any(|e| e.event == "subscription_changed" && e.distinct_id == id).then_some(())
+        s.posthog
+            .events()
+            .iter()
+            .any(|e| e.event == "subscription_changed" && e.distinct_id == id)
+            .then_some(())
     })
     .await;
 
@@ -717,7 +894,11 @@ async fn duplicate_webhooks_have_one_effect_and_stripe_updates_the_subscription(
 
 /// `membersync <args>` with the stack's environment; panics on failure, returns stdout.
 fn cli(env: &[(String, String)], args: &[&str]) -> String {
-    let out = support::membersync().args(args).envs(env.iter().cloned()).output().unwrap();
+    let out = support::membersync()
+        .args(args)
+        .envs(env.iter().cloned())
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "membersync {args:?}: {}\n{}",

@@ -113,11 +113,25 @@ fn our_own_push_coming_back_is_an_echo() {
 #[test]
 fn latest_ties_go_to_memberstack() {
     let state = agreed(json!("x"), 1, Side::Memberstack);
-    let r = resolve(&rules(Authority::Latest, 100), &state, &row(json!("sb"), 50), &ms(json!("ms"), 50));
+    let r = resolve(
+        &rules(Authority::Latest, 100),
+        &state,
+        &row(json!("sb"), 50),
+        &ms(json!("ms"), 50),
+    );
     assert_eq!(r.verdict, Verdict::Applied);
     assert_eq!(r.write_supabase, Some(json!("ms")));
-    let r = resolve(&rules(Authority::Latest, 100), &state, &row(json!("sb"), 50), &sb(json!("sb"), 50));
-    assert_eq!(r.push_memberstack, Some(json!("sb")), "unseen Memberstack edits cannot win a tie");
+    let r = resolve(
+        &rules(Authority::Latest, 100),
+        &state,
+        &row(json!("sb"), 50),
+        &sb(json!("sb"), 50),
+    );
+    assert_eq!(
+        r.push_memberstack,
+        Some(json!("sb")),
+        "unseen Memberstack edits cannot win a tie"
+    );
 }
 
 #[test]
@@ -152,11 +166,21 @@ fn expired_echoes_are_forgotten() {
 // ---------------------------------------------------------------------------------------
 
 fn value() -> impl Strategy<Value = Value> {
-    prop_oneof![Just(json!("a")), Just(json!("b")), Just(json!("c")), Just(json!(1)), Just(Value::Null)]
+    prop_oneof![
+        Just(json!("a")),
+        Just(json!("b")),
+        Just(json!("c")),
+        Just(json!(1)),
+        Just(Value::Null)
+    ]
 }
 
 fn authority() -> impl Strategy<Value = Authority> {
-    prop_oneof![Just(Authority::Memberstack), Just(Authority::Supabase), Just(Authority::Latest)]
+    prop_oneof![
+        Just(Authority::Memberstack),
+        Just(Authority::Supabase),
+        Just(Authority::Latest)
+    ]
 }
 
 fn side() -> impl Strategy<Value = Side> {

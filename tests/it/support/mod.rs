@@ -234,7 +234,10 @@ impl Drop for TestDb {
                         )
                         .await;
                     let left: i64 = client
-                        .query_one("select count(*) from pg_replication_slots where database = $1", &[&name])
+                        .query_one(
+                            "select count(*) from pg_replication_slots where database = $1",
+                            &[&name],
+                        )
                         .await
                         .map(|r| r.get(0))
                         .unwrap_or(0);
