@@ -273,7 +273,7 @@ impl Applier {
                 continue;
             };
             let before = states.get(&field.mapping.name).cloned().unwrap_or_default();
-            let after = observe_own_write(field.mapping.normalize, &before, &value);
+            let after = observe_own_write(&before, &value);
             if after != before {
                 store::save_field_state(&tx, member_id, &field.mapping.name, &after).await?;
             }
@@ -314,6 +314,7 @@ impl Applier {
                 side: change.side,
                 value,
                 at: change.occurred_at,
+                replayed: change.replayed,
             };
             let state = states.get(&field.mapping.name).cloned().unwrap_or_default();
             let resolution = resolve(&rules, &state, &supabase, &incoming);

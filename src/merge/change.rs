@@ -47,6 +47,8 @@ pub struct Change {
     /// The member object (Memberstack), or the row (CDC), as sent.
     pub payload: Value,
     pub position: Position,
+    /// Re-fed by `membersync dlq replay` (header `membersync-replay-of`).
+    pub replayed: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -144,6 +146,7 @@ fn memberstack(v: Value, position: Position) -> Result<Change, DecodeError> {
         occurred_at: instant(&v, "occurred_at")?,
         payload,
         position,
+        replayed: false,
     })
 }
 
@@ -190,6 +193,7 @@ fn stripe(v: Value, position: Position) -> Result<Change, DecodeError> {
         occurred_at: instant(&v, "occurred_at")?,
         payload: Value::Object(payload),
         position,
+        replayed: false,
     })
 }
 
@@ -246,6 +250,7 @@ fn cdc(v: Value, position: Position) -> Result<Change, DecodeError> {
         occurred_at,
         payload: row,
         position,
+        replayed: false,
     })
 }
 

@@ -81,6 +81,9 @@ pub struct Incoming {
     pub side: Side,
     pub value: Value,
     pub at: DateTime<Utc>,
+    /// Re-fed by `dlq replay`: an operator asks for it to be applied, so it counts as an
+    /// edit even if the stream has shown its value since.
+    pub replayed: bool,
 }
 
 /// The field's rules and the clock.
@@ -138,18 +141,9 @@ pub struct Resolution {
     pub state: FieldState,
 }
 
-/// A CDC event of membersync's own write: nothing to resolve, but for the fields it wrote
-/// (their value is the agreed one) it is the Supabase stream's newest value. Other columns
-/// of the row may hold a user's edit whose own event is still to be resolved (or was
-/// dead-lettered and will be replayed): those are left for that event.
-pub fn observe_own_write(normalize: Normalize, state: &FieldState, value: &Value) -> FieldState {
-    if !state
-        .value
-        .as_ref()
-        .is_some_and(|agreed| same(normalize, agreed, value))
-    {
-        return state.clone();
-    }
+/// A CDC event of membersync's own write: nothing to resolve, but it is the Supabase
+/// stream's newest value of every column of the row.
+pub fn observe_own_write(state: &FieldState, value: &Value) -> FieldState {
     FieldState {
         supabase_seen: Some(value.clone()),
         ..state.clone()
@@ -206,10 +200,11 @@ fn from_memberstack(
 ) -> Resolution {
     let n = rules.normalize;
     let (v, t) = (&inc.value, inc.at);
-    let edited = st
-        .memberstack_seen
-        .as_ref()
-        .is_none_or(|seen| !same(n, seen, v));
+    let edited = inc.replayed
+        || st
+            .memberstack_seen
+            .as_ref()
+            .is_none_or(|seen| !same(n, seen, v));
     st.memberstack_seen = Some(v.clone());
     if st.echoes.iter().any(|e| same(n, &e.value, v)) {
         // The same value pushed twice comes back once (the second PATCH changed nothing).
@@ -264,13 +259,10 @@ fn from_memberstack(
             } else {
                 sb.edited_at.or(st.synced_at)
             };
-            let newer = if superseded {
-                // Made before our last push landed: it wins only over the value we pushed
-                // (a tie goes to Memberstack).
-                st.synced_at.is_none_or(|s| t >= s)
-            } else {
-                sb_time.is_none_or(|s| t >= s)
-            };
+            // Newer than Supabase's value (a tie goes to Memberstack) and, when it was made
+            // before our last push landed, newer than the value we pushed.
+            let newer = sb_time.is_none_or(|s| t >= s)
+                && (!superseded || st.synced_at.is_none_or(|s| t >= s));
             if newer {
                 accept_memberstack(n, st, Some((sb_value, agreed)), v, t, superseded)
             } else {
@@ -331,10 +323,11 @@ fn from_supabase(
 ) -> Resolution {
     let n = rules.normalize;
     let (v, t) = (&inc.value, inc.at);
-    let edited = st
-        .supabase_seen
-        .as_ref()
-        .is_none_or(|seen| !same(n, seen, v));
+    let edited = inc.replayed
+        || st
+            .supabase_seen
+            .as_ref()
+            .is_none_or(|seen| !same(n, seen, v));
     st.supabase_seen = Some(v.clone());
     if !edited || st.value.as_ref().is_some_and(|a| same(n, a, v)) {
         return outcome(Verdict::Unchanged, st);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::Message;
-use rdkafka::message::OwnedMessage;
+use rdkafka::message::{Headers, OwnedMessage};
 use tokio::sync::mpsc;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -87,7 +87,12 @@ async fn process(
         offset: m.offset(),
     };
     let change = match change::decode(job.kind, position, m.payload()) {
-        Ok(change) => change,
+        Ok(mut change) => {
+            change.replayed = m
+                .headers()
+                .is_some_and(|h| h.iter().any(|h| h.key == super::dlq::REPLAY_HEADER));
+            change
+        }
         Err(e) => {
             tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), error = %e, "undecodable record: dead-lettered");
             let error = DlqError {

@@ -231,7 +231,7 @@ impl Stack {
         let rows = self
             .admin
             .query(
-                "select processed_at::text, event_id, event_type, result->>'occurred_at', result->'fields'::text
+                "select processed_at::text, event_id, event_type, result->>'occurred_at', (result->'fields')::text
                    from public.webhook_log where memberstack_id = $1 order by processed_at",
                 &[&id],
             )
@@ -832,7 +832,9 @@ async fn duplicate_webhooks_have_one_effect_and_stripe_updates_the_subscription(
         row["subscription_status"], "active",
         "trialing provisions access"
     );
-    assert_eq!(row["subscription_status_raw"], "TRIALING");
+    // TRIALING and ACTIVE are the same normalised status: nothing to write, and the raw
+    // column keeps the value of the last real change.
+    assert_eq!(row["subscription_status_raw"], "ACTIVE");
 
     // Stripe: the subscription went past due.
     let stripe =

@@ -39,6 +39,7 @@ fn ms(value: Value, t: i64) -> Incoming {
         side: Side::Memberstack,
         value,
         at: at(t),
+        replayed: false,
     }
 }
 
@@ -47,6 +48,7 @@ fn sb(value: Value, t: i64) -> Incoming {
         side: Side::Supabase,
         value,
         at: at(t),
+        replayed: false,
     }
 }
 
@@ -218,7 +220,7 @@ prop_compose! {
 
 prop_compose! {
     fn incoming()(side in side(), value in value(), t in 0i64..100) -> Incoming {
-        Incoming { side, value, at: at(t) }
+        Incoming { side, value, at: at(t), replayed: false }
     }
 }
 
@@ -344,7 +346,7 @@ impl World {
             self.now += 10;
             let inc = match ev {
                 Ev::Own(v) => {
-                    self.state = observe_own_write(Normalize::None, &self.state, &v);
+                    self.state = observe_own_write(&self.state, &v);
                     continue;
                 }
                 Ev::In(inc) => inc,
@@ -373,4 +375,24 @@ impl World {
             }
         }
     }
+}
+
+/// Found end to end: a webhook made before our last push landed must not overwrite a newer
+/// Supabase edit whose CDC event is still on its way.
+#[test]
+fn a_superseded_webhook_loses_to_an_unsynced_newer_supabase_edit() {
+    let mut state = agreed(json!({"k": "9"}), 714, Side::Supabase);
+    state.pushed_value = Some(json!({"k": "9"}));
+    state.pushed_at = Some(at(1_080));
+    state.memberstack_seen = Some(json!({"k": "8"}));
+    state.supabase_seen = Some(json!({"k": "9"}));
+    let r = resolve(
+        &rules(Authority::Latest, 1_300),
+        &state,
+        &row(json!({"k": "14"}), 1_197),
+        &ms(json!({"k": "11"}), 991),
+    );
+    assert_eq!(r.verdict, Verdict::Stale);
+    assert_eq!(r.write_supabase, None);
+    assert_eq!(r.push_memberstack, None);
 }
