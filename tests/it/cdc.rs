@@ -1470,7 +1470,7 @@ async fn an_interrupted_snapshot_restarts_cleanly() {
     let topic = s.topic("cdc_t");
     let in_kafka = wait_for(
         "the snapshot to be under way",
-        Duration::from_secs(30),
+        Duration::from_secs(90),
         || {
             let (slot, topic, w) = (slot.clone(), topic.clone(), &watermarks);
             async move {
@@ -1529,7 +1529,7 @@ async fn an_interrupted_snapshot_restarts_cleanly() {
     // Once the new slot exists, new rows belong to the stream, not to the snapshot.
     wait_for(
         "the second snapshot's slot",
-        Duration::from_secs(30),
+        Duration::from_secs(90),
         || {
             let (slot, first_started) = (slot.clone(), first_started.clone());
             async move {
