@@ -44,6 +44,11 @@ pub enum Command {
     /// group (merge.group_id), reconcile each member by field authority and write both sides
     /// (scale out: instances share the partitions).
     Merge,
+    /// Run only the bridge role: consume merge's outcomes (<prefix>.sync) in its own consumer
+    /// group (bridge.group_id) and POST them to the Make.com webhooks of [bridge.routes], with
+    /// retries and a dead-letter topic (<prefix>.bridge.dlq). Scale out: instances share the
+    /// partitions.
+    Bridge,
     /// Inspect and replay the dead-letter topic (<prefix>.dlq).
     Dlq {
         #[command(subcommand)]

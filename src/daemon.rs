@@ -113,15 +113,27 @@ pub enum Role {
     Cdc,
     Ingest,
     Merge,
+    /// Outcomes → Make.com webhooks; only with `[bridge.routes]` configured.
+    Bridge,
 }
 
 impl Role {
-    pub const ALL: &'static [Role] = &[Role::Cdc, Role::Ingest, Role::Merge];
+    pub const ALL: &'static [Role] = &[Role::Cdc, Role::Ingest, Role::Merge, Role::Bridge];
+
+    /// The roles `membersync run` starts: all of them, except the bridge when no Make.com
+    /// route is configured (it would have nothing to do, and would refuse to start).
+    pub fn for_run(config: &Config) -> Vec<Role> {
+        Self::ALL
+            .iter()
+            .copied()
+            .filter(|r| *r != Role::Bridge || config.bridge.enabled())
+            .collect()
+    }
 
     fn needs_postgres(self) -> bool {
         match self {
             Role::Cdc | Role::Merge => true,
-            Role::Ingest => false,
+            Role::Ingest | Role::Bridge => false,
         }
     }
 }
@@ -192,6 +204,15 @@ pub async fn run(config: Config, roles: &[Role]) -> Result<(), DaemonError> {
         let token = shutdown.clone();
         supervisor.spawn("merge", async move {
             merge.run(token).await.map_err(|e| e.to_string())
+        });
+    }
+
+    if roles.contains(&Role::Bridge) {
+        let bridge = crate::bridge::Bridge::new(&config, &metrics)
+            .map_err(|e| DaemonError::Setup(e.to_string()))?;
+        let token = shutdown.clone();
+        supervisor.spawn("bridge", async move {
+            bridge.run(token).await.map_err(|e| e.to_string())
         });
     }
 

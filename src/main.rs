@@ -44,7 +44,8 @@ fn main() -> ExitCode {
 async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run => {
-            membersync::daemon::run(config, Role::ALL).await?;
+            let roles = Role::for_run(&config);
+            membersync::daemon::run(config, &roles).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Cdc => {
@@ -57,6 +58,10 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         }
         Command::Merge => {
             membersync::daemon::run(config, &[Role::Merge]).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bridge => {
+            membersync::daemon::run(config, &[Role::Bridge]).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Dlq { command } => dlq(command, &config).await,

@@ -1,10 +1,12 @@
-//! `membersync-sim`: runs the Memberstack, Supabase Auth and PostHog simulators for the local
+//! `membersync-sim`: runs the Memberstack, Supabase Auth, PostHog and Make.com simulators for
+//! the local
 //! run (see docs/simulators.md), prints their URLs, and stops on Ctrl-C.
 
 use std::net::SocketAddr;
 
 use anyhow::Context as _;
 use clap::Parser;
+use membersync::sim::make::{MakeConfig, MakeSim};
 use membersync::sim::memberstack::{MemberstackConfig, MemberstackSim};
 use membersync::sim::posthog::{PostHogConfig, PostHogSim};
 use membersync::sim::supabase_auth::{AuthConfig, AuthSim};
@@ -13,7 +15,7 @@ use secrecy::SecretString;
 #[derive(Debug, Parser)]
 #[command(
     version,
-    about = "Local simulators of Memberstack, Supabase Auth and PostHog"
+    about = "Local simulators of Memberstack, Supabase Auth, PostHog and Make.com webhooks"
 )]
 struct Args {
     /// Memberstack Admin API listen address.
@@ -25,6 +27,9 @@ struct Args {
     /// PostHog capture listen address.
     #[arg(long, default_value = "127.0.0.1:8783")]
     posthog_addr: SocketAddr,
+    /// Make.com custom webhooks listen address (any `/<token>` is a hook).
+    #[arg(long, default_value = "127.0.0.1:8784")]
+    make_addr: SocketAddr,
     /// The Memberstack secret key clients must send as X-API-KEY.
     #[arg(long, env = "MEMBERSYNC_SIM_API_KEY", hide_env_values = true)]
     api_key: String,
@@ -106,6 +111,12 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("starting the PostHog simulator")?;
     println!("posthog      {}", posthog.base_url());
+    let make = MakeSim::start(MakeConfig {
+        addr: Some(args.make_addr),
+    })
+    .await
+    .context("starting the Make.com simulator")?;
+    println!("make         {}/<token>", make.base_url());
     println!("control      <url>/__sim/… (see docs/simulators.md); Ctrl-C stops");
 
     tokio::signal::ctrl_c()
@@ -116,5 +127,6 @@ async fn main() -> anyhow::Result<()> {
         auth.shutdown().await;
     }
     posthog.shutdown().await;
+    make.shutdown().await;
     Ok(())
 }

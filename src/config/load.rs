@@ -108,6 +108,10 @@ fn resolve_secrets(c: &mut Config) -> Result<(), ConfigError> {
         &mut c.supabase.service_role_key,
         c.supabase.service_role_key_file.take(),
     )?;
+    for (name, route) in &mut c.bridge.routes {
+        let file = route.url_file.take();
+        resolve(&format!("bridge.routes.{name}.url"), &mut route.url, file)?;
+    }
     if c.telemetry.sentry_dsn.is_none() {
         // Sentry's own convention; honoured so existing deployments keep working.
         if let Ok(dsn) = std::env::var("SENTRY_DSN")
@@ -213,6 +217,7 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
 
     validate_ingest(&c.ingest)?;
     validate_merge(c)?;
+    super::bridge::validate(&c.bridge)?;
 
     let cdc = &c.cdc;
     if !is_pg_name(&cdc.slot) || cdc.slot.chars().any(|ch| ch.is_ascii_uppercase()) {

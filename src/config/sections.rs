@@ -19,6 +19,7 @@ pub struct Config {
     pub memberstack: super::MemberstackConfig,
     pub supabase: super::SupabaseConfig,
     pub posthog: super::PostHogConfig,
+    pub bridge: super::BridgeConfig,
     pub telemetry: TelemetryConfig,
     pub shutdown: ShutdownConfig,
 }
@@ -137,6 +138,9 @@ pub struct KafkaConfig {
     pub create_topics: bool,
     pub topic_partitions: i32,
     pub topic_replication_factor: i32,
+    /// How often consumers (merge, bridge) refresh `membersync_kafka_consumer_lag` from
+    /// librdkafka's statistics; 0 turns the metric off.
+    pub statistics_interval_ms: u64,
 }
 
 impl Default for KafkaConfig {
@@ -157,6 +161,7 @@ impl Default for KafkaConfig {
             create_topics: true,
             topic_partitions: 6,
             topic_replication_factor: 1,
+            statistics_interval_ms: 5_000,
         }
     }
 }

@@ -1,6 +1,8 @@
-//! Kafka: client settings, topic names, topic administration.
+//! Kafka: client settings, topic names, topic administration, consumer offsets and lag.
 
 pub mod admin;
+pub mod lag;
+pub mod offsets;
 pub mod producer;
 pub mod topics;
 

@@ -39,6 +39,11 @@ impl Topics {
         format!("{}.dlq", self.prefix)
     }
 
+    /// Outcomes the bridge could not deliver to Make.com (its own dead letters).
+    pub fn bridge_dlq(&self) -> String {
+        format!("{}.bridge.dlq", self.prefix)
+    }
+
     /// Every topic the configuration implies, in a stable order.
     pub fn all(&self, config: &Config) -> Vec<String> {
         let mut topics = vec![self.memberstack(), self.stripe()];
@@ -48,6 +53,9 @@ impl Topics {
         }));
         topics.push(self.sync());
         topics.push(self.dlq());
+        if config.bridge.enabled() {
+            topics.push(self.bridge_dlq());
+        }
         topics
     }
 }
@@ -69,6 +77,15 @@ mod tests {
                 "membersync.sync",
                 "membersync.dlq"
             ]
+        );
+        let mut with_bridge = Config::default();
+        with_bridge
+            .bridge
+            .routes
+            .insert("all".into(), Default::default());
+        assert_eq!(
+            t.all(&with_bridge).last().map(String::as_str),
+            Some("membersync.bridge.dlq")
         );
     }
 }

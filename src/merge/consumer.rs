@@ -42,12 +42,17 @@ pub enum MergeError {
     Auth(#[from] crate::sinks::supabase_auth::AuthError),
 }
 
-/// Tells the consumer loop which partitions were taken away.
+/// Tells the consumer loop which partitions were taken away, and reports consumer lag.
 struct MergeContext {
     revoked: mpsc::UnboundedSender<Vec<(String, i32)>>,
+    lag: crate::kafka::lag::ConsumerLag,
 }
 
-impl ClientContext for MergeContext {}
+impl ClientContext for MergeContext {
+    fn stats_raw(&self, statistics: &[u8]) {
+        self.lag.observe_raw(statistics);
+    }
+}
 
 impl ConsumerContext for MergeContext {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -87,7 +92,13 @@ impl Merge {
             m.topics.clone()
         };
         let (tx, revoked) = mpsc::unbounded_channel();
-        let consumer: StreamConsumer<MergeContext> = crate::kafka::client_config(&config.kafka)
+        let lag = crate::kafka::lag::ConsumerLag::new(metrics.registry(), &m.group_id);
+        let mut client_config = crate::kafka::client_config(&config.kafka);
+        crate::kafka::lag::enable_statistics(
+            &mut client_config,
+            config.kafka.statistics_interval_ms,
+        );
+        let consumer: StreamConsumer<MergeContext> = client_config
             .set("group.id", &m.group_id)
             .set("enable.auto.commit", "true")
             .set("auto.commit.interval.ms", m.commit_interval_ms.to_string())
@@ -96,7 +107,7 @@ impl Merge {
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("fetch.wait.max.ms", m.fetch_wait_max_ms.to_string())
-            .create_with_context(MergeContext { revoked: tx })?;
+            .create_with_context(MergeContext { revoked: tx, lag })?;
         let refs: Vec<&str> = subscribed.iter().map(String::as_str).collect();
         consumer.subscribe(&refs)?;
 

@@ -12,12 +12,13 @@ pub mod consumer;
 pub mod dlq;
 pub mod metrics;
 pub mod normalize;
-pub mod offsets;
 pub mod outcome;
 pub mod path;
 pub mod resolve;
 pub mod store;
 pub mod worker;
 
+/// The offset tracker is shared with the bridge; it lives in `kafka`.
+pub use crate::kafka::offsets;
 pub use consumer::{Merge, MergeError};
 pub use path::MemberstackPath;

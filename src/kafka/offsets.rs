@@ -1,6 +1,7 @@
-//! Which offset of each partition may be committed: records finish out of order (workers run
-//! different members at once), and an offset is committed only when it and every earlier
-//! record of its partition have finished (their effects, or dead letters, are durable).
+//! Which offset of each partition may be committed: records finish out of order (merge and
+//! bridge workers run different members at once), and an offset is committed only when it and
+//! every earlier record of its partition have finished (their effects, or dead letters, are
+//! durable).
 
 use std::collections::{BTreeMap, HashMap};
 
