@@ -96,7 +96,8 @@ impl Bridge {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "cooperative-sticky")
-            .set("fetch.wait.max.ms", b.fetch_wait_max_ms.to_string());
+            .set("fetch.wait.max.ms", b.fetch_wait_max_ms.to_string())
+            .set("session.timeout.ms", b.session_timeout_ms.to_string());
         lag::enable_statistics(&mut client_config, config.kafka.statistics_interval_ms);
         let consumer: StreamConsumer<BridgeContext> =
             client_config.create_with_context(BridgeContext {

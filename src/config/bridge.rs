@@ -42,6 +42,9 @@ pub struct BridgeConfig {
     pub commit_interval_ms: u64,
     /// librdkafka `fetch.wait.max.ms` of the consumer.
     pub fetch_wait_max_ms: u64,
+    /// librdkafka `session.timeout.ms`: how long the group waits for a crashed instance
+    /// before its partitions (and their uncommitted outcomes) go to another one.
+    pub session_timeout_ms: u64,
     /// Where outcomes go. Empty: the bridge has nothing to do, and `membersync run` does not
     /// start it.
     pub routes: BTreeMap<String, RouteConfig>,
@@ -61,6 +64,7 @@ impl Default for BridgeConfig {
             max_retry_after_secs: 300,
             commit_interval_ms: 1_000,
             fetch_wait_max_ms: 100,
+            session_timeout_ms: 45_000,
             routes: BTreeMap::new(),
         }
     }
@@ -132,6 +136,14 @@ pub(super) fn validate(b: &BridgeConfig) -> Result<(), ConfigError> {
         ("bridge.max_attempts", u64::from(b.max_attempts)),
         ("bridge.commit_interval_ms", b.commit_interval_ms),
     ];
+    if b.session_timeout_ms < 6_000 {
+        // librdkafka's heartbeat (3 s) must fit in it, and brokers refuse less than their
+        // group.min.session.timeout.ms (Kafka: 6 s).
+        return Err(ConfigError::new(
+            "bridge.session_timeout_ms",
+            "must be at least 6000",
+        ));
+    }
     for (key, v) in positive {
         if v < 1 {
             return Err(ConfigError::new(key, "must be at least 1"));

@@ -292,7 +292,7 @@ impl Stack {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn member_created_in_memberstack_gets_auth_user_row_and_outcome() {
-    let s = Stack::start(&[]).await;
+    let s = Stack::start(&[("MEMBERSYNC__KAFKA__STATISTICS_INTERVAL_MS", "300")]).await;
     let started = Instant::now();
     let new = serde_json::from_value(json!({
         "email": "Ada@Example.com",
@@ -372,6 +372,28 @@ async fn member_created_in_memberstack_gets_auth_user_row_and_outcome() {
         0,
         "no PATCH for a member created in Memberstack"
     );
+
+    // Everything processed is committed: merge's consumer lag is 0 on every partition of its
+    // three topics (3 partitions each).
+    let group = s
+        .env
+        .iter()
+        .find(|(k, _)| k == "MEMBERSYNC__MERGE__GROUP_ID")
+        .map(|(_, v)| format!("group=\"{v}\""))
+        .unwrap();
+    wait_for(
+        "merge's consumer lag 0 on its 9 partitions",
+        WAIT,
+        || async {
+            let (_, text) = s.daemon.get("/metrics").await?;
+            let lags: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with("membersync_kafka_consumer_lag{") && l.contains(&group))
+                .collect();
+            (lags.len() == 9 && lags.iter().all(|l| l.ends_with(" 0"))).then_some(())
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
