@@ -15,7 +15,7 @@ use crate::merge::change::Position;
 
 pub const SCHEMA_VERSION: u32 = 1;
 
-const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6d656d62_6572_7379_6e63_62726467_0001);
+const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6d65_6d62_6572_7379_6e63_6272_6467_0001);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BridgeError {
