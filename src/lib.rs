@@ -1,6 +1,7 @@
 //! membersync: keeps Memberstack members and a Supabase (PostgreSQL) database in sync, in both
 //! directions, through Kafka. See `docs/architecture.md` for the data flow.
 
+pub mod api;
 pub mod cdc;
 pub mod check;
 pub mod cli;

@@ -5,11 +5,13 @@
 //! `<key>_file` path, and is held in a [`SecretString`] so that it cannot reach `Debug`
 //! output, logs or errors by accident.
 
+mod api;
 mod error;
 mod load;
 mod sections;
 mod sync;
 
+pub use api::*;
 pub use error::ConfigError;
 pub use load::{ENV_PREFIX, load, load_from};
 pub use sections::*;

@@ -21,6 +21,7 @@ pub struct Config {
     pub posthog: super::PostHogConfig,
     pub telemetry: TelemetryConfig,
     pub shutdown: ShutdownConfig,
+    pub api: super::ApiConfig,
 }
 
 /// The Supabase Postgres database. Use the direct connection (not the pooler): logical
