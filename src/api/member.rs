@@ -137,7 +137,6 @@ pub async fn resync(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> R
         &member.raw,
         &caller.member_id,
         chrono::Utc::now(),
-        "api/resync",
     );
     let headers: Vec<(&str, &[u8])> = record
         .headers

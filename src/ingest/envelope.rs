@@ -169,7 +169,6 @@ pub fn member_snapshot(
     member: &Value,
     member_id: &str,
     fetched_at: DateTime<Utc>,
-    producer: &str,
 ) -> IngestRecord {
     let at = rfc3339(fetched_at);
     let data = serde_json::json!({
@@ -191,18 +190,13 @@ pub fn member_snapshot(
         received_at: at.clone(),
         data: &data,
     };
-    let mut headers = headers(
+    let headers = headers(
         event_id,
         Source::Memberstack,
         SNAPSHOT_EVENT,
         &at,
         vec![("membersync_member_id", member_id.to_owned())],
     );
-    for (key, value) in &mut headers {
-        if *key == "ce_source" {
-            *value = format!("/membersync/{producer}");
-        }
-    }
     IngestRecord {
         event_id: event_id.to_owned(),
         key: member_id.to_owned(),
@@ -316,7 +310,7 @@ mod tests {
     fn member_snapshot_wraps_the_member_like_a_webhook_body() {
         let member = serde_json::json!({"id": "mem_9", "auth": {"email": "x@y.z"}});
         let at = Utc.timestamp_millis_opt(1_700_000_000_123).unwrap();
-        let rec = member_snapshot("resync_mem_9_1", &member, "mem_9", at, "api/resync");
+        let rec = member_snapshot("resync_mem_9_1", &member, "mem_9", at);
         assert_eq!(rec.key, "mem_9");
         let v: Value = serde_json::from_slice(&rec.value).unwrap();
         assert_eq!(v["type"], "member.snapshot");
@@ -324,7 +318,6 @@ mod tests {
         assert_eq!(v["data"]["payload"], member);
         assert_eq!(v["occurred_at"], "2023-11-14T22:13:20.123Z");
         let h: std::collections::HashMap<_, _> = rec.headers.iter().cloned().collect();
-        assert_eq!(h["ce_source"], "/membersync/api/resync");
         assert_eq!(h["ce_type"], "memberstack.member.snapshot");
         assert_eq!(h["membersync_member_id"], "mem_9");
     }

@@ -1,6 +1,7 @@
 //! Integration tests, compiled as one binary. They run against the real local services
 //! (`scripts/dev-services up`) and fail loudly when those are missing.
 
+mod api;
 mod cdc;
 mod check;
 mod config;
