@@ -192,3 +192,77 @@ fn validate_jwks_url(a: &ApiConfig) -> Result<(), ConfigError> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(f: impl FnOnce(&mut ApiConfig)) -> Result<(), ConfigError> {
+        let mut c = ApiConfig::default();
+        f(&mut c);
+        validate(&c)
+    }
+
+    #[test]
+    fn the_defaults_are_valid() {
+        assert_eq!(with(|_| {}), Ok(()));
+    }
+
+    #[test]
+    fn plain_http_jwks_is_refused_off_loopback_unless_allowed() {
+        let http = |url: &'static str, allow: bool| {
+            with(move |c| {
+                c.jwks_url = url.into();
+                c.jwks_allow_http = allow;
+            })
+        };
+        assert_eq!(
+            http("http://member-jwt.example.com/", false)
+                .unwrap_err()
+                .key,
+            "api.jwks_url"
+        );
+        assert_eq!(http("http://member-jwt.example.com/", true), Ok(()));
+        assert_eq!(http("http://127.0.0.1:9/jwks", false), Ok(()));
+        assert_eq!(http("http://[::1]:9/jwks", false), Ok(()));
+        assert_eq!(http("http://localhost/jwks", false), Ok(()));
+        assert!(http("ftp://example.com/jwks", true).is_err());
+        assert!(http("not a url", true).is_err());
+    }
+
+    #[test]
+    fn hs256_needs_a_long_enough_secret() {
+        let hs = |secret: Option<&'static str>| {
+            with(move |c| {
+                c.auth_mode = ApiAuthMode::Hs256;
+                c.hs256_secret = secret.map(SecretString::from);
+            })
+        };
+        assert_eq!(hs(None).unwrap_err().key, "api.hs256_secret");
+        let short = hs(Some("too-short")).unwrap_err();
+        assert!(
+            !short.problem.contains("too-short"),
+            "the secret is not echoed"
+        );
+        assert_eq!(hs(Some("0123456789abcdef0123456789abcdef")), Ok(()));
+    }
+
+    #[test]
+    fn admin_token_and_audience_must_be_usable() {
+        let e = with(|c| c.admin_token = Some(SecretString::from("short"))).unwrap_err();
+        assert_eq!(e.key, "api.admin_token");
+        assert!(!e.problem.contains("short"));
+        assert_eq!(
+            with(|c| c.audience = Some(" ".into())).unwrap_err().key,
+            "api.audience"
+        );
+        assert_eq!(
+            with(|c| c.leeway_secs = 3600).unwrap_err().key,
+            "api.leeway_secs"
+        );
+        assert_eq!(
+            with(|c| c.jwks_min_refresh_secs = 0).unwrap_err().key,
+            "api.jwks_min_refresh_secs"
+        );
+    }
+}

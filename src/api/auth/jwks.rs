@@ -8,7 +8,7 @@
 //! refreshed in the background (a removed key stops being trusted), under the same bound.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -71,6 +71,8 @@ pub struct JwksCache {
     max_age: Duration,
     keys: RwLock<Arc<KeySet>>,
     refresh: Mutex<RefreshState>,
+    /// A background refresh is queued or running (one at a time, not one per request).
+    refreshing: AtomicBool,
     fetches: AtomicU64,
 }
 
@@ -93,6 +95,7 @@ impl JwksCache {
             max_age,
             keys: RwLock::new(Arc::new(KeySet::default())),
             refresh: Mutex::new(RefreshState::default()),
+            refreshing: AtomicBool::new(false),
             fetches: AtomicU64::new(0),
         })
     }
@@ -154,8 +157,14 @@ impl JwksCache {
     }
 
     fn refresh_in_background(self: &Arc<Self>) {
+        if self.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let this = Arc::clone(self);
-        tokio::spawn(async move { this.refresh_if_due().await });
+        tokio::spawn(async move {
+            this.refresh_if_due().await;
+            this.refreshing.store(false, Ordering::Release);
+        });
     }
 
     async fn fetch_locked(&self, state: &mut RefreshState) -> Result<Arc<KeySet>, JwksError> {
@@ -300,6 +309,76 @@ mod tests {
         assert_eq!(set.find(None).err(), Some(AuthError::MissingKid));
         assert!(set.find(Some("a")).is_ok());
         assert_eq!(set.find(Some("c")).err(), Some(AuthError::UnknownKid));
+    }
+
+    /// Serves `body` at `/jwks`, counting requests.
+    async fn serve(body: Value) -> (String, Arc<AtomicU64>) {
+        let hits = Arc::new(AtomicU64::new(0));
+        let h = hits.clone();
+        let app = axum::Router::new().route(
+            "/jwks",
+            axum::routing::get(move || {
+                h.fetch_add(1, Ordering::SeqCst);
+                let body = body.clone();
+                async move { axum::Json(body) }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/jwks", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, hits)
+    }
+
+    #[tokio::test]
+    async fn a_stale_set_is_refreshed_in_the_background_once() {
+        let body = serde_json::json!({"keys": [{"kty": "RSA", "kid": "a", "n": N, "e": "AQAB"}]});
+        let (url, hits) = serve(body).await;
+        let cache = Arc::new(
+            JwksCache::new(
+                &url,
+                Duration::from_secs(2),
+                Duration::from_millis(1),
+                Duration::from_millis(50),
+            )
+            .unwrap(),
+        );
+        assert!(cache.key(Some("a")).await.is_ok());
+        assert_eq!(hits.load(Ordering::SeqCst), 1, "the first miss fetched");
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        // Stale: answered from the cache at once, refreshed behind the scenes (once).
+        for _ in 0..20 {
+            assert!(cache.key(Some("a")).await.is_ok());
+        }
+        for _ in 0..100 {
+            if hits.load(Ordering::SeqCst) >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(hits.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_jwks_is_unavailable_not_unauthorized() {
+        let cache = Arc::new(
+            JwksCache::new(
+                "http://127.0.0.1:9/jwks",
+                Duration::from_millis(500),
+                Duration::from_secs(60),
+                Duration::from_secs(60),
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            cache.key(Some("a")).await.err(),
+            Some(AuthError::KeysUnavailable)
+        );
+        // Within the refresh bound: no second attempt, same answer.
+        assert_eq!(
+            cache.key(Some("b")).await.err(),
+            Some(AuthError::KeysUnavailable)
+        );
+        assert_eq!(cache.fetches(), 1);
     }
 
     /// A 2048-bit modulus (test-only, from tests/fixtures/api/key_a.pem).
