@@ -83,10 +83,7 @@ struct Settings {
 
 fn env_usize(key: &str, default: usize) -> usize {
     match std::env::var(key) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{key}={v}: not a number")),
+        Ok(v) => v.trim().parse().unwrap_or_else(|_| panic!("{key}={v}: not a number")),
         Err(_) => default,
     }
 }
@@ -99,16 +96,13 @@ impl Settings {
             sql_changes: env_usize("MEMBERSYNC_BENCH_MERGE_SQL_CHANGES", 1_500),
             concurrency: env_usize("MEMBERSYNC_BENCH_MERGE_CONCURRENCY", 32).max(1),
             probes: env_usize("MEMBERSYNC_BENCH_MERGE_PROBES", 200),
-            timeout: Duration::from_secs(
-                env_usize("MEMBERSYNC_BENCH_MERGE_TIMEOUT_SECS", 900) as u64
-            ),
+            timeout: Duration::from_secs(env_usize("MEMBERSYNC_BENCH_MERGE_TIMEOUT_SECS", 900) as u64),
             out: std::env::var("MEMBERSYNC_BENCH_MERGE_OUT")
                 .map(PathBuf::from)
                 .unwrap_or_else(|_| repo_root().join("bench/results/merge.md")),
         };
         assert!(
-            s.sql_changes.max(s.probes.min(1)) < s.members
-                && s.members - s.sql_changes >= s.probes.max(1),
+            s.sql_changes.max(s.probes.min(1)) < s.members && s.members - s.sql_changes >= s.probes.max(1),
             "MEMBERS must exceed SQL_CHANGES by at least PROBES (disjoint member sets)"
         );
         s
@@ -150,15 +144,12 @@ impl Services {
             .map(|(k, v)| (k.trim().to_owned(), v.trim().trim_matches('"').to_owned()))
             .collect();
         for (k, v) in std::env::vars() {
-            if k.starts_with("MEMBERSYNC_DEV_")
-                || k.starts_with("MEMBERSYNC__DATABASE__PASSWORD_FILE")
-            {
+            if k.starts_with("MEMBERSYNC_DEV_") || k.starts_with("MEMBERSYNC__DATABASE__PASSWORD_FILE") {
                 vars.insert(k, v);
             }
         }
         assert!(
-            vars.contains_key("MEMBERSYNC_DEV_PG_PORT")
-                && vars.contains_key("MEMBERSYNC_DEV_KAFKA_BROKERS"),
+            vars.contains_key("MEMBERSYNC_DEV_PG_PORT") && vars.contains_key("MEMBERSYNC_DEV_KAFKA_BROKERS"),
             "the local services are not set up ({} missing): run `scripts/dev-services up` first",
             file.display()
         );
@@ -191,14 +182,9 @@ impl Services {
     }
 
     async fn connect(&self, db: &str) -> Client {
-        let (client, conn) = tokio_postgres::connect(
-            &format!("{} application_name=membersync-merge-bench", self.dsn(db)),
-            NoTls,
-        )
-        .await
-        .unwrap_or_else(|e| {
-            panic!("cannot reach the dev Postgres ({e}): run `scripts/dev-services up`")
-        });
+        let (client, conn) = tokio_postgres::connect(&format!("{} application_name=membersync-merge-bench", self.dsn(db)), NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("cannot reach the dev Postgres ({e}): run `scripts/dev-services up`"));
         tokio::spawn(conn);
         client
     }
@@ -220,15 +206,8 @@ fn now_us() -> i64 {
 }
 
 fn command_output(program: &str, args: &[&str]) -> Option<String> {
-    let out = Command::new(program)
-        .args(args)
-        .current_dir(repo_root())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    let out = Command::new(program).args(args).current_dir(repo_root()).stderr(Stdio::null()).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -258,19 +237,10 @@ impl Daemon {
         let child = cmd
             .arg("run")
             .envs(env.iter().cloned())
-            .env(
-                "MEMBERSYNC__TELEMETRY__METRICS_ADDR",
-                format!("127.0.0.1:{ops_port}"),
-            )
-            .env(
-                "MEMBERSYNC__INGEST__LISTEN_ADDR",
-                format!("127.0.0.1:{ingest_port}"),
-            )
+            .env("MEMBERSYNC__TELEMETRY__METRICS_ADDR", format!("127.0.0.1:{ops_port}"))
+            .env("MEMBERSYNC__INGEST__LISTEN_ADDR", format!("127.0.0.1:{ingest_port}"))
             .env("MEMBERSYNC__SHUTDOWN__DRAIN_TIMEOUT_SECS", "10")
-            .env(
-                "MEMBERSYNC__TELEMETRY__LOG_LEVEL",
-                "warn,librdkafka=off,rdkafka=off",
-            )
+            .env("MEMBERSYNC__TELEMETRY__LOG_LEVEL", "warn,librdkafka=off,rdkafka=off")
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log handle"))
             .stderr(file)
@@ -287,13 +257,7 @@ impl Daemon {
     }
 
     async fn get(&self, path: &str) -> Option<String> {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.ops))
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .ok()?;
+        let resp = self.http.get(format!("{}{path}", self.ops)).timeout(Duration::from_secs(5)).send().await.ok()?;
         resp.text().await.ok()
     }
 
@@ -301,10 +265,7 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!(
-                    "membersync run exited early with {status}:\n{}",
-                    self.log_tail(40)
-                );
+                panic!("membersync run exited early with {status}:\n{}", self.log_tail(40));
             }
             if let Some(body) = self.get("/readyz").await {
                 let ready: Value = serde_json::from_str(&body).unwrap_or_default();
@@ -312,11 +273,7 @@ impl Daemon {
                     return;
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "membersync run not ready:\n{}",
-                self.log_tail(40)
-            );
+            assert!(Instant::now() < deadline, "membersync run not ready:\n{}", self.log_tail(40));
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -346,10 +303,7 @@ impl Daemon {
         let Some(mut child) = self.child.take() else {
             return "not running".into();
         };
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.pid.to_string())
-            .status();
+        let _ = Command::new("kill").arg("-TERM").arg(self.pid.to_string()).status();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(status)) = child.try_wait() {
@@ -415,11 +369,7 @@ impl Metrics {
             .iter()
             .filter_map(|(k, v)| {
                 let le = k.strip_prefix(&prefix)?.strip_suffix("\"}")?;
-                let le = if le == "+Inf" {
-                    f64::INFINITY
-                } else {
-                    le.parse().ok()?
-                };
+                let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
                 Some((le, *v))
             })
             .collect();
@@ -432,15 +382,7 @@ impl Metrics {
 fn bucket_quantile(after: &[(f64, f64)], before: &[(f64, f64)], p: f64) -> Option<(f64, f64)> {
     let d: Vec<(f64, f64)> = after
         .iter()
-        .map(|(le, c)| {
-            (
-                *le,
-                c - before
-                    .iter()
-                    .find(|(l, _)| l == le)
-                    .map_or(0.0, |(_, c)| *c),
-            )
-        })
+        .map(|(le, c)| (*le, c - before.iter().find(|(l, _)| l == le).map_or(0.0, |(_, c)| *c)))
         .collect();
     let total = d.last()?.1;
     if total <= 0.0 {
@@ -481,11 +423,7 @@ fn median(v: &[f64]) -> f64 {
         return f64::NAN;
     }
     let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
+    if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 }
 }
 
 fn ms(x: f64) -> String {
@@ -595,10 +533,7 @@ impl Poster {
 
 fn webhook_secret() -> String {
     let key: [u8; 24] = rand::random();
-    format!(
-        "whsec_{}",
-        base64::engine::general_purpose::STANDARD.encode(key)
-    )
+    format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(key))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -606,10 +541,7 @@ fn webhook_secret() -> String {
 // ---------------------------------------------------------------------------------------
 
 async fn delete_topics(brokers: &str, prefix: &str) -> usize {
-    let consumer: BaseConsumer = match ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-    {
+    let consumer: BaseConsumer = match ClientConfig::new().set("bootstrap.servers", brokers).create() {
         Ok(c) => c,
         Err(_) => return 0,
     };
@@ -625,10 +557,7 @@ async fn delete_topics(brokers: &str, prefix: &str) -> usize {
     if topics.is_empty() {
         return 0;
     }
-    let admin: AdminClient<DefaultClientContext> = match ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-    {
+    let admin: AdminClient<DefaultClientContext> = match ClientConfig::new().set("bootstrap.servers", brokers).create() {
         Ok(a) => a,
         Err(_) => return 0,
     };
@@ -651,10 +580,7 @@ async fn drop_database(svc: &Services, db: &str) {
             )
             .await;
         let left: i64 = admin
-            .query_one(
-                "select count(*) from pg_replication_slots where slot_name = $1",
-                &[&db],
-            )
+            .query_one("select count(*) from pg_replication_slots where slot_name = $1", &[&db])
             .await
             .map(|r| r.get(0))
             .unwrap_or(0);
@@ -663,10 +589,7 @@ async fn drop_database(svc: &Services, db: &str) {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    if let Err(e) = admin
-        .batch_execute(&format!("drop database if exists {db} with (force)"))
-        .await
-    {
+    if let Err(e) = admin.batch_execute(&format!("drop database if exists {db} with (force)")).await {
         eprintln!("merge bench: could not drop database {db}: {e}");
     }
 }
@@ -731,10 +654,7 @@ fn main() {
         // `cargo bench -- --list` / `cargo test --benches` compatibility: nothing to list.
         return;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     rt.block_on(run());
 }
 
@@ -749,30 +669,16 @@ async fn run() {
     // Fresh database: the Supabase stand-in and membersync's migrations.
     {
         let admin = svc.connect("postgres").await;
-        admin
-            .batch_execute(&format!("create database {db}"))
-            .await
-            .expect("create database");
+        admin.batch_execute(&format!("create database {db}")).await.expect("create database");
         let mut c = svc.connect(&db).await;
-        let bootstrap = std::fs::read_to_string(repo_root().join("scripts/supabase-bootstrap.sql"))
-            .expect("bootstrap sql");
-        c.batch_execute(&bootstrap)
-            .await
-            .expect("Supabase bootstrap");
-        membersync::db::migrate::migrate(&mut c)
-            .await
-            .expect("migrations");
+        let bootstrap = std::fs::read_to_string(repo_root().join("scripts/supabase-bootstrap.sql")).expect("bootstrap sql");
+        c.batch_execute(&bootstrap).await.expect("Supabase bootstrap");
+        membersync::db::migrate::migrate(&mut c).await.expect("migrations");
     }
 
     let mut results = Results::default();
     // In a task of its own: a panic ends the measurement, not the clean-up below.
-    let outcome = tokio::spawn(measure(
-        Settings::load(),
-        Services::load(),
-        db.clone(),
-        topic_prefix.clone(),
-    ))
-    .await;
+    let outcome = tokio::spawn(measure(Settings::load(), Services::load(), db.clone(), topic_prefix.clone())).await;
     match outcome {
         Ok(r) => results = r,
         Err(e) => eprintln!("merge bench: the measurement failed: {e}"),
@@ -799,62 +705,31 @@ async fn measure(settings: Settings, svc: Services, db: String, topic_prefix: St
     let admin = svc.connect(&db).await;
     let ingest_port = free_port();
     let secret = webhook_secret();
-    let ms = MemberstackSim::start(MemberstackConfig::new(API_KEY).with_webhook(
-        format!("http://127.0.0.1:{ingest_port}/webhooks/memberstack"),
-        secret.clone(),
-    ))
+    let ms = MemberstackSim::start(
+        MemberstackConfig::new(API_KEY).with_webhook(format!("http://127.0.0.1:{ingest_port}/webhooks/memberstack"), secret.clone()),
+    )
     .await
     .expect("memberstack simulator");
-    let auth = AuthSim::start(AuthConfig::new(svc.dsn(&db), SERVICE_KEY))
-        .await
-        .expect("auth simulator");
+    let auth = AuthSim::start(AuthConfig::new(svc.dsn(&db), SERVICE_KEY)).await.expect("auth simulator");
 
     let mut env: Vec<(String, String)> = vec![
-        (
-            "MEMBERSYNC__DATABASE__HOST",
-            svc.var("MEMBERSYNC_DEV_PG_HOST").to_owned(),
-        ),
-        (
-            "MEMBERSYNC__DATABASE__PORT",
-            svc.var("MEMBERSYNC_DEV_PG_PORT").to_owned(),
-        ),
+        ("MEMBERSYNC__DATABASE__HOST", svc.var("MEMBERSYNC_DEV_PG_HOST").to_owned()),
+        ("MEMBERSYNC__DATABASE__PORT", svc.var("MEMBERSYNC_DEV_PG_PORT").to_owned()),
         ("MEMBERSYNC__DATABASE__DBNAME", db.clone()),
         ("MEMBERSYNC__DATABASE__USER", "membersync".to_owned()),
-        (
-            "MEMBERSYNC__DATABASE__PASSWORD_FILE",
-            svc.var("MEMBERSYNC__DATABASE__PASSWORD_FILE").to_owned(),
-        ),
-        (
-            "MEMBERSYNC__DATABASE__ADMIN_USER",
-            svc.var("MEMBERSYNC_DEV_PG_SUPERUSER").to_owned(),
-        ),
-        (
-            "MEMBERSYNC__DATABASE__ADMIN_PASSWORD_FILE",
-            svc.var("MEMBERSYNC_DEV_PG_SUPERUSER_PASSWORD_FILE")
-                .to_owned(),
-        ),
+        ("MEMBERSYNC__DATABASE__PASSWORD_FILE", svc.var("MEMBERSYNC__DATABASE__PASSWORD_FILE").to_owned()),
+        ("MEMBERSYNC__DATABASE__ADMIN_USER", svc.var("MEMBERSYNC_DEV_PG_SUPERUSER").to_owned()),
+        ("MEMBERSYNC__DATABASE__ADMIN_PASSWORD_FILE", svc.var("MEMBERSYNC_DEV_PG_SUPERUSER_PASSWORD_FILE").to_owned()),
         ("MEMBERSYNC__CDC__SLOT", db.clone()),
         ("MEMBERSYNC__KAFKA__BROKERS", svc.brokers().to_owned()),
         ("MEMBERSYNC__KAFKA__TOPIC_PREFIX", topic_prefix.clone()),
-        (
-            "MEMBERSYNC__INGEST__MEMBERSTACK_WEBHOOK_SECRETS",
-            secret.clone(),
-        ),
-        (
-            "MEMBERSYNC__INGEST__STRIPE_WEBHOOK_SECRETS",
-            STRIPE_SECRET.to_owned(),
-        ),
+        ("MEMBERSYNC__INGEST__MEMBERSTACK_WEBHOOK_SECRETS", secret.clone()),
+        ("MEMBERSYNC__INGEST__STRIPE_WEBHOOK_SECRETS", STRIPE_SECRET.to_owned()),
         ("MEMBERSYNC__MEMBERSTACK__API_URL", ms.base_url()),
         ("MEMBERSYNC__MEMBERSTACK__API_KEY", API_KEY.to_owned()),
         ("MEMBERSYNC__SUPABASE__URL", auth.base_url()),
-        (
-            "MEMBERSYNC__SUPABASE__SERVICE_ROLE_KEY",
-            SERVICE_KEY.to_owned(),
-        ),
-        (
-            "MEMBERSYNC__MERGE__GROUP_ID",
-            format!("{topic_prefix}-merge"),
-        ),
+        ("MEMBERSYNC__SUPABASE__SERVICE_ROLE_KEY", SERVICE_KEY.to_owned()),
+        ("MEMBERSYNC__MERGE__GROUP_ID", format!("{topic_prefix}-merge")),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -862,9 +737,7 @@ async fn measure(settings: Settings, svc: Services, db: String, topic_prefix: St
     // Any MEMBERSYNC__MERGE__* / MEMBERSYNC__MEMBERSTACK__* of the caller's environment
     // (e.g. MEMBERSYNC__MERGE__WORKERS) is passed through, and named in the report.
     for (k, v) in std::env::vars() {
-        if k.starts_with("MEMBERSYNC__MERGE__")
-            || k.starts_with("MEMBERSYNC__MEMBERSTACK__REQUESTS")
-        {
+        if k.starts_with("MEMBERSYNC__MERGE__") || k.starts_with("MEMBERSYNC__MEMBERSTACK__REQUESTS") {
             env.retain(|(key, _)| *key != k);
             env.push((k, v));
         }
@@ -899,10 +772,7 @@ async fn measure(settings: Settings, svc: Services, db: String, topic_prefix: St
     let mut last_print = Instant::now();
     loop {
         let n: i64 = admin
-            .query_one(
-                "select count(*) from public.members where user_id is not null",
-                &[],
-            )
+            .query_one("select count(*) from public.members where user_id is not null", &[])
             .await
             .unwrap()
             .get(0);
@@ -910,32 +780,18 @@ async fn measure(settings: Settings, svc: Services, db: String, topic_prefix: St
             break;
         }
         if last_print.elapsed() > Duration::from_secs(10) {
-            eprintln!(
-                "merge bench: seed {n}/{} rows after {:.0} s",
-                settings.members,
-                t.elapsed().as_secs_f64()
-            );
+            eprintln!("merge bench: seed {n}/{} rows after {:.0} s", settings.members, t.elapsed().as_secs_f64());
             last_print = Instant::now();
         }
-        assert!(
-            Instant::now() < deadline,
-            "seed not done: {n} rows\n{}",
-            daemon.log_tail(30)
-        );
+        assert!(Instant::now() < deadline, "seed not done: {n} rows\n{}", daemon.log_tail(30));
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     r.seed_secs = t.elapsed().as_secs_f64();
-    ms.wait_webhooks_quiescent(Duration::from_secs(60))
-        .await
-        .expect("seed webhooks delivered");
+    ms.wait_webhooks_quiescent(Duration::from_secs(60)).await.expect("seed webhooks delivered");
     // Let merge finish its tail (CDC of its own inserts) before measuring.
     let mut prev = -1i64;
     loop {
-        let n: i64 = admin
-            .query_one("select count(*) from public.webhook_log", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let n: i64 = admin.query_one("select count(*) from public.webhook_log", &[]).await.unwrap().get(0);
         if n == prev {
             break;
         }
@@ -943,10 +799,7 @@ async fn measure(settings: Settings, svc: Services, db: String, topic_prefix: St
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     r.seed_patches = ms.calls().iter().filter(|c| c.method == "PATCH").count();
-    eprintln!(
-        "merge bench: seeded {} members in {:.1} s",
-        settings.members, r.seed_secs
-    );
+    eprintln!("merge bench: seeded {} members in {:.1} s", settings.members, r.seed_secs);
 
     // ---- 2. Burst ------------------------------------------------------------------
     let sql_members: Vec<Base> = bases[settings.members - settings.sql_changes..].to_vec();
@@ -960,10 +813,7 @@ async fn measure(settings: Settings, svc: Services, db: String, topic_prefix: St
     let t_burst = Instant::now();
 
     let poster = Arc::new(Poster {
-        http: reqwest::Client::builder()
-            .pool_max_idle_per_host(settings.concurrency)
-            .build()
-            .unwrap(),
+        http: reqwest::Client::builder().pool_max_idle_per_host(settings.concurrency).build().unwrap(),
         url: format!("{}/webhooks/memberstack", daemon.ingest),
         signer: SvixVerifier::new(&[secret.clone().into()]).expect("signer"),
     });
@@ -1030,10 +880,7 @@ async fn measure(settings: Settings, svc: Services, db: String, topic_prefix: St
                     .map_or(0.0, |kib| kib / 1024.0);
                 peak = peak.max(rss);
                 if i % 20 == 0 {
-                    eprintln!(
-                        "merge bench: burst posted {}/{total}",
-                        posted.load(Ordering::Relaxed)
-                    );
+                    eprintln!("merge bench: burst posted {}/{total}", posted.load(Ordering::Relaxed));
                 }
                 i += 1;
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1062,10 +909,7 @@ async fn measure(settings: Settings, svc: Services, db: String, topic_prefix: St
     let mut ms_done: Option<f64> = None;
     loop {
         let n: i64 = admin
-            .query_one(
-                "select count(*) from public.webhook_log where event_id like 'msg\\_mb\\_%'",
-                &[],
-            )
+            .query_one("select count(*) from public.webhook_log where event_id like 'msg\\_mb\\_%'", &[])
             .await
             .unwrap()
             .get(0);
@@ -1092,9 +936,7 @@ async fn measure(settings: Settings, svc: Services, db: String, topic_prefix: St
             last_print = Instant::now();
         }
         if Instant::now() > deadline {
-            eprintln!(
-                "merge bench: drain timed out: {n}/{expected_ms} webhooks, {patched} patched"
-            );
+            eprintln!("merge bench: drain timed out: {n}/{expected_ms} webhooks, {patched} patched");
             r.missing_patches = sql_ids.len() - patched;
             break;
         }
@@ -1104,16 +946,10 @@ async fn measure(settings: Settings, svc: Services, db: String, topic_prefix: St
     r.ms_drain_secs = ms_done.unwrap_or(f64::NAN);
     r.daemon_cpu_burst = daemon.cpu_secs() - cpu0;
     // Echo webhooks of the PATCHes: wait until webhook_log stops growing.
-    ms.wait_webhooks_quiescent(Duration::from_secs(120))
-        .await
-        .ok();
+    ms.wait_webhooks_quiescent(Duration::from_secs(120)).await.ok();
     let mut prev = -1i64;
     loop {
-        let n: i64 = admin
-            .query_one("select count(*) from public.webhook_log", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let n: i64 = admin.query_one("select count(*) from public.webhook_log", &[]).await.unwrap().get(0);
         if n == prev {
             break;
         }
@@ -1156,17 +992,10 @@ async fn measure(settings: Settings, svc: Services, db: String, topic_prefix: St
     // Member i % k got rounds ⌈(n - i%k) / k⌉; its last seq is that count.
     let mut wrong = 0i64;
     let finals = admin
-        .query(
-            "select memberstack_id, custom_fields->>'seq' from public.members",
-            &[],
-        )
+        .query("select memberstack_id, custom_fields->>'seq' from public.members", &[])
         .await
         .unwrap();
-    let index: HashMap<&str, usize> = ms_members
-        .iter()
-        .enumerate()
-        .map(|(i, b)| (b.id.as_str(), i))
-        .collect();
+    let index: HashMap<&str, usize> = ms_members.iter().enumerate().map(|(i, b)| (b.id.as_str(), i)).collect();
     for row in finals {
         let id: String = row.get(0);
         if let Some(i) = index.get(id.as_str()) {
@@ -1184,13 +1013,7 @@ async fn measure(settings: Settings, svc: Services, db: String, topic_prefix: St
     for c in &calls {
         if c.method == "PATCH" {
             r.patch_times_us.push(c.at.timestamp_micros());
-            let id = c
-                .path
-                .trim_start_matches("/members/")
-                .split('?')
-                .next()
-                .unwrap_or("")
-                .to_owned();
+            let id = c.path.trim_start_matches("/members/").split('?').next().unwrap_or("").to_owned();
             patch_at.entry(id).or_insert(c.at.timestamp_micros());
         } else {
             *r.other_calls.entry(c.endpoint.clone()).or_default() += 1;
@@ -1206,8 +1029,7 @@ async fn measure(settings: Settings, svc: Services, db: String, topic_prefix: St
     r.busiest_second = busiest_rolling_second(&r.patch_times_us);
     let stats1 = ms.stats();
     r.sim_429 = stats1.rate_limited - stats0.rate_limited;
-    r.daemon_429 = m1.get("membersync_memberstack_rate_limited_total")
-        - m0.get("membersync_memberstack_rate_limited_total");
+    r.daemon_429 = m1.get("membersync_memberstack_rate_limited_total") - m0.get("membersync_memberstack_rate_limited_total");
     r.lat_patch_load = sorted(
         sql_commits
             .iter()
@@ -1215,11 +1037,7 @@ async fn measure(settings: Settings, svc: Services, db: String, topic_prefix: St
             .collect(),
     );
     let h = "membersync_merge_change_to_applied_seconds";
-    r.hist_load = bucket_quantile(&m1.buckets(h), &m0.buckets(h), 0.5).zip(bucket_quantile(
-        &m1.buckets(h),
-        &m0.buckets(h),
-        0.99,
-    ));
+    r.hist_load = bucket_quantile(&m1.buckets(h), &m0.buckets(h), 0.5).zip(bucket_quantile(&m1.buckets(h), &m0.buckets(h), 0.99));
     for prefix in [
         "membersync_merge_changes_total",
         "membersync_merge_field_resolutions_total",
@@ -1232,17 +1050,12 @@ async fn measure(settings: Settings, svc: Services, db: String, topic_prefix: St
     ] {
         r.metric_deltas.extend(m1.delta(&m0, prefix));
     }
-    eprintln!(
-        "merge bench: burst drained in {:.1} s; probing latency",
-        r.drain_secs
-    );
+    eprintln!("merge bench: burst drained in {:.1} s; probing latency", r.drain_secs);
 
     // ---- 3. Unloaded probes ------------------------------------------------------------
     let probe_db = svc.connect(&db).await;
     let visible = probe_db
-        .prepare(
-            "select 1 from public.members where memberstack_id = $1 and custom_fields->>'seq' = $2",
-        )
+        .prepare("select 1 from public.members where memberstack_id = $1 and custom_fields->>'seq' = $2")
         .await
         .unwrap();
     for p in 0..settings.probes {
@@ -1251,26 +1064,17 @@ async fn measure(settings: Settings, svc: Services, db: String, topic_prefix: St
         let t0 = now_us();
         let (_, _, _, status) = poster.post(base, &seq).await;
         if !(200..300).contains(&status) {
-            r.probe_failures
-                .push(format!("webhook probe {p}: HTTP {status}"));
+            r.probe_failures.push(format!("webhook probe {p}: HTTP {status}"));
             continue;
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if !probe_db
-                .query(&visible, &[&base.id, &seq])
-                .await
-                .unwrap()
-                .is_empty()
-            {
+            if !probe_db.query(&visible, &[&base.id, &seq]).await.unwrap().is_empty() {
                 r.lat_webhook_probe.push((now_us() - t0) as f64 / 1000.0);
                 break;
             }
             if Instant::now() > deadline {
-                r.probe_failures.push(format!(
-                    "webhook probe {p} ({}): row not updated in 30 s",
-                    base.id
-                ));
+                r.probe_failures.push(format!("webhook probe {p} ({}): row not updated in 30 s", base.id));
                 break;
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -1285,27 +1089,16 @@ async fn measure(settings: Settings, svc: Services, db: String, topic_prefix: St
     for p in 0..settings.probes {
         let base = &sql_members[p % sql_members.len()];
         let v = json!({"stage": "probe", "n": p});
-        probe_db
-            .execute(&update, &[&base.id, &v])
-            .await
-            .expect("probe update");
+        probe_db.execute(&update, &[&base.id, &v]).await.expect("probe update");
         let committed = now_us();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if ms
-                .member(&base.id)
-                .and_then(|m| m.meta_data.get("project_data").cloned())
-                .as_ref()
-                == Some(&v)
-            {
+            if ms.member(&base.id).and_then(|m| m.meta_data.get("project_data").cloned()).as_ref() == Some(&v) {
                 probe_commits.push((base.id.clone(), committed));
                 break;
             }
             if Instant::now() > deadline {
-                r.probe_failures.push(format!(
-                    "PATCH probe {p} ({}): not in Memberstack after 30 s",
-                    base.id
-                ));
+                r.probe_failures.push(format!("PATCH probe {p} ({}): not in Memberstack after 30 s", base.id));
                 break;
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -1313,19 +1106,10 @@ async fn measure(settings: Settings, svc: Services, db: String, topic_prefix: St
         // Let the echo webhook through and the limiter refill: each probe is unloaded.
         tokio::time::sleep(Duration::from_millis(60)).await;
     }
-    let probe_calls: Vec<_> = ms
-        .calls()
-        .into_iter()
-        .skip(calls_before_probes)
-        .filter(|c| c.method == "PATCH")
-        .collect();
+    let probe_calls: Vec<_> = ms.calls().into_iter().skip(calls_before_probes).filter(|c| c.method == "PATCH").collect();
     for (id, committed) in probe_commits {
-        if let Some(c) = probe_calls
-            .iter()
-            .find(|c| c.path.contains(&id) && c.at.timestamp_micros() >= committed - 5_000)
-        {
-            r.lat_patch_probe
-                .push((c.at.timestamp_micros() - committed) as f64 / 1000.0);
+        if let Some(c) = probe_calls.iter().find(|c| c.path.contains(&id) && c.at.timestamp_micros() >= committed - 5_000) {
+            r.lat_patch_probe.push((c.at.timestamp_micros() - committed) as f64 / 1000.0);
         }
     }
     r.lat_webhook_probe = sorted(r.lat_webhook_probe.clone());
@@ -1347,10 +1131,7 @@ async fn measure(settings: Settings, svc: Services, db: String, topic_prefix: St
             *kinds.entry(format!("{level}: {text}")).or_default() += 1;
         }
     }
-    r.log_summary = kinds
-        .into_iter()
-        .map(|(k, n)| format!("{n} × {k}"))
-        .collect();
+    r.log_summary = kinds.into_iter().map(|(k, n)| format!("{n} × {k}")).collect();
     ms.shutdown().await;
     auth.shutdown().await;
     r
@@ -1363,8 +1144,7 @@ async fn measure(settings: Settings, svc: Services, db: String, topic_prefix: St
 fn report(s: &Settings, r: &Results, db: &str, topics: &str) -> String {
     let mut o = String::new();
     let commit = command_output("git", &["rev-parse", "--short", "HEAD"]).unwrap_or_default();
-    let dirty = command_output("git", &["status", "--porcelain", "--untracked-files=no"])
-        .is_some_and(|s| !s.is_empty());
+    let dirty = command_output("git", &["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
@@ -1376,11 +1156,7 @@ fn report(s: &Settings, r: &Results, db: &str, topics: &str) -> String {
     let ms_rate = ms_total as f64 / r.ms_drain_secs;
     let med_ms = median(&r.applied_per_sec_ms);
     let backlog_secs = (r.backlog_to_us - r.backlog_from_us) as f64 / 1e6;
-    let mean_rate = if backlog_secs > 0.0 {
-        (r.backlog_patches.saturating_sub(1)) as f64 / backlog_secs
-    } else {
-        f64::NAN
-    };
+    let mean_rate = if backlog_secs > 0.0 { (r.backlog_patches.saturating_sub(1)) as f64 / backlog_secs } else { f64::NAN };
     let med_rate = median(&r.backlog_per_sec);
     let pacing_met = med_rate >= 0.95 * RPS && r.sim_429 == 0;
 
@@ -1388,11 +1164,7 @@ fn report(s: &Settings, r: &Results, db: &str, topics: &str) -> String {
     let _ = writeln!(
         o,
         "Generated by `benches/merge.rs` (see `bench/README.md`). Commit `{commit}`{}, {}.\n",
-        if dirty {
-            " (with uncommitted changes in the worktree)"
-        } else {
-            ""
-        },
+        if dirty { " (with uncommitted changes in the worktree)" } else { "" },
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
     );
     let _ = writeln!(o, "```sh\n{}\n```\n", s.command());
@@ -1425,11 +1197,7 @@ fn report(s: &Settings, r: &Results, db: &str, topics: &str) -> String {
         "| Memberstack calls/s under backlog ≥ 95 % of 25/s (≥ 23.75/s) | median {med_rate:.1}/s over {} whole seconds ({:.0} % of 25), mean {mean_rate:.2}/s | {} |",
         r.backlog_per_sec.len(),
         med_rate / RPS * 100.0,
-        if med_rate >= 0.95 * RPS {
-            "**met**"
-        } else {
-            "**missed**"
-        }
+        if med_rate >= 0.95 * RPS { "**met**" } else { "**missed**" }
     );
     let _ = writeln!(
         o,
@@ -1437,11 +1205,7 @@ fn report(s: &Settings, r: &Results, db: &str, topics: &str) -> String {
         r.sim_429,
         r.daemon_429,
         r.busiest_second,
-        if r.sim_429 == 0 {
-            "**met**"
-        } else {
-            "**missed**"
-        }
+        if r.sim_429 == 0 { "**met**" } else { "**missed**" }
     );
     let _ = writeln!(
         o,
@@ -1466,102 +1230,32 @@ fn report(s: &Settings, r: &Results, db: &str, topics: &str) -> String {
         ms(pct(&r.lat_patch_load, 0.5)),
         ms(pct(&r.lat_patch_load, 0.99)),
     );
-    let _ = writeln!(
-        o,
-        "Overall pacing verdict: {}.\n",
-        if pacing_met { "met" } else { "missed" }
-    );
+    let _ = writeln!(o, "Overall pacing verdict: {}.\n", if pacing_met { "met" } else { "missed" });
 
     let _ = writeln!(o, "## Throughput\n");
     let _ = writeln!(o, "| | value |\n|---|---|");
-    let _ = writeln!(
-        o,
-        "| seed: {} `member.created` (sequential simulator webhooks) → row + auth user | {:.1} s ({:.0}/s); PATCHes caused: {} |",
-        s.members,
-        r.seed_secs,
-        s.members as f64 / r.seed_secs,
-        r.seed_patches
-    );
-    let _ = writeln!(
-        o,
-        "| burst: SQL updates committed | {:.1} s after the burst start |",
-        r.sql_commit_secs
-    );
-    let _ = writeln!(
-        o,
-        "| burst: webhooks posted (ingest answered) | {:.1} s ({:.0}/s); failed after 5 attempts: {}; retried attempts: {} |",
-        r.burst_post_secs,
-        s.ms_changes as f64 / r.burst_post_secs,
-        r.post_failures,
-        r.post_retries
-    );
-    let _ = writeln!(
-        o,
-        "| burst: last webhook applied | {:.1} s |",
-        r.ms_drain_secs
-    );
-    let _ = writeln!(
-        o,
-        "| burst: last SQL change PATCHed | {:.1} s{} |",
-        r.drain_secs,
-        if r.missing_patches > 0 {
-            format!(" (**{} never PATCHed**)", r.missing_patches)
-        } else {
-            String::new()
-        }
-    );
-    let _ = writeln!(
-        o,
-        "| `webhook_log` rows since the burst start (webhooks, CDC events, echoes) | {} |",
-        r.burst_processed_all
-    );
-    let _ = writeln!(
-        o,
-        "| Memberstack-side members whose final `custom_fields.seq` is not their last change | {} |",
-        r.wrong_final_rows
-    );
-    let _ = writeln!(
-        o,
-        "| daemon CPU during the burst | {:.0} s ({:.2} cores over {:.0} s); peak RSS {:.0} MiB |",
-        r.daemon_cpu_burst,
-        r.daemon_cpu_burst / r.drain_secs,
-        r.drain_secs,
-        r.daemon_rss_peak
-    );
+    let _ = writeln!(o, "| seed: {} `member.created` (sequential simulator webhooks) → row + auth user | {:.1} s ({:.0}/s); PATCHes caused: {} |", s.members, r.seed_secs, s.members as f64 / r.seed_secs, r.seed_patches);
+    let _ = writeln!(o, "| burst: SQL updates committed | {:.1} s after the burst start |", r.sql_commit_secs);
+    let _ = writeln!(o, "| burst: webhooks posted (ingest answered) | {:.1} s ({:.0}/s); failed after 5 attempts: {}; retried attempts: {} |", r.burst_post_secs, s.ms_changes as f64 / r.burst_post_secs, r.post_failures, r.post_retries);
+    let _ = writeln!(o, "| burst: last webhook applied | {:.1} s |", r.ms_drain_secs);
+    let _ = writeln!(o, "| burst: last SQL change PATCHed | {:.1} s{} |", r.drain_secs, if r.missing_patches > 0 { format!(" (**{} never PATCHed**)", r.missing_patches) } else { String::new() });
+    let _ = writeln!(o, "| `webhook_log` rows since the burst start (webhooks, CDC events, echoes) | {} |", r.burst_processed_all);
+    let _ = writeln!(o, "| Memberstack-side members whose final `custom_fields.seq` is not their last change | {} |", r.wrong_final_rows);
+    let _ = writeln!(o, "| daemon CPU during the burst | {:.0} s ({:.2} cores over {:.0} s); peak RSS {:.0} MiB |", r.daemon_cpu_burst, r.daemon_cpu_burst / r.drain_secs, r.drain_secs, r.daemon_rss_peak);
     let _ = writeln!(o);
     let dist = |v: &[f64]| {
         let s = sorted(v.to_vec());
-        format!(
-            "min {:.0}, p10 {:.0}, median {:.0}, p90 {:.0}, max {:.0}",
-            pct(&s, 0.0),
-            pct(&s, 0.1),
-            pct(&s, 0.5),
-            pct(&s, 0.9),
-            pct(&s, 1.0)
-        )
+        format!("min {:.0}, p10 {:.0}, median {:.0}, p90 {:.0}, max {:.0}", pct(&s, 0.0), pct(&s, 0.1), pct(&s, 0.5), pct(&s, 0.9), pct(&s, 1.0))
     };
-    let _ = writeln!(
-        o,
-        "Memberstack webhooks applied per second (whole seconds from the burst start to the last one): {}.\n",
-        dist(&r.applied_per_sec_ms)
-    );
-    let _ = writeln!(
-        o,
-        "All `webhook_log` rows per second, same window: {}.\n",
-        dist(&r.applied_per_sec_all)
-    );
+    let _ = writeln!(o, "Memberstack webhooks applied per second (whole seconds from the burst start to the last one): {}.\n", dist(&r.applied_per_sec_ms));
+    let _ = writeln!(o, "All `webhook_log` rows per second, same window: {}.\n", dist(&r.applied_per_sec_all));
     // While the PATCH backlog lasted vs after.
-    let backlog_end_sec =
-        ((r.backlog_to_us - r.backlog_from_us.min(r.backlog_to_us)) / 1_000_000) as usize;
+    let backlog_end_sec = ((r.backlog_to_us - r.backlog_from_us.min(r.backlog_to_us)) / 1_000_000) as usize;
     let (during, after): (Vec<f64>, Vec<f64>) = {
-        let off =
-            ((r.backlog_from_us - r.backlog_from_us.min(r.backlog_to_us)) / 1_000_000) as usize;
+        let off = ((r.backlog_from_us - r.backlog_from_us.min(r.backlog_to_us)) / 1_000_000) as usize;
         let _ = off;
         let split = backlog_end_sec.min(r.applied_per_sec_ms.len());
-        (
-            r.applied_per_sec_ms[..split].to_vec(),
-            r.applied_per_sec_ms[split..].to_vec(),
-        )
+        (r.applied_per_sec_ms[..split].to_vec(), r.applied_per_sec_ms[split..].to_vec())
     };
     let _ = writeln!(
         o,
@@ -1571,16 +1265,8 @@ fn report(s: &Settings, r: &Results, db: &str, topics: &str) -> String {
         median(&after),
         after.len()
     );
-    let series: Vec<String> = r
-        .applied_per_sec_ms
-        .iter()
-        .map(|x| format!("{x:.0}"))
-        .collect();
-    let _ = writeln!(
-        o,
-        "<details><summary>per-second series (webhooks applied)</summary>\n\n{}\n\n</details>\n",
-        series.join(" ")
-    );
+    let series: Vec<String> = r.applied_per_sec_ms.iter().map(|x| format!("{x:.0}")).collect();
+    let _ = writeln!(o, "<details><summary>per-second series (webhooks applied)</summary>\n\n{}\n\n</details>\n", series.join(" "));
 
     let _ = writeln!(o, "## Memberstack pacing\n");
     let _ = writeln!(
@@ -1590,43 +1276,16 @@ fn report(s: &Settings, r: &Results, db: &str, topics: &str) -> String {
         dist(&r.backlog_per_sec),
         r.other_calls
     );
-    let series: Vec<String> = r
-        .backlog_per_sec
-        .iter()
-        .map(|x| format!("{x:.0}"))
-        .collect();
-    let _ = writeln!(
-        o,
-        "<details><summary>PATCHes per second</summary>\n\n{}\n\n</details>\n",
-        series.join(" ")
-    );
+    let series: Vec<String> = r.backlog_per_sec.iter().map(|x| format!("{x:.0}")).collect();
+    let _ = writeln!(o, "<details><summary>PATCHes per second</summary>\n\n{}\n\n</details>\n", series.join(" "));
 
     let _ = writeln!(o, "## Latency\n");
-    let _ = writeln!(
-        o,
-        "| path | condition | n | p50 | p90 | p99 | max |\n|---|---|---|---|---|---|---|"
-    );
+    let _ = writeln!(o, "| path | condition | n | p50 | p90 | p99 | max |\n|---|---|---|---|---|---|---|");
     for (name, cond, v) in [
-        (
-            "webhook → row",
-            "unloaded probe: POST start → row visible (polled every 1 ms)",
-            &r.lat_webhook_probe,
-        ),
-        (
-            "webhook → row",
-            "burst: POST start → `webhook_log.processed_at` (transaction start)",
-            &r.lat_webhook_load,
-        ),
-        (
-            "row → PATCH",
-            "unloaded probe: SQL commit returned → PATCH arrived at the simulator",
-            &r.lat_patch_probe,
-        ),
-        (
-            "row → PATCH",
-            "burst (backlog of SQL changes at 25/s): commit → PATCH",
-            &r.lat_patch_load,
-        ),
+        ("webhook → row", "unloaded probe: POST start → row visible (polled every 1 ms)", &r.lat_webhook_probe),
+        ("webhook → row", "burst: POST start → `webhook_log.processed_at` (transaction start)", &r.lat_webhook_load),
+        ("row → PATCH", "unloaded probe: SQL commit returned → PATCH arrived at the simulator", &r.lat_patch_probe),
+        ("row → PATCH", "burst (backlog of SQL changes at 25/s): commit → PATCH", &r.lat_patch_load),
     ] {
         let _ = writeln!(
             o,
@@ -1652,11 +1311,7 @@ fn report(s: &Settings, r: &Results, db: &str, topics: &str) -> String {
         let _ = writeln!(o, "{k} {v}");
     }
     let _ = writeln!(o, "```\n");
-    let _ = writeln!(
-        o,
-        "Daemon exit: {}. Warnings/errors in its log (level warn):\n",
-        r.exit
-    );
+    let _ = writeln!(o, "Daemon exit: {}. Warnings/errors in its log (level warn):\n", r.exit);
     if r.log_summary.is_empty() {
         let _ = writeln!(o, "- none");
     }
