@@ -2,6 +2,7 @@
 //! directions, through Kafka. See `docs/architecture.md` for the data flow.
 
 pub mod bridge;
+pub mod api;
 pub mod cdc;
 pub mod check;
 pub mod cli;

@@ -109,9 +109,7 @@ async fn dlq(command: DlqCommand, config: &Config) -> anyhow::Result<ExitCode> {
     match command {
         DlqCommand::List { json } => {
             if json {
-                for l in &letters {
-                    let mut v = serde_json::to_value(l)?;
-                    v["replayed"] = serde_json::Value::Bool(replayed.contains(&l.id));
+                for v in dlq::listing(&letters, &replayed) {
                     println!("{v}");
                 }
             } else {

@@ -14,7 +14,7 @@ pub const ENV_PREFIX: &str = "MEMBERSYNC__";
 
 /// Keys whose values are secrets: they may come from the environment or a `<key>_file`,
 /// never from the config file itself (files get committed, copied and pasted into tickets).
-const SECRET_KEYS: [&str; 8] = [
+const SECRET_KEYS: &[&str] = &[
     "database.password",
     "database.admin_password",
     "kafka.sasl_password",
@@ -23,6 +23,8 @@ const SECRET_KEYS: [&str; 8] = [
     "ingest.stripe_webhook_secrets",
     "memberstack.api_key",
     "supabase.service_role_key",
+    "api.hs256_secret",
+    "api.admin_token",
 ];
 
 /// Loads the configuration the daemon runs with.
@@ -47,7 +49,7 @@ pub fn load_from(path: Option<&Path>, env_prefix: &str) -> Result<Config, Config
     }
     let figment = figment.merge(Env::prefixed(env_prefix).split("__"));
 
-    for key in SECRET_KEYS {
+    for &key in SECRET_KEYS {
         if let Some(meta) = figment.find_metadata(key)
             && matches!(meta.source, Some(figment::Source::File(_)))
         {
@@ -112,6 +114,16 @@ fn resolve_secrets(c: &mut Config) -> Result<(), ConfigError> {
         let file = route.url_file.take();
         resolve(&format!("bridge.routes.{name}.url"), &mut route.url, file)?;
     }
+    resolve(
+        "api.hs256_secret",
+        &mut c.api.hs256_secret,
+        c.api.hs256_secret_file.take(),
+    )?;
+    resolve(
+        "api.admin_token",
+        &mut c.api.admin_token,
+        c.api.admin_token_file.take(),
+    )?;
     if c.telemetry.sentry_dsn.is_none() {
         // Sentry's own convention; honoured so existing deployments keep working.
         if let Ok(dsn) = std::env::var("SENTRY_DSN")
@@ -216,6 +228,7 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
     )?;
 
     validate_ingest(&c.ingest)?;
+    super::api::validate(&c.api)?;
     validate_merge(c)?;
     super::bridge::validate(&c.bridge)?;
 

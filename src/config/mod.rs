@@ -6,12 +6,14 @@
 //! output, logs or errors by accident.
 
 mod bridge;
+mod api;
 mod error;
 mod load;
 mod sections;
 mod sync;
 
 pub use bridge::{BridgeConfig, RouteConfig};
+pub use api::*;
 pub use error::ConfigError;
 pub use load::{ENV_PREFIX, load, load_from};
 pub use sections::*;

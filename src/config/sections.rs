@@ -22,6 +22,7 @@ pub struct Config {
     pub bridge: super::BridgeConfig,
     pub telemetry: TelemetryConfig,
     pub shutdown: ShutdownConfig,
+    pub api: super::ApiConfig,
 }
 
 /// The Supabase Postgres database. Use the direct connection (not the pooler): logical

@@ -155,6 +155,57 @@ pub fn memberstack(
     }
 }
 
+/// Event name and kind of a member snapshot: the whole member as the Admin API returned it,
+/// published by `POST /v1/members/me/resync` (and the backfill) for merge to re-merge.
+pub const SNAPSHOT_EVENT: &str = "member.snapshot";
+pub const SNAPSHOT_KIND: &str = "member_snapshot";
+
+/// A member snapshot in the webhook envelope: `data` is shaped like a webhook body
+/// (`{event, timestamp, payload}`), `payload` being the fetched member, so every reader of
+/// `data.payload` finds the member where a webhook puts it. There is no signature:
+/// `signed_at` is the fetch time, like `occurred_at` and `received_at`.
+pub fn member_snapshot(
+    event_id: &str,
+    member: &Value,
+    member_id: &str,
+    fetched_at: DateTime<Utc>,
+) -> IngestRecord {
+    let at = rfc3339(fetched_at);
+    let data = serde_json::json!({
+        "event": SNAPSHOT_EVENT,
+        "timestamp": fetched_at.timestamp_millis(),
+        "payload": member,
+    });
+    let envelope = IngestEnvelope {
+        schema_version: SCHEMA_VERSION,
+        id: event_id,
+        source: Source::Memberstack,
+        event_type: SNAPSHOT_EVENT,
+        kind: Some(SNAPSHOT_KIND),
+        member_id: Some(member_id),
+        customer_id: None,
+        needs_lookup: false,
+        occurred_at: at.clone(),
+        signed_at: at.clone(),
+        received_at: at.clone(),
+        data: &data,
+    };
+    let headers = headers(
+        event_id,
+        Source::Memberstack,
+        SNAPSHOT_EVENT,
+        &at,
+        vec![("membersync_member_id", member_id.to_owned())],
+    );
+    IngestRecord {
+        event_id: event_id.to_owned(),
+        key: member_id.to_owned(),
+        headers,
+        value: serde_json::to_vec(&envelope).expect("envelope serialises"),
+        unknown_event: false,
+    }
+}
+
 /// `None` when the event names neither a member nor a customer: nothing to sync.
 pub fn stripe(
     signed_at: i64,
@@ -253,6 +304,22 @@ mod tests {
         let v: Value = serde_json::from_slice(&rec.value).unwrap();
         assert_eq!(v["needs_lookup"], true);
         assert_eq!(v["member_id"], Value::Null);
+    }
+
+    #[test]
+    fn member_snapshot_wraps_the_member_like_a_webhook_body() {
+        let member = serde_json::json!({"id": "mem_9", "auth": {"email": "x@y.z"}});
+        let at = Utc.timestamp_millis_opt(1_700_000_000_123).unwrap();
+        let rec = member_snapshot("resync_mem_9_1", &member, "mem_9", at);
+        assert_eq!(rec.key, "mem_9");
+        let v: Value = serde_json::from_slice(&rec.value).unwrap();
+        assert_eq!(v["type"], "member.snapshot");
+        assert_eq!(v["kind"], "member_snapshot");
+        assert_eq!(v["data"]["payload"], member);
+        assert_eq!(v["occurred_at"], "2023-11-14T22:13:20.123Z");
+        let h: std::collections::HashMap<_, _> = rec.headers.iter().cloned().collect();
+        assert_eq!(h["ce_type"], "memberstack.member.snapshot");
+        assert_eq!(h["membersync_member_id"], "mem_9");
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub enum IngestError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
     #[error("ingest server failed: {0}")]
     Serve(#[source] std::io::Error),
 }
@@ -94,12 +96,19 @@ impl IngestServer {
             metrics: IngestMetrics::register(metrics.registry())?,
             cfg,
         });
+        // The member and admin API shares the listener and the producer (DESIGN.md §5).
+        let api = crate::api::router(
+            config,
+            metrics,
+            producer.clone(),
+            config.ingest.kafka_ack_timeout(),
+        )?;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| IngestError::Bind { addr, source })?;
         Ok(Self {
             listener,
-            router: router(state),
+            router: router(state).merge(api),
             producer,
         })
     }

@@ -265,6 +265,20 @@ pub async fn record_replay(
     Ok(())
 }
 
+/// `dlq list --json` (and `GET /v1/admin/dlq`): each dead letter as JSON, plus `replayed`.
+pub fn listing(letters: &[DeadLetter], replayed: &std::collections::HashSet<String>) -> Vec<Value> {
+    letters
+        .iter()
+        .map(|l| {
+            let mut v = serde_json::to_value(l).unwrap_or(Value::Null);
+            if let Value::Object(m) = &mut v {
+                m.insert("replayed".into(), Value::Bool(replayed.contains(&l.id)));
+            }
+            v
+        })
+        .collect()
+}
+
 /// `dlq list` as a table.
 pub fn table(letters: &[DeadLetter], replayed: &std::collections::HashSet<String>) -> String {
     let mut out = format!(

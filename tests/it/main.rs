@@ -2,6 +2,7 @@
 //! (`scripts/dev-services up`) and fail loudly when those are missing.
 
 mod bridge;
+mod api;
 mod cdc;
 mod check;
 mod config;
