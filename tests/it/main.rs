@@ -4,6 +4,7 @@
 mod cdc;
 mod check;
 mod config;
+mod deploy;
 mod ingest;
 mod kafka;
 mod merge;
