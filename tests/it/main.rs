@@ -6,6 +6,7 @@ mod api;
 mod cdc;
 mod check;
 mod config;
+mod deploy;
 mod ingest;
 mod kafka;
 mod merge;
