@@ -308,7 +308,7 @@ impl Applier {
                         .cloned()
                         .unwrap_or(Value::Null)
                 }),
-                edited_at: row.map(|r| r.updated_at),
+                edited_at: row.map(|r| r.edited_at(&field.mapping.supabase)),
             };
             let incoming = Incoming {
                 side: change.side,

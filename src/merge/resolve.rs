@@ -12,7 +12,9 @@
 //!   with the newer timestamp wins; on a tie Memberstack wins (a fixed rule).
 //! - A Memberstack webhook older than our last push describes a state our push overwrote.
 //! - Supabase's time for a field is the agreed `synced_at` when the row still holds the
-//!   agreed value, else the row's `updated_at` (an edit whose CDC event is still on its way).
+//!   agreed value, else when that column last changed (an edit whose CDC event is still on
+//!   its way) — per column, not the row's `updated_at`, which later writes of other columns
+//!   move.
 //! - Webhooks and CDC events carry the whole member: a field whose value did not change
 //!   since the previous event of the same stream was not edited by this change.
 //! - Nothing is written that the target already holds, so re-applying a resolution's
@@ -72,7 +74,7 @@ pub struct FieldState {
 pub struct SupabaseNow {
     /// `None`: the member has no row yet.
     pub value: Option<Value>,
-    /// The row's `updated_at`.
+    /// When the field's column last changed (`membersync_meta.member_column_edits`).
     pub edited_at: Option<DateTime<Utc>>,
 }
 

@@ -23,6 +23,20 @@ pub struct MemberRow {
     pub updated_at: DateTime<Utc>,
     /// Mapped columns, as JSON.
     pub columns: Map<String, Value>,
+    /// When each column last changed (`membersync_meta.member_column_edits`, kept by a
+    /// trigger). Not `updated_at`: a later write of another column moves that.
+    pub column_edited_at: HashMap<String, DateTime<Utc>>,
+}
+
+impl MemberRow {
+    /// When `column` last changed; the row's `updated_at` for a column the trigger has not
+    /// seen change (it can only be older).
+    pub fn edited_at(&self, column: &str) -> DateTime<Utc> {
+        self.column_edited_at
+            .get(column)
+            .copied()
+            .unwrap_or(self.updated_at)
+    }
 }
 
 /// Serialises every writer of one member (merge instances, whatever topic the change came
@@ -43,18 +57,31 @@ pub async fn lock_member(
             &[&memberstack_id],
         )
         .await?;
-    Ok(row.map(|r| {
-        let doc: Value = r.get("doc");
-        MemberRow {
-            id: r.get("id"),
-            user_id: r.get("user_id"),
-            deleted_at: r.get("deleted_at"),
-            updated_at: r.get("updated_at"),
-            columns: match doc {
-                Value::Object(m) => m,
-                _ => Map::new(),
-            },
-        }
+    let Some(r) = row else {
+        return Ok(None);
+    };
+    let id: Uuid = r.get("id");
+    let column_edited_at = tx
+        .query(
+            "select column_name, edited_at from membersync_meta.member_column_edits
+              where member_id = $1",
+            &[&id],
+        )
+        .await?
+        .into_iter()
+        .map(|e| (e.get("column_name"), e.get("edited_at")))
+        .collect();
+    let doc: Value = r.get("doc");
+    Ok(Some(MemberRow {
+        id,
+        user_id: r.get("user_id"),
+        deleted_at: r.get("deleted_at"),
+        updated_at: r.get("updated_at"),
+        columns: match doc {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        },
+        column_edited_at,
     }))
 }
 

@@ -26,6 +26,9 @@ const WAIT: Duration = Duration::from_secs(20);
 /// Fields drop in order: the daemon stops before its database is dropped.
 struct Stack {
     daemon: Daemon,
+    /// Further role processes when the stack runs roles separately ([`Stack::start_roles`]);
+    /// held so that they stop (on drop) before the database is dropped.
+    _more: Vec<Daemon>,
     admin: Client,
     kafka: KafkaConfig,
     ms: MemberstackSim,
@@ -45,6 +48,12 @@ fn webhook_secret() -> String {
 
 impl Stack {
     async fn start(extra: &[(&str, &str)]) -> Stack {
+        Self::start_roles(&["run"], extra).await
+    }
+
+    /// The stack with `commands` as separate processes (`["ingest", "merge"]`: no CDC), the
+    /// first one serving the ingest port the Memberstack simulator delivers to.
+    async fn start_roles(commands: &[&str], extra: &[(&str, &str)]) -> Stack {
         let db = TestDb::migrated().await;
         let admin = db.admin().await;
         let kafka = support::kafka::config();
@@ -106,8 +115,13 @@ impl Stack {
             env.retain(|(key, _)| key != k);
             env.push(((*k).into(), (*v).into()));
         }
-        let daemon = Daemon::start_on("run", env.clone(), ingest_port).await;
+        let daemon = Daemon::start_on(commands[0], env.clone(), ingest_port).await;
+        let mut more = Vec::new();
+        for command in &commands[1..] {
+            more.push(Daemon::start(command, env.clone()).await);
+        }
         Stack {
+            _more: more,
             db,
             admin,
             kafka,
@@ -542,6 +556,81 @@ async fn latest_field_edited_on_both_sides_in_the_same_second_converges_to_the_n
             "no further writes"
         );
     }
+}
+
+/// A Supabase edit of a `latest` field whose CDC event has not arrived is dated by when that
+/// column changed, not by the row's `updated_at`: a later write of another column must not
+/// make the older Supabase value beat a newer Memberstack edit (the soak harness found
+/// exactly that losing a Memberstack edit). CDC does not run here, so the Supabase edits
+/// stay "on their way" for as long as the test needs.
+#[tokio::test(flavor = "multi_thread")]
+async fn unsynced_supabase_edit_is_dated_by_its_column_not_by_later_writes_of_the_row() {
+    let s = Stack::start_roles(&["ingest", "merge"], &[]).await;
+    let id = s
+        .dashboard_member("ada@example.com", json!({"tier": "bronze"}))
+        .await;
+    s.quiescent(Duration::from_millis(300)).await;
+
+    s.ms.pause_webhooks();
+    s.admin
+        .execute(
+            "update public.members set custom_fields = '{\"tier\": \"sql-older\"}' where memberstack_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.dashboard_update(&id, json!({"customFields": {"tier": "memberstack-newer"}}));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A later application write of another column: the row's updated_at is now newer than
+    // the Memberstack edit, the custom_fields edit is not.
+    s.admin
+        .execute(
+            "update public.members set project_data = '{\"step\": 2}' where memberstack_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let edits: Vec<(String, chrono::DateTime<chrono::Utc>)> = s
+        .admin
+        .query(
+            "select e.column_name, e.edited_at from membersync_meta.member_column_edits e
+               join public.members m on m.id = e.member_id
+              where m.memberstack_id = $1 and e.column_name in ('custom_fields', 'project_data')
+              order by e.column_name",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        edits.len(),
+        2,
+        "both columns' edit times recorded: {edits:?}"
+    );
+    assert!(
+        edits[0].1 < edits[1].1,
+        "custom_fields edited before project_data: {edits:?}"
+    );
+    s.ms.resume_webhooks();
+
+    let row = s
+        .row_where(&id, "custom_fields->>'tier' = 'memberstack-newer'")
+        .await;
+    assert_eq!(
+        row["project_data"],
+        json!({"step": 2}),
+        "{}",
+        s.history(&id).await
+    );
+    s.quiescent(Duration::from_millis(500)).await;
+    assert_eq!(
+        s.ms_member(&id)["customFields"],
+        json!({"tier": "memberstack-newer"}),
+        "Memberstack keeps its newer edit"
+    );
 }
 
 /// Randomised interleavings of edits on both sides, several seeds: after quiescence both
