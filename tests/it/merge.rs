@@ -417,17 +417,21 @@ async fn supabase_owned_field_updated_by_the_user_is_patched_to_memberstack() {
     let user_id = s.row(&id).await["user_id"].as_str().unwrap().to_owned();
     s.quiescent(Duration::from_millis(500)).await;
     // The CDC event of merge's own insert showed every column: unchanged columns of a later
-    // row change are not mistaken for edits (and not pushed along).
-    let seen: i64 = s
-        .admin
-        .query_one(
-            "select count(*) from public.sync_state where memberstack_id = $1 and supabase_seen is not null",
-            &[&id],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(seen, 6, "{}", s.history(&id).await);
+    // row change are not mistaken for edits (and not pushed along). Waited for, not assumed
+    // after quiescence: on a loaded machine that event can take longer than the quiet period.
+    wait_for("supabase_seen of all 6 fields", WAIT, || async {
+        let seen: i64 = s
+            .admin
+            .query_one(
+                "select count(*) from public.sync_state where memberstack_id = $1 and supabase_seen is not null",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (seen == 6).then_some(())
+    })
+    .await;
     let before = s.patches();
 
     let started = Instant::now();
