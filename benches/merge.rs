@@ -1029,7 +1029,7 @@ async fn measure(settings: Settings, svc: Services, db: String, topic_prefix: St
                     .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
                     .map_or(0.0, |kib| kib / 1024.0);
                 peak = peak.max(rss);
-                if i % 20 == 0 {
+                if i.is_multiple_of(20) {
                     eprintln!(
                         "merge bench: burst posted {}/{total}",
                         posted.load(Ordering::Relaxed)

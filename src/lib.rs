@@ -1,8 +1,8 @@
 //! membersync: keeps Memberstack members and a Supabase (PostgreSQL) database in sync, in both
 //! directions, through Kafka. See `docs/architecture.md` for the data flow.
 
-pub mod bridge;
 pub mod api;
+pub mod bridge;
 pub mod cdc;
 pub mod check;
 pub mod cli;

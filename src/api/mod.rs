@@ -93,10 +93,7 @@ pub fn router(
     }
     // Same settings, hence the same rate limit, as merge's client; its own limiter, though,
     // so `run` may use up to twice the rate (resync is rare and limited per member).
-    let memberstack = match MemberstackClient::new(&config.memberstack, None) {
-        Ok(client) => Some(client),
-        Err(_) => None,
-    };
+    let memberstack = MemberstackClient::new(&config.memberstack, None).ok();
     let state = Arc::new(ApiState {
         member_auth,
         admin,

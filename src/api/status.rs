@@ -215,12 +215,15 @@ fn kafka_parts_blocking(config: &Config) -> Result<(Value, Value), String> {
     ))
 }
 
+/// A partition id with its (low, high) watermarks.
+type PartitionWatermarks = (i32, (i64, i64));
+
 /// Each partition of `topic` with its (low, high) offsets; none when the topic is missing.
 fn partitions(
     consumer: &BaseConsumer,
     topic: &str,
     timeout: Duration,
-) -> Result<Vec<(i32, (i64, i64))>, String> {
+) -> Result<Vec<PartitionWatermarks>, String> {
     let metadata = consumer
         .fetch_metadata(Some(topic), timeout)
         .map_err(|e| e.to_string())?;

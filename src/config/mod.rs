@@ -5,15 +5,15 @@
 //! `<key>_file` path, and is held in a [`SecretString`] so that it cannot reach `Debug`
 //! output, logs or errors by accident.
 
-mod bridge;
 mod api;
+mod bridge;
 mod error;
 mod load;
 mod sections;
 mod sync;
 
-pub use bridge::{BridgeConfig, RouteConfig};
 pub use api::*;
+pub use bridge::{BridgeConfig, RouteConfig};
 pub use error::ConfigError;
 pub use load::{ENV_PREFIX, load, load_from};
 pub use sections::*;

@@ -29,9 +29,12 @@ fn expect_config_error(config: Option<&str>, env: &[(&str, &str)]) -> String {
     stderr
 }
 
+/// A config file (if any), environment overrides, and the text the error must contain.
+type InvalidCase<'a> = (Option<&'a str>, &'a [(&'a str, &'a str)], &'a str);
+
 #[test]
 fn invalid_values_exit_2_naming_key_and_problem() {
-    let cases: &[(Option<&str>, &[(&str, &str)], &str)] = &[
+    let cases: &[InvalidCase] = &[
         (
             Some("[database]\nport = \"five\""),
             &[],

@@ -225,7 +225,9 @@ async fn every_bad_delivery_gets_its_status_and_nothing_reaches_kafka() {
     let stale = ts - 301;
     let future = ts + 301;
 
-    let cases: Vec<(&str, Vec<(&'static str, String)>, Vec<u8>, u16, &str)> = vec![
+    // (name, headers, body, expected status, expected error text)
+    type Case<'a> = (&'a str, Vec<(&'static str, String)>, Vec<u8>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "tampered body",
             good.clone(),

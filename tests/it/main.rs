@@ -1,8 +1,8 @@
 //! Integration tests, compiled as one binary. They run against the real local services
 //! (`scripts/dev-services up`) and fail loudly when those are missing.
 
-mod bridge;
 mod api;
+mod bridge;
 mod cdc;
 mod check;
 mod config;

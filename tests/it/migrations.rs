@@ -724,7 +724,7 @@ async fn bootstrap_and_migrations_run_concurrently_on_a_fresh_cluster() {
                 .host("127.0.0.1")
                 .port(port)
                 .user("postgres")
-                .dbname(&format!("par_{i}"))
+                .dbname(format!("par_{i}"))
                 .connect_timeout(Duration::from_secs(5))
                 .connect(tokio_postgres::NoTls)
                 .await
