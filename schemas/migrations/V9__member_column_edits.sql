@@ -9,8 +9,13 @@
 -- column, the start time of the transaction that last changed the column — the same clock as
 -- updated_at — maintained by a trigger, so every writer (the daemon, the API roles through
 -- PostgREST, an operator with psql) is covered.
+--
+-- No foreign key to public.members: one would make a plain `truncate public.members` fail
+-- ("cannot truncate a table referenced in a foreign key constraint") for the application and
+-- its operators, because of a table of ours they never see. Deletes and truncates of members
+-- are followed by the triggers below instead.
 create table membersync_meta.member_column_edits (
-  member_id   uuid        not null references public.members (id) on delete cascade,
+  member_id   uuid        not null,
   column_name text        not null,
   edited_at   timestamptz not null,
   constraint member_column_edits_pkey primary key (member_id, column_name)
@@ -52,6 +57,38 @@ create trigger members_record_column_edits
   after insert or update on public.members
   for each row
   execute function membersync_meta.record_member_column_edits();
+
+-- A deleted or truncated member takes its edit times with it.
+create function membersync_meta.forget_member_column_edits()
+  returns trigger
+  language plpgsql
+  security definer
+  set search_path to ''
+as $$
+begin
+  if tg_op = 'TRUNCATE' then
+    delete from membersync_meta.member_column_edits;
+  else
+    delete from membersync_meta.member_column_edits where member_id = old.id;
+  end if;
+  return null;
+end
+$$;
+
+comment on function membersync_meta.forget_member_column_edits() is
+  'membersync: trigger removing the edit times of deleted or truncated public.members rows.';
+
+revoke all on function membersync_meta.forget_member_column_edits() from public;
+
+create trigger members_forget_column_edits
+  after delete on public.members
+  for each row
+  execute function membersync_meta.forget_member_column_edits();
+
+create trigger members_forget_column_edits_on_truncate
+  after truncate on public.members
+  for each statement
+  execute function membersync_meta.forget_member_column_edits();
 
 -- Rows that exist already: their columns' best-known edit time is the row's updated_at.
 insert into membersync_meta.member_column_edits (member_id, column_name, edited_at)

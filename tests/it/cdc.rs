@@ -125,7 +125,7 @@ impl Setup {
         self.admin
             .batch_execute(statement)
             .await
-            .unwrap_or_else(|e| panic!("{statement}: {e}"));
+            .unwrap_or_else(|e| panic!("{statement}: {e}: {:?}", e.as_db_error()));
     }
 
     /// Waits until the slot exists and its initial snapshot is acknowledged.

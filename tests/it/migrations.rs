@@ -430,6 +430,49 @@ async fn updated_at_follows_real_changes_only() {
     );
 }
 
+/// membersync's bookkeeping of column edit times (V9) must not get in the application's way:
+/// `members` stays deletable and truncatable without `cascade`, and the edit times follow.
+#[tokio::test]
+async fn column_edit_times_follow_deletes_and_plain_truncates_of_members() {
+    let db = TestDb::migrated().await;
+    let admin = db.admin().await;
+    let edits = |sql: &'static str| {
+        let admin = &admin;
+        async move {
+            admin
+                .query_one(sql, &[])
+                .await
+                .unwrap_or_else(|e| panic!("`{sql}`: {e:?}"))
+                .get::<_, i64>(0)
+        }
+    };
+    admin
+        .batch_execute(
+            "insert into public.members (memberstack_id, email) values ('mem_1', 'a@x'), ('mem_2', 'b@x');
+             update public.members set plan_id = 'pln_1' where memberstack_id = 'mem_1';",
+        )
+        .await
+        .unwrap();
+    let per_member = "select count(distinct member_id) from membersync_meta.member_column_edits";
+    assert_eq!(edits(per_member).await, 2, "both members have edit times");
+    let plan = "select count(*) from membersync_meta.member_column_edits e
+                join public.members m on m.id = e.member_id
+                where m.memberstack_id = 'mem_1' and e.column_name = 'plan_id'";
+    assert_eq!(edits(plan).await, 1, "the update recorded plan_id");
+
+    admin
+        .batch_execute("delete from public.members where memberstack_id = 'mem_2'")
+        .await
+        .unwrap();
+    assert_eq!(edits(per_member).await, 1, "a delete removes its member's edit times");
+
+    admin
+        .batch_execute("truncate public.members")
+        .await
+        .unwrap_or_else(|e| panic!("plain truncate of members: {e:?}"));
+    assert_eq!(edits(per_member).await, 0, "a truncate removes every edit time");
+}
+
 #[tokio::test]
 async fn daemon_role_is_created_least_privileged() {
     let db = TestDb::migrated().await;
