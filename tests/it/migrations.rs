@@ -464,13 +464,21 @@ async fn column_edit_times_follow_deletes_and_plain_truncates_of_members() {
         .batch_execute("delete from public.members where memberstack_id = 'mem_2'")
         .await
         .unwrap();
-    assert_eq!(edits(per_member).await, 1, "a delete removes its member's edit times");
+    assert_eq!(
+        edits(per_member).await,
+        1,
+        "a delete removes its member's edit times"
+    );
 
     admin
         .batch_execute("truncate public.members")
         .await
         .unwrap_or_else(|e| panic!("plain truncate of members: {e:?}"));
-    assert_eq!(edits(per_member).await, 0, "a truncate removes every edit time");
+    assert_eq!(
+        edits(per_member).await,
+        0,
+        "a truncate removes every edit time"
+    );
 }
 
 #[tokio::test]
