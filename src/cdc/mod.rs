@@ -252,6 +252,7 @@ async fn replication_client(
         ctx.config.cdc.publication.clone(),
     )
     .with_port(db.port)
+    .with_tls(crate::db::tls::replication(db))
     .with_application_name(format!("{}-cdc", db.application_name))
     // Pin the text formats the value conversion relies on.
     .with_options(

@@ -183,6 +183,16 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
         "database.connect_timeout_secs",
         db.connect_timeout_secs as i64,
     )?;
+    if let Some(path) = &db.ssl_root_cert {
+        if !db.sslmode.verifies() {
+            return Err(ConfigError::new(
+                "database.ssl_root_cert",
+                "is only used by sslmode verify-ca or verify-full; set database.sslmode",
+            ));
+        }
+        crate::db::tls::load_root_certs(path)
+            .map_err(|e| ConfigError::new("database.ssl_root_cert", e.to_string()))?;
+    }
 
     let k = &c.kafka;
     validate_brokers(&k.brokers)?;
@@ -568,6 +578,21 @@ mod tests {
                 "[kafka]\nsecurity_protocol = \"tls\"",
                 "kafka.security_protocol",
                 "unknown value `tls`",
+            ),
+            (
+                "[database]\nsslmode = \"allow\"",
+                "database.sslmode",
+                "unknown value `allow`",
+            ),
+            (
+                "[database]\nssl_root_cert = \"/nonexistent/ca.pem\"",
+                "database.ssl_root_cert",
+                "only used by sslmode verify-ca or verify-full",
+            ),
+            (
+                "[database]\nsslmode = \"verify-full\"\nssl_root_cert = \"/nonexistent/ca.pem\"",
+                "database.ssl_root_cert",
+                "cannot read /nonexistent/ca.pem",
             ),
             (
                 "[kafka]\ntopic_partitions = 0",

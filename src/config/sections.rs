@@ -45,6 +45,36 @@ pub struct DatabaseConfig {
     pub admin_password_file: Option<PathBuf>,
     pub connect_timeout_secs: u64,
     pub application_name: String,
+    /// TLS to Postgres, with libpq's `sslmode` meanings; applies to every connection, the
+    /// replication stream included.
+    pub sslmode: PgSslMode,
+    /// PEM bundle of the CAs `verify-ca` / `verify-full` accept (hosted Supabase: the project's
+    /// CA certificate from the dashboard). Without it, the Mozilla roots.
+    pub ssl_root_cert: Option<PathBuf>,
+}
+
+/// libpq's `sslmode` values (without `allow`, which only makes sense for servers that demand
+/// TLS of some clients and not of others).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PgSslMode {
+    /// Plaintext only.
+    Disable,
+    /// TLS when the server offers it, plaintext otherwise; no certificate check (libpq's default).
+    #[default]
+    Prefer,
+    /// TLS or no connection; no certificate check.
+    Require,
+    /// TLS, and the server certificate must chain to a trusted CA (any host name).
+    VerifyCa,
+    /// TLS, a trusted chain, and a certificate for the host connected to.
+    VerifyFull,
+}
+
+impl PgSslMode {
+    pub fn verifies(self) -> bool {
+        matches!(self, Self::VerifyCa | Self::VerifyFull)
+    }
 }
 
 impl Default for DatabaseConfig {
@@ -61,6 +91,8 @@ impl Default for DatabaseConfig {
             admin_password_file: None,
             connect_timeout_secs: 10,
             application_name: "membersync".into(),
+            sslmode: PgSslMode::default(),
+            ssl_root_cert: None,
         }
     }
 }

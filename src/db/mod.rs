@@ -1,9 +1,10 @@
 //! Postgres connections and the schema migrations in `schemas/migrations/`.
 
 pub mod migrate;
+pub mod tls;
 
 use secrecy::ExposeSecret;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::config::DatabaseConfig;
 
@@ -18,8 +19,12 @@ pub enum Login {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    /// The message is tokio-postgres's, which never includes the password.
-    #[error("cannot connect to Postgres at {host}:{port} as {user}: {source}")]
+    /// The message is tokio-postgres's with its causes (a TLS handshake failure says why only
+    /// there), which never include the password.
+    #[error(
+        "cannot connect to Postgres at {host}:{port} as {user}: {}",
+        with_causes(source)
+    )]
     Connect {
         host: String,
         port: u16,
@@ -28,6 +33,23 @@ pub enum DbError {
     },
     #[error(transparent)]
     Query(#[from] tokio_postgres::Error),
+    #[error("database TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+}
+
+/// `error: cause: cause …`, without repeating a cause its parent already printed.
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
 }
 
 /// Builds the tokio-postgres configuration for `login`. The password is handed to the driver
@@ -43,7 +65,8 @@ pub fn pg_config(cfg: &DatabaseConfig, login: Login) -> tokio_postgres::Config {
         .dbname(&cfg.dbname)
         .user(user)
         .application_name(&cfg.application_name)
-        .connect_timeout(cfg.connect_timeout());
+        .connect_timeout(cfg.connect_timeout())
+        .ssl_mode(tls::driver_mode(cfg.sslmode));
     if let Some(password) = password {
         pg.password(password.expose_secret());
     }
@@ -57,7 +80,7 @@ pub async fn connect(cfg: &DatabaseConfig, login: Login) -> Result<Client, DbErr
         Login::Admin => cfg.admin_user.clone(),
     };
     let (client, connection) = pg_config(cfg, login)
-        .connect(NoTls)
+        .connect(tls::connector(cfg)?)
         .await
         .map_err(|source| DbError::Connect {
             host: cfg.host.clone(),

@@ -27,6 +27,10 @@ use crate::sinks::supabase_auth::{AuthError, CreateUser, SupabaseAuthClient};
 pub enum ApplyError {
     #[error("database: {}", db_detail(.0))]
     Db(#[from] tokio_postgres::Error),
+    /// The TLS settings could not be loaded when (re)connecting, e.g. `database.ssl_root_cert`
+    /// is being replaced: like an unreachable database, it passes.
+    #[error("database TLS: {0}")]
+    DbTls(#[from] crate::db::tls::TlsError),
     #[error("Memberstack: {0}")]
     Memberstack(#[from] MemberstackError),
     #[error("Supabase Auth: {0}")]
@@ -60,6 +64,7 @@ impl ApplyError {
                     || code.code().starts_with("08")
                     || code.code().starts_with("53")
             }),
+            Self::DbTls(_) => true,
             Self::Memberstack(e) => e.is_retryable(),
             Self::Auth(e) => e.is_retryable(),
             Self::MissingInMemberstack(_) => false,
@@ -68,7 +73,7 @@ impl ApplyError {
 
     pub fn kind(&self) -> &'static str {
         match self {
-            Self::Db(_) => "database",
+            Self::Db(_) | Self::DbTls(_) => "database",
             Self::Memberstack(_) => "memberstack",
             Self::Auth(_) => "supabase_auth",
             Self::MissingInMemberstack(_) => "missing_in_memberstack",

@@ -166,6 +166,7 @@ async fn apply_once(
                 db::DbError::Connect { source, .. } | db::DbError::Query(source) => {
                     ApplyError::Db(source)
                 }
+                db::DbError::Tls(e) => ApplyError::DbTls(e),
             })?;
         *db = Some(client);
     }

@@ -16,3 +16,4 @@ mod rls;
 mod schemas;
 mod sim;
 mod support;
+mod tls;
