@@ -15,4 +15,5 @@ mod ops;
 mod rls;
 mod schemas;
 mod sim;
+mod soak;
 mod support;

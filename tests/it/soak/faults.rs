@@ -1,0 +1,164 @@
+//! The fault schedule (a pure function of the seed and the duration) and its execution.
+
+use std::time::{Duration, Instant};
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+use super::stack::Stack;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    /// SIGKILL of `membersync run`, down for `param` ms, then started again.
+    DaemonKill,
+    /// SIGKILL of the broker, down for `param` ms, then started again on the same storage.
+    BrokerRestart,
+    /// `pg_ctl restart -m fast`.
+    PostgresRestart,
+    /// The next `param` Memberstack API requests answer 5xx (500, 502 or 503).
+    Memberstack5xx,
+    /// The next `param` Memberstack API requests answer 429.
+    Memberstack429,
+    /// Every Memberstack API response is delayed by `param` ms, for 5 s.
+    MemberstackSlow,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 6] = [
+        Kind::DaemonKill,
+        Kind::BrokerRestart,
+        Kind::PostgresRestart,
+        Kind::Memberstack5xx,
+        Kind::Memberstack429,
+        Kind::MemberstackSlow,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::DaemonKill => "daemon kill -9",
+            Kind::BrokerRestart => "broker kill + restart",
+            Kind::PostgresRestart => "postgres fast restart",
+            Kind::Memberstack5xx => "memberstack 5xx storm",
+            Kind::Memberstack429 => "memberstack 429 storm",
+            Kind::MemberstackSlow => "memberstack slow",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Planned {
+    /// Seconds after the traffic started.
+    pub at: f64,
+    pub kind: Kind,
+    pub param: u64,
+    /// For 5xx storms: the status.
+    pub status: u16,
+}
+
+#[derive(Debug, Clone)]
+pub struct Happened {
+    pub start: f64,
+    pub end: f64,
+    pub kind: Kind,
+    pub detail: String,
+}
+
+/// Faults in `[0.1 × secs, secs − recovery)`, about one per 10 s (at least 6: one of each kind
+/// first, in a seeded order), at jittered slots; the rest of the run is for recovery.
+pub fn plan(seed: u64, secs: u64, recovery: u64) -> Vec<Planned> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let start = secs as f64 * 0.1;
+    let end = (secs.saturating_sub(recovery)) as f64;
+    let window = (end - start).max(6.0);
+    let n = ((window / 10.0) as usize).max(Kind::ALL.len());
+    let slot = window / n as f64;
+    let mut kinds = Kind::ALL.to_vec();
+    kinds.shuffle(&mut rng);
+    while kinds.len() < n {
+        kinds.push(Kind::ALL[rng.random_range(0..Kind::ALL.len())]);
+    }
+    kinds
+        .into_iter()
+        .enumerate()
+        .map(|(i, kind)| {
+            let at = start + i as f64 * slot + rng.random_range(0.0..slot / 2.0);
+            let param = match kind {
+                Kind::DaemonKill => rng.random_range(0..2000),
+                Kind::BrokerRestart => rng.random_range(1000..5000),
+                Kind::PostgresRestart => 0,
+                Kind::Memberstack5xx => rng.random_range(10..40),
+                Kind::Memberstack429 => rng.random_range(20..60),
+                Kind::MemberstackSlow => rng.random_range(300..2500),
+            };
+            let status = [500, 502, 503][rng.random_range(0..3)];
+            Planned {
+                at,
+                kind,
+                param,
+                status,
+            }
+        })
+        .collect()
+}
+
+/// Runs `plan` in order against `stack` (each fault waits for its time, or for the previous
+/// fault to end); returns what happened, with times relative to `t0`.
+pub async fn run(stack: &mut Stack, plan: &[Planned], t0: Instant) -> Vec<Happened> {
+    let rel = |i: Instant| i.duration_since(t0).as_secs_f64();
+    let mut happened = Vec::new();
+    for p in plan {
+        tokio::time::sleep_until((t0 + Duration::from_secs_f64(p.at)).into()).await;
+        let start = Instant::now();
+        let detail = match p.kind {
+            Kind::DaemonKill => {
+                stack.kill_daemon();
+                tokio::time::sleep(Duration::from_millis(p.param)).await;
+                stack.start_daemon().await;
+                format!(
+                    "down {} ms, ready again after {:.1} s",
+                    p.param,
+                    start.elapsed().as_secs_f64()
+                )
+            }
+            Kind::BrokerRestart => {
+                stack.broker.kill();
+                tokio::time::sleep(Duration::from_millis(p.param)).await;
+                stack.broker.restart().await;
+                format!(
+                    "down {} ms, listening again after {:.1} s",
+                    p.param,
+                    start.elapsed().as_secs_f64()
+                )
+            }
+            Kind::PostgresRestart => {
+                let cluster = stack.cluster.clone();
+                tokio::task::spawn_blocking(move || cluster.restart_fast(Duration::from_secs(60)))
+                    .await
+                    .expect("pg_ctl restart");
+                format!("back after {:.1} s", start.elapsed().as_secs_f64())
+            }
+            Kind::Memberstack5xx => {
+                stack.ms.fail_next(p.param as u32, p.status);
+                format!("next {} requests answer {}", p.param, p.status)
+            }
+            Kind::Memberstack429 => {
+                stack.ms.rate_limit_next(p.param as u32);
+                format!("next {} requests answer 429", p.param)
+            }
+            Kind::MemberstackSlow => {
+                stack.ms.set_latency(Duration::from_millis(p.param));
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                stack.ms.set_latency(Duration::ZERO);
+                format!("+{} ms per response for 5 s", p.param)
+            }
+        };
+        eprintln!("soak: t={:.1}s {} ({detail})", rel(start), p.kind.label());
+        happened.push(Happened {
+            start: rel(start),
+            end: rel(Instant::now()),
+            kind: p.kind,
+            detail,
+        });
+    }
+    happened
+}
