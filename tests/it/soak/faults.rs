@@ -33,6 +33,38 @@ impl Kind {
         Kind::MemberstackSlow,
     ];
 
+    /// The names `MEMBERSYNC_SOAK_FAULTS` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::DaemonKill => "daemon",
+            Kind::BrokerRestart => "broker",
+            Kind::PostgresRestart => "postgres",
+            Kind::Memberstack5xx => "5xx",
+            Kind::Memberstack429 => "429",
+            Kind::MemberstackSlow => "slow",
+        }
+    }
+
+    /// `daemon,broker,postgres,5xx,429,slow` (any subset); empty or unset: all.
+    pub fn parse_list(list: &str) -> Vec<Kind> {
+        let kinds: Vec<Kind> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                *Kind::ALL
+                    .iter()
+                    .find(|k| k.name() == s)
+                    .unwrap_or_else(|| panic!("MEMBERSYNC_SOAK_FAULTS: unknown fault {s:?}"))
+            })
+            .collect();
+        if kinds.is_empty() {
+            Kind::ALL.to_vec()
+        } else {
+            kinds
+        }
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Kind::DaemonKill => "daemon kill -9",
@@ -63,21 +95,21 @@ pub struct Happened {
     pub detail: String,
 }
 
-/// Faults in `[0.1 × secs, secs − recovery)`, about one per 10 s (at least 6: one of each kind
-/// first, in a seeded order), at jittered slots; the rest of the run is for recovery.
-pub fn plan(seed: u64, secs: u64, recovery: u64) -> Vec<Planned> {
+/// Faults of `kinds` in `[0.1 × secs, secs − recovery)`, about one per 10 s (at least one of
+/// each kind, first, in a seeded order), at jittered slots; the rest of the run is for recovery.
+pub fn plan(seed: u64, secs: u64, recovery: u64, kinds: &[Kind]) -> Vec<Planned> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let start = secs as f64 * 0.1;
     let end = (secs.saturating_sub(recovery)) as f64;
     let window = (end - start).max(6.0);
-    let n = ((window / 10.0) as usize).max(Kind::ALL.len());
+    let n = ((window / 10.0) as usize).max(kinds.len());
     let slot = window / n as f64;
-    let mut kinds = Kind::ALL.to_vec();
-    kinds.shuffle(&mut rng);
-    while kinds.len() < n {
-        kinds.push(Kind::ALL[rng.random_range(0..Kind::ALL.len())]);
+    let mut order = kinds.to_vec();
+    order.shuffle(&mut rng);
+    while order.len() < n {
+        order.push(kinds[rng.random_range(0..kinds.len())]);
     }
-    kinds
+    order
         .into_iter()
         .enumerate()
         .map(|(i, kind)| {

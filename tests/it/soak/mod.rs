@@ -8,8 +8,10 @@
 //!   the whole run less 15 s), the rest is for recovery. The committed report is a 600-s run.
 //! - `MEMBERSYNC_SOAK_SEED` (random, printed): the fault schedule, the poison times, the order
 //!   of Stripe statuses follow from it.
+//! - `MEMBERSYNC_SOAK_FAULTS` (all): which faults, a subset of
+//!   `daemon,broker,postgres,5xx,429,slow`.
 //! - `MEMBERSYNC_SOAK_OUT` (`target/soak/soak.md`): the report; the plot goes next to it
-//!   (`.png`), the daemon's log too (`-daemon.log`).
+//!   (`.png`), the daemon's and the broker's logs too (`.daemon.log`, `.broker.log`).
 //!
 //! Reproduce: `MEMBERSYNC_SOAK_SECS=600 MEMBERSYNC_SOAK_SEED=<seed>
 //! MEMBERSYNC_SOAK_OUT=bench/results/soak.md scripts/test -E 'test(/^soak::/)'`.
@@ -51,6 +53,7 @@ pub struct Settings {
     /// Seconds at the end without faults.
     pub recovery: u64,
     pub quiesce_timeout: Duration,
+    pub faults: Vec<faults::Kind>,
 }
 
 impl Settings {
@@ -82,6 +85,7 @@ impl Settings {
             out,
             recovery: (secs / 4).max(15),
             quiesce_timeout: Duration::from_secs(240),
+            faults: faults::Kind::parse_list(&var("MEMBERSYNC_SOAK_FAULTS").unwrap_or_default()),
         }
     }
 }
@@ -101,7 +105,12 @@ async fn mixed_traffic_under_faults_converges_with_exactly_once_effect() {
     let members = create_members(&stack).await;
     let setup = setup_started.elapsed();
 
-    let plan = faults::plan(settings.seed, settings.secs, settings.recovery);
+    let plan = faults::plan(
+        settings.seed,
+        settings.secs,
+        settings.recovery,
+        &settings.faults,
+    );
     let mut rng = rand::rngs::StdRng::seed_from_u64(settings.seed ^ 0x9e37_79b9);
     let poison_at: Vec<f64> = {
         let n = (settings.secs / 20).max(3);
@@ -183,6 +192,11 @@ async fn mixed_traffic_under_faults_converges_with_exactly_once_effect() {
         daemon_log: &daemon_log,
     };
     let path = report::write(&run);
+    std::fs::write(
+        settings.out.with_extension("broker.log"),
+        stack.broker.log(),
+    )
+    .expect("write the broker's log");
     eprintln!("soak: report {}", path.display());
     stack.kill_daemon();
 

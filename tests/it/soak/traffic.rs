@@ -62,6 +62,8 @@ pub struct Truth {
     pub stripe_retries: u64,
     /// Keys of the poison records produced straight to the memberstack topic.
     pub poison: BTreeSet<String>,
+    /// Poison the broker never acknowledged (within 120 s).
+    pub poison_unacknowledged: BTreeSet<String>,
 }
 
 pub type Shared = Mutex<Truth>;
@@ -171,7 +173,7 @@ pub async fn stripe_events(
         .timeout(Duration::from_secs(15))
         .build()
         .unwrap();
-    let give_up = Duration::from_secs(300);
+    let give_up = Duration::from_secs(180);
     let mut tick = ticker(rate);
     let mut k = 0usize;
     while Instant::now() < until {
@@ -237,13 +239,21 @@ pub async fn poison(brokers: String, topic: String, at: Vec<f64>, t0: Instant, t
         tokio::time::sleep_until(due.into()).await;
         let key = format!("soak-poison-{i}");
         let payload = format!("\u{1}poison {i}: not a webhook envelope");
-        loop {
+        let started = Instant::now();
+        let produced = loop {
             let record = FutureRecord::to(&topic).key(&key).payload(&payload);
             match producer.send(record, Duration::from_secs(5)).await {
-                Ok(_) => break,
+                Ok(_) => break true,
+                Err(_) if started.elapsed() > Duration::from_secs(120) => break false,
                 Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
             }
+        };
+        let mut t = truth.lock().unwrap();
+        if produced {
+            t.poison.insert(key);
+        } else {
+            // Maybe on the topic after all: a dead letter with this key is then no finding.
+            t.poison_unacknowledged.insert(key);
         }
-        truth.lock().unwrap().poison.insert(key);
     }
 }

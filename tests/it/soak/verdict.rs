@@ -197,7 +197,7 @@ pub async fn judge(
     }
     for id in &truth.stripe_lost {
         v.push(format!(
-            "Stripe event {id} was never accepted (non-2xx for 300 s)"
+            "Stripe event {id} was never accepted (non-2xx for 180 s)"
         ));
     }
     checks.push(Check {
@@ -276,7 +276,7 @@ pub async fn judge(
                     .and_then(|p| serde_json::from_slice(p).ok())
                     .unwrap_or(Value::Null);
                 let key = letter["key"].as_str().unwrap_or_default().to_owned();
-                if truth.poison.contains(&key) {
+                if truth.poison.contains(&key) || truth.poison_unacknowledged.contains(&key) {
                     *dead_keys.entry(key).or_default() += 1;
                 } else {
                     v.push(format!(
