@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
+use super::observe::LagProbe;
 use super::stack::Stack;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -95,6 +96,17 @@ pub struct Happened {
     pub detail: String,
 }
 
+/// A planned fault that was not injected: the system had not recovered from the previous one
+/// before the fault window closed.
+#[derive(Debug, Clone)]
+pub struct Skipped {
+    pub planned_at: f64,
+    pub kind: Kind,
+}
+
+/// Merge has caught up again when its group's lag is at most this (a few seconds of traffic).
+const RECOVERED_LAG: i64 = 30;
+
 /// Faults of `kinds` in `[0.1 × secs, secs − recovery)`, about one per 10 s (at least one of
 /// each kind, first, in a seeded order), at jittered slots; the rest of the run is for recovery.
 pub fn plan(seed: u64, secs: u64, recovery: u64, kinds: &[Kind]) -> Vec<Planned> {
@@ -106,6 +118,9 @@ pub fn plan(seed: u64, secs: u64, recovery: u64, kinds: &[Kind]) -> Vec<Planned>
     let slot = window / n as f64;
     let mut order = kinds.to_vec();
     order.shuffle(&mut rng);
+    // A SIGKILLed consumer holds its partitions until its session times out (45 s): the kill
+    // goes last in the first round, so that even the 60-s profile meets every other fault.
+    order.sort_by_key(|k| *k == Kind::DaemonKill);
     while order.len() < n {
         order.push(kinds[rng.random_range(0..kinds.len())]);
     }
@@ -133,13 +148,38 @@ pub fn plan(seed: u64, secs: u64, recovery: u64, kinds: &[Kind]) -> Vec<Planned>
         .collect()
 }
 
-/// Runs `plan` in order against `stack` (each fault waits for its time, or for the previous
-/// fault to end); returns what happened, with times relative to `t0`.
-pub async fn run(stack: &mut Stack, plan: &[Planned], t0: Instant) -> Vec<Happened> {
+/// Runs `plan` in order against `stack`: each fault at its time, once the previous one has
+/// ended and (unless `overlap`) merge has recovered from it (its lag is back to
+/// [`RECOVERED_LAG`]); a fault still waiting when the window closes (`window_end` s after
+/// `t0`) is skipped. Returns what happened, with times relative to `t0`.
+pub async fn run(
+    stack: &mut Stack,
+    plan: &[Planned],
+    t0: Instant,
+    lag: &LagProbe,
+    window_end: f64,
+    overlap: bool,
+) -> (Vec<Happened>, Vec<Skipped>) {
     let rel = |i: Instant| i.duration_since(t0).as_secs_f64();
     let mut happened = Vec::new();
+    let mut skipped = Vec::new();
     for p in plan {
         tokio::time::sleep_until((t0 + Duration::from_secs_f64(p.at)).into()).await;
+        while !overlap
+            && rel(Instant::now()) < window_end
+            && lag
+                .lag(Duration::from_secs(3))
+                .is_none_or(|l| l > RECOVERED_LAG)
+        {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        if rel(Instant::now()) >= window_end {
+            skipped.push(Skipped {
+                planned_at: p.at,
+                kind: p.kind,
+            });
+            continue;
+        }
         let start = Instant::now();
         let detail = match p.kind {
             Kind::DaemonKill => {
@@ -192,5 +232,5 @@ pub async fn run(stack: &mut Stack, plan: &[Planned], t0: Instant) -> Vec<Happen
             detail,
         });
     }
-    happened
+    (happened, skipped)
 }

@@ -10,6 +10,8 @@
 //!   of Stripe statuses follow from it.
 //! - `MEMBERSYNC_SOAK_FAULTS` (all): which faults, a subset of
 //!   `daemon,broker,postgres,5xx,429,slow`.
+//! - `MEMBERSYNC_SOAK_OVERLAP` (unset): `1` injects every fault at its planned time; by default
+//!   a fault waits until merge has caught up after the previous one (see faults.rs).
 //! - `MEMBERSYNC_SOAK_OUT` (`target/soak/soak.md`): the report; the plot goes next to it
 //!   (`.png`), the daemon's and the broker's logs too (`.daemon.log`, `.broker.log`).
 //!
@@ -54,6 +56,8 @@ pub struct Settings {
     pub recovery: u64,
     pub quiesce_timeout: Duration,
     pub faults: Vec<faults::Kind>,
+    /// Inject each fault at its planned time even if merge has not recovered from the last.
+    pub overlap: bool,
 }
 
 impl Settings {
@@ -85,6 +89,7 @@ impl Settings {
             out,
             recovery: (secs / 4).max(15),
             quiesce_timeout: Duration::from_secs(240),
+            overlap: var("MEMBERSYNC_SOAK_OVERLAP").is_some_and(|v| v == "1"),
             faults: faults::Kind::parse_list(&var("MEMBERSYNC_SOAK_FAULTS").unwrap_or_default()),
         }
     }
@@ -139,11 +144,18 @@ async fn mixed_traffic_under_faults_converges_with_exactly_once_effect() {
     let brokers = stack.broker.addr();
     let memberstack_topic = stack.topic("memberstack");
 
-    let (happened, quiescence) = {
+    let (happened, skipped, quiescence) = {
         let sampler = observe::sample(pid, pg.clone(), &lag, t0, &stop_sampling, &samples);
         let main = async {
-            let (happened, ..) = tokio::join!(
-                faults::run(&mut stack, &plan, t0),
+            let ((happened, skipped), ..) = tokio::join!(
+                faults::run(
+                    &mut stack,
+                    &plan,
+                    t0,
+                    &lag,
+                    (settings.secs - settings.recovery) as f64,
+                    settings.overlap
+                ),
                 traffic::memberstack_edits(&ms, &members.memberstack, WEBHOOK_RATE, until, &truth),
                 traffic::sql_edits(pg.clone(), &members.sql, SQL_RATE, until, &truth),
                 traffic::stripe_events(
@@ -162,7 +174,7 @@ async fn mixed_traffic_under_faults_converges_with_exactly_once_effect() {
             );
             let q = quiesce(&stack, &lag, settings.quiesce_timeout).await;
             stop_sampling.store(true, Ordering::Relaxed);
-            (happened, q)
+            (happened, skipped, q)
         };
         let (out, ()) = tokio::join!(main, sampler);
         out
@@ -181,6 +193,7 @@ async fn mixed_traffic_under_faults_converges_with_exactly_once_effect() {
         truth: &truth,
         samples: &samples,
         faults: &happened,
+        skipped: &skipped,
         verdict: &verdict,
         traffic_end,
         quiesced_at,

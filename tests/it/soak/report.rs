@@ -8,7 +8,7 @@ use std::time::Duration;
 use membersync::sim::Stats;
 use plotters::prelude::*;
 
-use super::faults::{Happened, Kind};
+use super::faults::{Happened, Kind, Skipped};
 use super::observe::Sample;
 use super::traffic::Truth;
 use super::verdict::{Members, Verdict};
@@ -21,6 +21,7 @@ pub struct Run<'a> {
     pub truth: &'a Truth,
     pub samples: &'a [Sample],
     pub faults: &'a [Happened],
+    pub skipped: &'a [Skipped],
     pub verdict: &'a Verdict,
     pub traffic_end: f64,
     pub quiesced_at: f64,
@@ -249,6 +250,32 @@ pub fn write(run: &Run) -> PathBuf {
             f.detail
         );
     }
+
+    let _ = writeln!(
+        md,
+        "\n{}",
+        if s.overlap {
+            "Faults were injected at their planned times (`MEMBERSYNC_SOAK_OVERLAP=1`).".to_owned()
+        } else {
+            format!(
+                "Each fault waited until merge had caught up after the previous one (group lag ≤ 30); \
+                 {} planned faults were still waiting when the fault window closed and were skipped{}.",
+                run.skipped.len(),
+                if run.skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " ({})",
+                        run.skipped
+                            .iter()
+                            .map(|k| format!("{} at {:.0} s", k.kind.label(), k.planned_at))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }
+            )
+        }
+    );
 
     let _ = writeln!(
         md,
