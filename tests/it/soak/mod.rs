@@ -8,8 +8,8 @@
 //!   the whole run less 15 s), the rest is for recovery. The committed report is a 600-s run.
 //! - `MEMBERSYNC_SOAK_SEED` (random, printed): the fault schedule, the poison times, the order
 //!   of Stripe statuses follow from it.
-//! - `MEMBERSYNC_SOAK_FAULTS` (all): which faults, a subset of
-//!   `daemon,broker,postgres,5xx,429,slow`.
+//! - `MEMBERSYNC_SOAK_FAULTS` (all but broker-kill): which faults, a subset of
+//!   `daemon,broker,postgres,5xx,429,slow,broker-kill`.
 //! - `MEMBERSYNC_SOAK_OVERLAP` (unset): `1` injects every fault at its planned time; by default
 //!   a fault waits until merge has caught up after the previous one (see faults.rs).
 //! - `MEMBERSYNC_SOAK_OUT` (`target/soak/soak.md`): the report; the plot goes next to it

@@ -364,6 +364,7 @@ fn color(kind: Kind) -> RGBColor {
     match kind {
         Kind::DaemonKill => RGBColor(220, 20, 60),
         Kind::BrokerRestart => RGBColor(255, 140, 0),
+        Kind::BrokerKill => RGBColor(200, 100, 0),
         Kind::PostgresRestart => RGBColor(148, 0, 211),
         Kind::Memberstack5xx => RGBColor(0, 128, 0),
         Kind::Memberstack429 => RGBColor(0, 160, 160),

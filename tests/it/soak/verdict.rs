@@ -262,7 +262,7 @@ pub async fn judge(
     let read = |topic: String| {
         let brokers = brokers.clone();
         tokio::task::spawn_blocking(move || {
-            observe::read_all(&brokers, &topic, Duration::from_secs(120))
+            observe::read_all(&brokers, &topic, Duration::from_secs(60))
         })
     };
     let mut v = Vec::new();
@@ -336,6 +336,27 @@ pub async fn judge(
             distinct: ids.len(),
         });
     }
+
+    // The broker itself: a panic in it (Tansu's storage) fails requests until it restarts,
+    // which shows up as violations above that are not membersync's.
+    let broker_log = stack.broker.log();
+    let v: Vec<String> = broker_log
+        .lines()
+        .filter(|l| l.contains("panicked at"))
+        .map(|l| format!("the broker (Tansu) panicked: {}", l.trim()))
+        .chain(
+            broker_log
+                .lines()
+                .skip_while(|l| !l.contains("panicked at"))
+                .find(|l| !l.trim().is_empty() && !l.contains("panicked at"))
+                .map(|l| format!("  panic message: {}", l.trim())),
+        )
+        .collect();
+    checks.push(Check {
+        name: "the broker stayed healthy (no panic in its log)",
+        scope: "Tansu's log".into(),
+        violations: v,
+    });
 
     // 7. RSS and open file descriptors.
     let resources = resources(samples);
