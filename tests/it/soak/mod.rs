@@ -8,8 +8,9 @@
 //!   the whole run less 15 s), the rest is for recovery. The committed report is a 600-s run.
 //! - `MEMBERSYNC_SOAK_SEED` (random, printed): the fault schedule, the poison times, the order
 //!   of Stripe statuses follow from it.
-//! - `MEMBERSYNC_SOAK_FAULTS` (all but broker-kill): which faults, a subset of
-//!   `daemon,broker,postgres,5xx,429,slow,broker-kill`.
+//! - `MEMBERSYNC_SOAK_FAULTS` (`daemon,postgres,5xx,429,slow`): which faults, a subset of
+//!   those and `broker` (stop + restart), `broker-kill` (SIGKILL + restart); the broker faults
+//!   are not in the default set because Tansu 0.6.0 does not survive them (faults.rs).
 //! - `MEMBERSYNC_SOAK_OVERLAP` (unset): `1` injects every fault at its planned time; by default
 //!   a fault waits until merge has caught up after the previous one (see faults.rs).
 //! - `MEMBERSYNC_SOAK_OUT` (`target/soak/soak.md`): the report; the plot goes next to it

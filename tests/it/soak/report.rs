@@ -94,13 +94,32 @@ pub fn write(run: &Run) -> PathBuf {
     );
     let _ = writeln!(
         md,
-        "| reproduce | `MEMBERSYNC_SOAK_SECS={} MEMBERSYNC_SOAK_SEED={} MEMBERSYNC_SOAK_OUT={} scripts/test -E 'test(/^soak::/)'` |",
+        "| reproduce | `MEMBERSYNC_SOAK_SECS={} MEMBERSYNC_SOAK_SEED={} MEMBERSYNC_SOAK_FAULTS={}{} MEMBERSYNC_SOAK_OUT={} scripts/test -E 'test(/^soak::/)'` |",
         s.secs,
         s.seed,
+        s.faults
+            .iter()
+            .map(|k| k.name())
+            .collect::<Vec<_>>()
+            .join(","),
+        if s.overlap {
+            " MEMBERSYNC_SOAK_OVERLAP=1"
+        } else {
+            ""
+        },
         s.out
             .strip_prefix(crate::support::repo_root())
             .unwrap_or(&s.out)
             .display()
+    );
+    let _ = writeln!(
+        md,
+        "| faults enabled | `{}` (`MEMBERSYNC_SOAK_FAULTS`) |",
+        s.faults
+            .iter()
+            .map(|k| k.name())
+            .collect::<Vec<_>>()
+            .join(",")
     );
     let _ = writeln!(
         md,
