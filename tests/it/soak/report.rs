@@ -382,6 +382,7 @@ pub fn write(run: &Run) -> PathBuf {
 fn color(kind: Kind) -> RGBColor {
     match kind {
         Kind::DaemonKill => RGBColor(220, 20, 60),
+        Kind::DaemonStop => RGBColor(30, 144, 255),
         Kind::BrokerRestart => RGBColor(255, 140, 0),
         Kind::BrokerKill => RGBColor(200, 100, 0),
         Kind::PostgresRestart => RGBColor(148, 0, 211),

@@ -259,6 +259,29 @@ impl Stack {
         self.pid.store(0, Ordering::Relaxed);
     }
 
+    /// SIGTERM, as a deploy or a scale-down: the daemon drains, commits its offsets and leaves
+    /// the group. Waits up to 60 s for the exit (then SIGKILL); returns how it exited.
+    pub async fn stop_daemon(&mut self) -> String {
+        let Some(mut daemon) = self.daemon.take() else {
+            return "(not running)".into();
+        };
+        daemon.signal("TERM");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = daemon.child.try_wait().expect("try_wait") {
+                break status.to_string();
+            }
+            if tokio::time::Instant::now() > deadline {
+                let _ = daemon.child.kill();
+                let _ = daemon.child.wait();
+                break "killed: no exit 60 s after SIGTERM".into();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        self.pid.store(0, Ordering::Relaxed);
+        status
+    }
+
     /// A superuser connection to the soak's database (the cluster's `postgres`).
     pub async fn admin(&self) -> Client {
         self.cluster.connect().await
