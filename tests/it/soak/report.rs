@@ -49,10 +49,10 @@ fn throughput(samples: &[Sample]) -> Vec<(f64, f64)> {
     let mut prev: Option<(f64, i64)> = None;
     for s in samples {
         if let Some(n) = s.processed {
-            if let Some((t, m)) = prev {
-                if s.t > t {
-                    out.push((s.t, (n - m) as f64 / (s.t - t)));
-                }
+            if let Some((t, m)) = prev
+                && s.t > t
+            {
+                out.push((s.t, (n - m) as f64 / (s.t - t)));
             }
             prev = Some((s.t, n));
         }
@@ -451,7 +451,9 @@ fn draw(run: &Run, png: &Path) -> Result<(), Box<dyn std::error::Error>> {
         .iter()
         .filter_map(|s| s.rss_kb.map(|r| (s.t, r as f64 / 1024.0)))
         .collect();
-    let series: [(&str, &str, &Vec<(f64, f64)>, RGBColor); 3] = [
+    /// Caption, unit, points, colour of one panel.
+    type Panel<'a> = (&'a str, &'a str, &'a Vec<(f64, f64)>, RGBColor);
+    let series: [Panel; 3] = [
         (
             "changes processed by merge per second",
             "changes/s",
