@@ -402,6 +402,14 @@ fn validate_merge(c: &Config) -> Result<(), ConfigError> {
     at_least_one("merge.max_in_flight", m.max_in_flight as i64)?;
     at_least_one("merge.max_attempts", m.max_attempts as i64)?;
     at_least_one("merge.commit_interval_ms", m.commit_interval_ms as i64)?;
+    if m.session_timeout_ms < 6_000 {
+        // librdkafka's heartbeat (3 s) must fit in it, and brokers refuse less than their
+        // group.min.session.timeout.ms (Kafka: 6 s).
+        return Err(ConfigError::new(
+            "merge.session_timeout_ms",
+            "must be at least 6000",
+        ));
+    }
     if m.backoff_max_ms < m.backoff_base_ms {
         return Err(ConfigError::new(
             "merge.backoff_max_ms",
@@ -661,6 +669,11 @@ mod tests {
                 "[cdc]\nsnapshot = \"sometimes\"",
                 "cdc.snapshot",
                 "unknown value `sometimes`",
+            ),
+            (
+                "[merge]\nsession_timeout_ms = 3000",
+                "merge.session_timeout_ms",
+                "at least 6000",
             ),
         ];
         for (toml, key, problem) in cases {

@@ -101,6 +101,9 @@ pub struct MergeConfig {
     /// How long the broker may hold a fetch waiting for records (librdkafka
     /// `fetch.wait.max.ms`): the upper bound of the consumer's added latency when idle.
     pub fetch_wait_max_ms: u64,
+    /// librdkafka `session.timeout.ms`: how long the group waits for a crashed instance (a
+    /// SIGKILL, an OOM kill) before its partitions go to another one or to its restart.
+    pub session_timeout_ms: u64,
     /// A value we pushed to Memberstack is recognised in its webhook for this long.
     pub echo_window_secs: u64,
     pub on_member_deleted: DeleteMode,
@@ -121,6 +124,7 @@ impl Default for MergeConfig {
             backoff_max_ms: 60_000,
             commit_interval_ms: 1_000,
             fetch_wait_max_ms: 100,
+            session_timeout_ms: 45_000,
             echo_window_secs: 600,
             on_member_deleted: DeleteMode::Soft,
             create_auth_users: true,

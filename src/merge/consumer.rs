@@ -107,6 +107,7 @@ impl Merge {
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("fetch.wait.max.ms", m.fetch_wait_max_ms.to_string())
+            .set("session.timeout.ms", m.session_timeout_ms.to_string())
             .create_with_context(MergeContext { revoked: tx, lag })?;
         let refs: Vec<&str> = subscribed.iter().map(String::as_str).collect();
         consumer.subscribe(&refs)?;

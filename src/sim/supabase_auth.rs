@@ -55,7 +55,9 @@ impl AuthConfig {
 
 struct Inner {
     config: AuthConfig,
-    db: Client,
+    /// Replaced by a new connection when the database dropped it (a Postgres restart), as
+    /// GoTrue's pool reconnects.
+    db: tokio::sync::Mutex<Arc<Client>>,
     faults: Faults,
     calls: CallLog,
     shutdown: CancellationToken,
@@ -86,6 +88,40 @@ impl ApiFront for Inner {
             "over_request_rate_limit",
             "Request rate limit reached",
         )
+    }
+}
+
+async fn connect(config: &AuthConfig, shutdown: &CancellationToken) -> Result<Client, SimError> {
+    let (db, connection) =
+        tokio_postgres::connect(config.database_url.expose_secret(), NoTls).await?;
+    let conn_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            r = connection => if let Err(e) = r {
+                tracing::warn!(error = %e, "auth simulator lost its database connection");
+            },
+            () = conn_shutdown.cancelled() => {}
+        }
+    });
+    Ok(db)
+}
+
+impl Inner {
+    /// The database connection, reconnecting once it was closed; a 500 while the database
+    /// is unreachable.
+    async fn client(&self) -> Result<Arc<Client>, Response> {
+        let mut db = self.db.lock().await;
+        if db.is_closed() {
+            let fresh = connect(&self.config, &self.shutdown).await.map_err(|e| {
+                error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "unexpected_failure",
+                    &format!("Database error: {e}"),
+                )
+            })?;
+            *db = Arc::new(fresh);
+        }
+        Ok(db.clone())
     }
 }
 
@@ -137,21 +173,11 @@ pub struct AuthSim {
 
 impl AuthSim {
     pub async fn start(config: AuthConfig) -> Result<Self, SimError> {
-        let (db, connection) =
-            tokio_postgres::connect(config.database_url.expose_secret(), NoTls).await?;
         let shutdown = CancellationToken::new();
-        let conn_shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                r = connection => if let Err(e) = r {
-                    tracing::warn!(error = %e, "auth simulator lost its database connection");
-                },
-                () = conn_shutdown.cancelled() => {}
-            }
-        });
+        let db = connect(&config, &shutdown).await?;
         let inner = Arc::new(Inner {
             config,
-            db,
+            db: tokio::sync::Mutex::new(Arc::new(db)),
             faults: Faults::default(),
             calls: CallLog::default(),
             shutdown: shutdown.clone(),
@@ -307,6 +333,10 @@ async fn email_taken(db: &Client, email: &str, except: Option<Uuid>) -> Result<b
 }
 
 async fn create(State(inner): State<Arc<Inner>>, body: Bytes) -> Response {
+    let db = match inner.client().await {
+        Ok(db) => db,
+        Err(r) => return r,
+    };
     let req: CreateUser = match parse(&body) {
         Ok(r) => r,
         Err(r) => return *r,
@@ -318,7 +348,7 @@ async fn create(State(inner): State<Arc<Inner>>, body: Bytes) -> Response {
     else {
         return invalid_email();
     };
-    match email_taken(&inner.db, &email, None).await {
+    match email_taken(&db, &email, None).await {
         Ok(true) => return email_exists(),
         Ok(false) => {}
         Err(r) => return r,
@@ -339,8 +369,7 @@ async fn create(State(inner): State<Arc<Inner>>, body: Bytes) -> Response {
            false, false, false) \
          returning {COLUMNS}"
     );
-    match inner
-        .db
+    match db
         .query_one(
             &sql,
             &[&email, &req.email_confirm, &Value::Object(app), &user_meta],
@@ -357,11 +386,15 @@ fn user_id(id: &str) -> Option<Uuid> {
 }
 
 async fn get_one(State(inner): State<Arc<Inner>>, Path(id): Path<String>) -> Response {
+    let db = match inner.client().await {
+        Ok(db) => db,
+        Err(r) => return r,
+    };
     let Some(id) = user_id(&id) else {
         return not_found();
     };
     let sql = format!("select {COLUMNS} from auth.users where id = $1");
-    match inner.db.query_opt(&sql, &[&id]).await {
+    match db.query_opt(&sql, &[&id]).await {
         Ok(Some(row)) => Json(user_json(&row)).into_response(),
         Ok(None) => not_found(),
         Err(e) => db_error(&e),
@@ -386,6 +419,10 @@ const MERGE: &str = "(coalesce({col}, '{}'::jsonb) \
     || coalesce((select jsonb_object_agg(key, value) from jsonb_each(${p}) where value <> 'null'::jsonb), '{}'::jsonb)";
 
 async fn update(State(inner): State<Arc<Inner>>, Path(id): Path<String>, body: Bytes) -> Response {
+    let db = match inner.client().await {
+        Ok(db) => db,
+        Err(r) => return r,
+    };
     let Some(id) = user_id(&id) else {
         return not_found();
     };
@@ -398,7 +435,7 @@ async fn update(State(inner): State<Arc<Inner>>, Path(id): Path<String>, body: B
         if !plausible_email(email) {
             return invalid_email();
         }
-        match email_taken(&inner.db, email, Some(id)).await {
+        match email_taken(&db, email, Some(id)).await {
             Ok(true) => return email_exists(),
             Ok(false) => {}
             Err(r) => return r,
@@ -419,8 +456,7 @@ async fn update(State(inner): State<Arc<Inner>>, Path(id): Path<String>, body: B
     let user_meta = Value::Object(req.user_metadata.unwrap_or_default());
     let app_meta = Value::Object(req.app_metadata.unwrap_or_default());
     let confirm = req.email_confirm.unwrap_or(false);
-    match inner
-        .db
+    match db
         .query_opt(&sql, &[&id, &email, &confirm, &user_meta, &app_meta])
         .await
     {
@@ -431,11 +467,14 @@ async fn update(State(inner): State<Arc<Inner>>, Path(id): Path<String>, body: B
 }
 
 async fn delete(State(inner): State<Arc<Inner>>, Path(id): Path<String>) -> Response {
+    let db = match inner.client().await {
+        Ok(db) => db,
+        Err(r) => return r,
+    };
     let Some(id) = user_id(&id) else {
         return not_found();
     };
-    match inner
-        .db
+    match db
         .execute("delete from auth.users where id = $1", &[&id])
         .await
     {
@@ -449,6 +488,10 @@ async fn list(
     State(inner): State<Arc<Inner>>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
+    let db = match inner.client().await {
+        Ok(db) => db,
+        Err(r) => return r,
+    };
     let num = |k: &str, d: i64| {
         q.get(k)
             .and_then(|v| v.parse::<i64>().ok())
@@ -459,11 +502,7 @@ async fn list(
     let per_page = num("per_page", 50).min(1000);
     let sql =
         format!("select {COLUMNS} from auth.users order by created_at, id limit $1 offset $2");
-    match inner
-        .db
-        .query(&sql, &[&per_page, &((page - 1) * per_page)])
-        .await
-    {
+    match db.query(&sql, &[&per_page, &((page - 1) * per_page)]).await {
         Ok(rows) => Json(json!({
             "users": rows.iter().map(user_json).collect::<Vec<_>>(),
             "aud": "authenticated",

@@ -15,5 +15,6 @@ mod ops;
 mod rls;
 mod schemas;
 mod sim;
+mod soak;
 mod support;
 mod tls;

@@ -632,6 +632,64 @@ fn dsn(db: &TestDb) -> String {
     )
 }
 
+/// GoTrue's pool reconnects after a database restart; so does the simulator (the soak restarts
+/// Postgres under it).
+#[tokio::test]
+async fn auth_simulator_reconnects_after_a_postgres_restart() {
+    let cluster = crate::support::cluster::TempCluster::start(&[]);
+    let bootstrap =
+        std::fs::read_to_string(crate::support::repo_root().join("scripts/supabase-bootstrap.sql"))
+            .unwrap();
+    cluster
+        .connect()
+        .await
+        .batch_execute(&bootstrap)
+        .await
+        .unwrap();
+    let sim = AuthSim::start(AuthConfig::new(
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            cluster.port
+        ),
+        "service-key",
+    ))
+    .await
+    .unwrap();
+    let create = |email: &'static str| {
+        http()
+            .post(format!("{}/auth/v1/admin/users", sim.base_url()))
+            .header("authorization", "Bearer service-key")
+            .header("apikey", "service-key")
+            .json(&json!({"email": email}))
+            .send()
+    };
+    assert_eq!(
+        create("before@example.com").await.unwrap().status(),
+        StatusCode::OK
+    );
+    cluster.restart_fast(Duration::from_secs(60));
+    // The first request after the restart may still meet the dead connection; the next ones
+    // must succeed.
+    let status = wait_for(
+        "a user created after the restart",
+        Duration::from_secs(20),
+        || async {
+            let r = create("after@example.com").await.ok()?;
+            (r.status() == StatusCode::OK).then_some(r.status())
+        },
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let n: i64 = cluster
+        .connect()
+        .await
+        .query_one("select count(*) from auth.users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+}
+
 #[tokio::test]
 async fn auth_sim_writes_auth_users() {
     let db = TestDb::bootstrapped().await;

@@ -93,6 +93,26 @@ impl Broker {
         }
     }
 
+    /// SIGTERM, as an orderly stop (a maintenance restart), then SIGKILL if it is still there
+    /// after 10 s.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() {
+                if tokio::time::Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
     /// Starts it again on the same port with the same storage.
     pub async fn restart(&mut self) {
         self.kill();

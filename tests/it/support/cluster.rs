@@ -78,6 +78,33 @@ impl TempCluster {
         TempCluster { dir, port }
     }
 
+    /// `pg_ctl restart -m fast`: sessions are terminated, the server shuts down cleanly and
+    /// comes back on the same port and data (a database failover or maintenance restart, as
+    /// clients see it). Panics if Postgres does not come back within `timeout`.
+    pub fn restart_fast(&self, timeout: Duration) {
+        let status = as_pg_user(Services::get().pg_bin().join("pg_ctl"))
+            .args([
+                "-w",
+                "-t",
+                &timeout.as_secs().to_string(),
+                "-m",
+                "fast",
+                "-l",
+            ])
+            .arg(self.dir.path().join("log"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .arg("restart")
+            .stdout(Stdio::null())
+            .status()
+            .expect("run pg_ctl restart");
+        assert!(
+            status.success(),
+            "pg_ctl restart failed: {:?}",
+            std::fs::read_to_string(self.dir.path().join("log"))
+        );
+    }
+
     pub async fn connect(&self) -> tokio_postgres::Client {
         let (client, conn) = tokio_postgres::Config::new()
             .host("127.0.0.1")

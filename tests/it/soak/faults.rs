@@ -1,0 +1,287 @@
+//! The fault schedule (a pure function of the seed and the duration) and its execution.
+
+use std::time::{Duration, Instant};
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+use super::observe::LagProbe;
+use super::stack::Stack;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    /// SIGKILL of `membersync run`, down for `param` ms, then started again.
+    DaemonKill,
+    /// SIGTERM of `membersync run` (it drains and commits), then started again.
+    DaemonStop,
+    /// The broker stopped (SIGTERM), down for `param` ms, then started again on the same
+    /// storage (not in the default set, see [`Kind::DEFAULT`]).
+    BrokerRestart,
+    /// SIGKILL of the broker, down for `param` ms, then started again on the same storage
+    /// (not in the default set).
+    BrokerKill,
+    /// `pg_ctl restart -m fast`.
+    PostgresRestart,
+    /// The next `param` Memberstack API requests answer 5xx (500, 502 or 503).
+    Memberstack5xx,
+    /// The next `param` Memberstack API requests answer 429.
+    Memberstack429,
+    /// Every Memberstack API response is delayed by `param` ms, for 5 s.
+    MemberstackSlow,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 8] = [
+        Kind::DaemonKill,
+        Kind::DaemonStop,
+        Kind::BrokerRestart,
+        Kind::BrokerKill,
+        Kind::PostgresRestart,
+        Kind::Memberstack5xx,
+        Kind::Memberstack429,
+        Kind::MemberstackSlow,
+    ];
+
+    /// The default set. Without the broker: Tansu 0.6.0 (the development broker), restarted
+    /// under a live idempotent producer, panics in its SQLite storage (`lite.rs:503`, "more or
+    /// less than one row", in `idempotent_message_check`) on that producer's next record, and
+    /// then fails every request, again after every further restart; what the soak would judge
+    /// is Tansu, not membersync. `MEMBERSYNC_SOAK_FAULTS=broker` (or `broker-kill`) runs them.
+    ///
+    /// Without the daemon's SIGKILL either: on Tansu 0.6.0 the merge group sometimes never
+    /// gets its partitions back after one (no broker error, no daemon error; see
+    /// bench/README.md), so the default restarts the daemon with SIGTERM and
+    /// `MEMBERSYNC_SOAK_FAULTS=daemon,…` runs the kill.
+    pub const DEFAULT: [Kind; 5] = [
+        Kind::DaemonStop,
+        Kind::PostgresRestart,
+        Kind::Memberstack5xx,
+        Kind::Memberstack429,
+        Kind::MemberstackSlow,
+    ];
+
+    /// The names `MEMBERSYNC_SOAK_FAULTS` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::DaemonKill => "daemon",
+            Kind::DaemonStop => "daemon-stop",
+            Kind::BrokerRestart => "broker",
+            Kind::BrokerKill => "broker-kill",
+            Kind::PostgresRestart => "postgres",
+            Kind::Memberstack5xx => "5xx",
+            Kind::Memberstack429 => "429",
+            Kind::MemberstackSlow => "slow",
+        }
+    }
+
+    /// `daemon,daemon-stop,broker,broker-kill,postgres,5xx,429,slow` (any subset); empty or unset:
+    /// [`Kind::DEFAULT`].
+    pub fn parse_list(list: &str) -> Vec<Kind> {
+        let kinds: Vec<Kind> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                *Kind::ALL
+                    .iter()
+                    .find(|k| k.name() == s)
+                    .unwrap_or_else(|| panic!("MEMBERSYNC_SOAK_FAULTS: unknown fault {s:?}"))
+            })
+            .collect();
+        if kinds.is_empty() {
+            Kind::DEFAULT.to_vec()
+        } else {
+            kinds
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::DaemonKill => "daemon kill -9",
+            Kind::DaemonStop => "daemon stop (SIGTERM)",
+            Kind::BrokerRestart => "broker stop + restart",
+            Kind::BrokerKill => "broker kill -9 + restart",
+            Kind::PostgresRestart => "postgres fast restart",
+            Kind::Memberstack5xx => "memberstack 5xx storm",
+            Kind::Memberstack429 => "memberstack 429 storm",
+            Kind::MemberstackSlow => "memberstack slow",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Planned {
+    /// Seconds after the traffic started.
+    pub at: f64,
+    pub kind: Kind,
+    pub param: u64,
+    /// For 5xx storms: the status.
+    pub status: u16,
+}
+
+#[derive(Debug, Clone)]
+pub struct Happened {
+    pub start: f64,
+    pub end: f64,
+    pub kind: Kind,
+    pub detail: String,
+}
+
+/// A planned fault that was not injected: the system had not recovered from the previous one
+/// before the fault window closed.
+#[derive(Debug, Clone)]
+pub struct Skipped {
+    pub planned_at: f64,
+    pub kind: Kind,
+}
+
+/// Merge has caught up again when its group's lag is at most this (a few seconds of traffic).
+const RECOVERED_LAG: i64 = 30;
+
+/// Faults of `kinds` in `[0.1 × secs, secs − recovery)`, about one per 10 s (at least one of
+/// each kind, first, in a seeded order), at jittered slots; the rest of the run is for recovery.
+pub fn plan(seed: u64, secs: u64, recovery: u64, kinds: &[Kind]) -> Vec<Planned> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let start = secs as f64 * 0.1;
+    let end = (secs.saturating_sub(recovery)) as f64;
+    let window = (end - start).max(6.0);
+    let n = ((window / 10.0) as usize).max(kinds.len());
+    let slot = window / n as f64;
+    let mut order = kinds.to_vec();
+    order.shuffle(&mut rng);
+    // A SIGKILLed consumer holds its partitions until its session times out (45 s): the kill
+    // goes last in the first round, so that even the 60-s profile meets every other fault.
+    order.sort_by_key(|k| *k == Kind::DaemonKill);
+    while order.len() < n {
+        order.push(kinds[rng.random_range(0..kinds.len())]);
+    }
+    order
+        .into_iter()
+        .enumerate()
+        .map(|(i, kind)| {
+            let at = start + i as f64 * slot + rng.random_range(0.0..slot / 2.0);
+            let param = match kind {
+                Kind::DaemonKill | Kind::DaemonStop => rng.random_range(0..2000),
+                Kind::BrokerRestart | Kind::BrokerKill => rng.random_range(1000..5000),
+                Kind::PostgresRestart => 0,
+                Kind::Memberstack5xx => rng.random_range(10..40),
+                Kind::Memberstack429 => rng.random_range(20..60),
+                Kind::MemberstackSlow => rng.random_range(300..2500),
+            };
+            let status = [500, 502, 503][rng.random_range(0..3)];
+            Planned {
+                at,
+                kind,
+                param,
+                status,
+            }
+        })
+        .collect()
+}
+
+/// Runs `plan` in order against `stack`: each fault at its time, once the previous one has
+/// ended and (unless `overlap`) merge has recovered from it (its lag is back to
+/// [`RECOVERED_LAG`]); a fault still waiting when the window closes (`window_end` s after
+/// `t0`) is skipped. Returns what happened, with times relative to `t0`.
+pub async fn run(
+    stack: &mut Stack,
+    plan: &[Planned],
+    t0: Instant,
+    lag: &LagProbe,
+    window_end: f64,
+    overlap: bool,
+) -> (Vec<Happened>, Vec<Skipped>) {
+    let rel = |i: Instant| i.duration_since(t0).as_secs_f64();
+    let mut happened = Vec::new();
+    let mut skipped = Vec::new();
+    for p in plan {
+        tokio::time::sleep_until((t0 + Duration::from_secs_f64(p.at)).into()).await;
+        while !overlap
+            && rel(Instant::now()) < window_end
+            && lag
+                .lag(Duration::from_secs(3))
+                .is_none_or(|l| l > RECOVERED_LAG)
+        {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        if rel(Instant::now()) >= window_end {
+            skipped.push(Skipped {
+                planned_at: p.at,
+                kind: p.kind,
+            });
+            continue;
+        }
+        let start = Instant::now();
+        let detail = match p.kind {
+            Kind::DaemonKill => {
+                stack.kill_daemon();
+                tokio::time::sleep(Duration::from_millis(p.param)).await;
+                stack.start_daemon().await;
+                format!(
+                    "down {} ms, ready again after {:.1} s",
+                    p.param,
+                    start.elapsed().as_secs_f64()
+                )
+            }
+            Kind::DaemonStop => {
+                let exit = stack.stop_daemon().await;
+                tokio::time::sleep(Duration::from_millis(p.param)).await;
+                stack.start_daemon().await;
+                format!(
+                    "exited {exit}, down {} ms more, ready again after {:.1} s",
+                    p.param,
+                    start.elapsed().as_secs_f64()
+                )
+            }
+            Kind::BrokerRestart => {
+                stack.broker.stop().await;
+                tokio::time::sleep(Duration::from_millis(p.param)).await;
+                stack.broker.restart().await;
+                format!(
+                    "down {} ms, listening again after {:.1} s",
+                    p.param,
+                    start.elapsed().as_secs_f64()
+                )
+            }
+            Kind::BrokerKill => {
+                stack.broker.kill();
+                tokio::time::sleep(Duration::from_millis(p.param)).await;
+                stack.broker.restart().await;
+                format!(
+                    "down {} ms, listening again after {:.1} s",
+                    p.param,
+                    start.elapsed().as_secs_f64()
+                )
+            }
+            Kind::PostgresRestart => {
+                let cluster = stack.cluster.clone();
+                tokio::task::spawn_blocking(move || cluster.restart_fast(Duration::from_secs(60)))
+                    .await
+                    .expect("pg_ctl restart");
+                format!("back after {:.1} s", start.elapsed().as_secs_f64())
+            }
+            Kind::Memberstack5xx => {
+                stack.ms.fail_next(p.param as u32, p.status);
+                format!("next {} requests answer {}", p.param, p.status)
+            }
+            Kind::Memberstack429 => {
+                stack.ms.rate_limit_next(p.param as u32);
+                format!("next {} requests answer 429", p.param)
+            }
+            Kind::MemberstackSlow => {
+                stack.ms.set_latency(Duration::from_millis(p.param));
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                stack.ms.set_latency(Duration::ZERO);
+                format!("+{} ms per response for 5 s", p.param)
+            }
+        };
+        eprintln!("soak: t={:.1}s {} ({detail})", rel(start), p.kind.label());
+        happened.push(Happened {
+            start: rel(start),
+            end: rel(Instant::now()),
+            kind: p.kind,
+            detail,
+        });
+    }
+    (happened, skipped)
+}
