@@ -180,9 +180,11 @@ async fn handle(
             ..
         } => {
             if let Some(open) = tx.take() {
-                snapshots.on_commit(open.xid);
                 ctx.tracker
                     .commit(open.seq, end_lsn.as_u64(), instant_of(commit_time_micros));
+                snapshots
+                    .on_commit(ctx, leader.client(), open.xid, end_lsn.as_u64())
+                    .await?;
             }
         }
         ReplicationEvent::Message {
@@ -195,14 +197,9 @@ async fn handle(
             }
         }
         ReplicationEvent::Message {
-            transactional: false,
-            prefix,
-            lsn,
-            content,
+            prefix, content, ..
         } if prefix == WATERMARK_PREFIX => {
-            snapshots
-                .on_watermark(ctx, leader.client(), lsn.as_u64(), &content)
-                .await?;
+            snapshots.on_watermark(&content);
         }
         ReplicationEvent::Message { .. } => {}
         ReplicationEvent::KeepAlive { wal_end, .. } => {

@@ -157,7 +157,7 @@ pub async fn read(client: &Client, req: &ChunkRequest) -> Result<ChunkRows, Chun
         req.limit
     );
 
-    emit(client, &req.low).await?;
+    emit(client, &req.low, false).await?;
     // Repeatable read: the running list and the rows come from one snapshot. The transaction
     // lasts one select: nothing is pinned between chunks.
     client
@@ -193,6 +193,7 @@ pub async fn read(client: &Client, req: &ChunkRequest) -> Result<ChunkRows, Chun
             mark: Mark::High,
             ..req.low.clone()
         },
+        true,
     )
     .await?;
 
@@ -225,13 +226,20 @@ pub async fn read(client: &Client, req: &ChunkRequest) -> Result<ChunkRows, Chun
     })
 }
 
-/// A non-transactional logical message: decoded at its own WAL position, at once, whatever
-/// transactions are open (docs/cdc.md explains the choice).
-async fn emit(client: &Client, mark: &Watermark) -> Result<(), tokio_postgres::Error> {
+/// A watermark (docs/cdc.md explains the choice). The low one is non-transactional: decoded
+/// at its own WAL position, no xid, no commit. The high one is transactional, in a transaction
+/// of its own (autocommit): its commit flushes the WAL, so both reach the walsender at once
+/// (Postgres before 17 does not flush for a non-transactional message, and the walsender
+/// only sends flushed WAL: the high watermark would wait up to `wal_writer_delay`).
+async fn emit(
+    client: &Client,
+    mark: &Watermark,
+    transactional: bool,
+) -> Result<(), tokio_postgres::Error> {
     client
         .execute(
-            "select pg_logical_emit_message(false, $1::text, $2::text)",
-            &[&WATERMARK_PREFIX, &mark.to_text()],
+            "select pg_logical_emit_message($1, $2::text, $3::text)",
+            &[&transactional, &WATERMARK_PREFIX, &mark.to_text()],
         )
         .await?;
     Ok(())

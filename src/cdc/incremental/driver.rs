@@ -50,6 +50,8 @@ struct Inflight {
     window: Window,
     /// `RecentCommits::position` when the low watermark arrived.
     low_position: Option<u64>,
+    /// The high watermark arrived; its transaction's commit has not yet.
+    high_seen: bool,
     task: Option<JoinHandle<Result<ChunkRows, ChunkError>>>,
     result: Option<Result<ChunkRows, ChunkError>>,
 }
@@ -144,9 +146,25 @@ impl Driver {
         }
     }
 
-    /// A transaction of the stream committed.
-    pub fn on_commit(&mut self, xid: u32) {
+    /// A transaction of the stream committed at `end_lsn`; if it carried the high watermark
+    /// of the chunk in flight, the chunk is produced right after it.
+    pub async fn on_commit(
+        &mut self,
+        ctx: &StreamContext,
+        leader: &Client,
+        xid: u32,
+        end_lsn: u64,
+    ) -> Result<(), CdcError> {
         self.recent.committed(xid);
+        let high = self
+            .active
+            .as_ref()
+            .and_then(|a| a.inflight.as_ref())
+            .is_some_and(|i| i.high_seen);
+        if high {
+            self.finish_chunk(ctx, leader, end_lsn).await?;
+        }
+        Ok(())
     }
 
     /// Whether changes of `table` are being watched (a chunk window of it is open).
@@ -283,31 +301,26 @@ impl Driver {
         }
     }
 
-    /// A watermark came through the stream at `lsn`.
-    pub async fn on_watermark(
-        &mut self,
-        ctx: &StreamContext,
-        leader: &Client,
-        lsn: u64,
-        content: &[u8],
-    ) -> Result<(), CdcError> {
+    /// A watermark came through the stream. The high one is inside its own transaction:
+    /// the chunk is produced at that transaction's commit (`on_commit`), so it takes that
+    /// place in the ack order.
+    pub fn on_watermark(&mut self, content: &[u8]) {
         let Some(mark) = Watermark::parse(content) else {
-            return Ok(());
+            return;
         };
         let position = self.recent.position();
         let Some(inflight) = self.active.as_mut().and_then(|a| a.inflight.as_mut()) else {
-            return Ok(());
+            return;
         };
         if !inflight.low.same_chunk(&mark) {
-            return Ok(());
+            return;
         }
         match mark.mark {
             Mark::Low => {
                 inflight.window.open();
                 inflight.low_position = Some(position);
-                Ok(())
             }
-            Mark::High => self.finish_chunk(ctx, leader, lsn).await,
+            Mark::High => inflight.high_seen = true,
         }
     }
 
@@ -390,6 +403,7 @@ impl Driver {
             low,
             window: Window::default(),
             low_position: None,
+            high_seen: false,
             task: Some(tokio::spawn(async move { chunk::read(&conn, &req).await })),
             result: None,
         });
