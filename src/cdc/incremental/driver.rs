@@ -35,6 +35,8 @@ struct Active {
     index: usize,
     /// Primary key of the last row read of that table (ahead of the persisted position).
     after: Option<Vec<String>>,
+    /// The table's greatest primary key when its snapshot started (chunk.rs).
+    until: Option<Vec<String>>,
     /// Chunks started in this run (watermark numbering).
     chunk: u64,
     rows: i64,
@@ -268,6 +270,7 @@ impl Driver {
             tables,
             index,
             after,
+            until: None,
             chunk: 0,
             rows: row.get(4),
             skipped: row.get(5),
@@ -392,6 +395,7 @@ impl Driver {
         let req = ChunkRequest {
             table: active.tables[active.index].clone(),
             after: active.after.clone(),
+            until: active.until.clone(),
             limit: ctx.config.cdc.incremental_chunk_rows,
             low: low.clone(),
         };
@@ -541,8 +545,10 @@ impl Driver {
             tracing::info!(id = active.id, table, "incremental snapshot of table read");
             active.index += 1;
             active.after = None;
+            active.until = None;
         } else {
             active.after = rows.last_key;
+            active.until = rows.until;
         }
         let done = active.index >= active.tables.len();
         self.pending.push_back(Checkpoint {
