@@ -231,8 +231,8 @@ fn spawn_offset_loader(
 // (b) concurrent updates and deletes: never a stale row after a newer change
 // ------------------------------------------------------------------------------------------
 
-/// Updates (`name = 'v<n>'`, n rising per key) and deletes rows of `ids` (those `≡ lane mod
-/// 2`, so each key has one writer and its versions rise in commit order) until `stop`,
+/// Updates (`name = 'v<n>'`, n rising per key) and deletes rows (those `≡ lane mod LANES`,
+/// so each key has one writer and its versions rise in commit order) until `stop`,
 /// mostly just ahead of the snapshot's persisted position, where the chunk in flight is.
 /// Returns (updates, deletes).
 fn spawn_writer(
@@ -264,13 +264,13 @@ fn spawn_writer(
                     .unwrap_or(0);
             }
             let r = next();
-            let mut id = if r % 10 < 7 {
-                position + 1 + (r >> 8) as i64 % 600
+            let mut id = if r % 10 < 9 {
+                position + 1 + (r >> 8) as i64 % 500
             } else {
                 1 + (r >> 8) as i64 % rows
             };
-            id = (id - id.rem_euclid(2) + lane).clamp(1, rows);
-            if id.rem_euclid(2) != lane || deleted.contains(&id) {
+            id = (id - id.rem_euclid(LANES) + lane).clamp(1, rows);
+            if id.rem_euclid(LANES) != lane || deleted.contains(&id) {
                 continue;
             }
             if r % 50 == 0 {
@@ -296,6 +296,9 @@ fn spawn_writer(
     })
 }
 
+/// Concurrent writers.
+const LANES: i64 = 4;
+
 /// The version in `name` (`v<n>`).
 fn version(row: &serde_json::Value) -> i64 {
     row["name"]
@@ -316,7 +319,7 @@ async fn incremental_snapshot_never_emits_a_stale_row_after_a_newer_change() {
         .await
         .unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
-    let writers: Vec<_> = (0..2)
+    let writers: Vec<_> = (0..LANES)
         .map(|lane| {
             let stop = stop.clone();
             let db = &s.db;
@@ -389,6 +392,17 @@ async fn incremental_snapshot_never_emits_a_stale_row_after_a_newer_change() {
                 covered.insert(key);
             }
             _ => {}
+        }
+    }
+    if let Some((_, key, _, _)) = stale.first() {
+        for e in events.iter().filter(|e| e.id() == Some(*key)) {
+            eprintln!(
+                "key {key}: {} v{} lsn {} tx {}",
+                e.op(),
+                e.value["after"]["name"],
+                e.value["source"]["lsn"],
+                e.value["source"]["txId"]
+            );
         }
     }
     assert!(

@@ -2,13 +2,11 @@
 //! select of the next `limit` rows by primary key, high watermark. It never waits for the
 //! replication stream, so the stream keeps flowing while it runs.
 
-use std::collections::HashSet;
-
 use serde_json::{Map, Value};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::WATERMARK_PREFIX;
-use super::window::{Mark, Watermark};
+use super::window::{Mark, Running, Watermark};
 use crate::cdc::value::text_to_json;
 
 #[derive(Debug, thiserror::Error)]
@@ -48,8 +46,8 @@ pub struct ChunkRows {
     pub last_chunk: bool,
     /// The bound used (see [`ChunkRequest::until`]); `None` for an empty table.
     pub until: Option<Vec<String>>,
-    /// Transactions running for the chunk's snapshot (32-bit xids, as pgoutput sends them).
-    pub running: HashSet<u32>,
+    /// Transactions running for the chunk's snapshot.
+    pub running: Running,
 }
 
 /// Session settings pinned like the replication session's, so values (and keys made of
@@ -197,15 +195,24 @@ pub async fn read(client: &Client, req: &ChunkRequest) -> Result<ChunkRows, Chun
         .batch_execute("begin isolation level repeatable read read only")
         .await?;
     let result = async {
-        let running: HashSet<u32> = client
-            .query(
-                "select (x::text::numeric % 4294967296)::bigint from pg_snapshot_xip(pg_current_snapshot()) x",
+        // xid8 → the 32-bit xid pgoutput sends.
+        let row = client
+            .query_one(
+                "select (pg_snapshot_xmax(s)::text::numeric % 4294967296)::bigint,
+                        array(select (x::text::numeric % 4294967296)::bigint
+                              from pg_snapshot_xip(s) x)
+                 from pg_current_snapshot() s",
                 &[],
             )
-            .await?
-            .iter()
-            .map(|r| r.get::<_, i64>(0) as u32)
-            .collect();
+            .await?;
+        let running = Running {
+            xmax: row.get::<_, i64>(0) as u32,
+            xip: row
+                .get::<_, Vec<i64>>(1)
+                .into_iter()
+                .map(|x| x as u32)
+                .collect(),
+        };
         let messages = client.simple_query(&select).await?;
         Ok::<_, tokio_postgres::Error>((running, messages))
     }

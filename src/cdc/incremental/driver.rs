@@ -155,9 +155,13 @@ impl Driver {
         ctx: &StreamContext,
         leader: &Client,
         xid: u32,
+        touched_snapshot_table: bool,
         end_lsn: u64,
     ) -> Result<(), CdcError> {
-        self.recent.committed(xid);
+        // Only transactions that changed the table being read can leave a stale row in it.
+        if touched_snapshot_table {
+            self.recent.committed(xid);
+        }
         let high = self
             .active
             .as_ref()
@@ -167,6 +171,13 @@ impl Driver {
             self.finish_chunk(ctx, leader, end_lsn).await?;
         }
         Ok(())
+    }
+
+    /// Whether an incremental snapshot is reading `table`.
+    pub fn reading(&self, table: &str) -> bool {
+        self.active
+            .as_ref()
+            .is_some_and(|a| a.tables.get(a.index).is_some_and(|t| t == table))
     }
 
     /// Whether changes of `table` are being watched (a chunk window of it is open).
@@ -473,6 +484,10 @@ impl Driver {
                 chunk = active.chunk,
                 "chunk raced a commit; reading it again"
             );
+            ctx.metrics
+                .incremental_retries
+                .with_label_values(&[rows.table.as_str()])
+                .inc();
             self.next_chunk(ctx);
             return Ok(());
         }
