@@ -88,7 +88,17 @@ pub struct Driver {
 }
 
 impl Drop for Driver {
+    /// The session ended (error, leadership lost, shutdown): a chunk query still running is
+    /// of no use any more; the next session resumes from the persisted position.
     fn drop(&mut self) {
+        if let Some(task) = self
+            .active
+            .as_mut()
+            .and_then(|a| a.inflight.as_mut())
+            .and_then(|i| i.task.take())
+        {
+            task.abort();
+        }
         self.active_gauge.set(0);
     }
 }
