@@ -319,16 +319,15 @@ async fn incremental_snapshot_never_emits_a_stale_row_after_a_newer_change() {
         .await
         .unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
-    let writers: Vec<_> = (0..LANES)
-        .map(|lane| {
-            let stop = stop.clone();
-            let db = &s.db;
-            async move { spawn_writer(db.admin().await, lane, ROWS, id, stop) }
-        })
-        .collect();
     let mut handles = Vec::new();
-    for w in writers {
-        handles.push(w.await);
+    for lane in 0..LANES {
+        handles.push(spawn_writer(
+            s.db.admin().await,
+            lane,
+            ROWS,
+            id,
+            stop.clone(),
+        ));
     }
     let status = s
         .status_until(
