@@ -52,6 +52,14 @@ fn services() -> HashMap<String, String> {
     vars
 }
 
+/// The daemon binary: `MEMBERSYNC_BENCH_ISNAP_BIN` (e.g. `target/release/membersync` when the
+/// bench itself runs as a debug build), else the one cargo built with this bench.
+fn daemon_bin() -> PathBuf {
+    std::env::var_os("MEMBERSYNC_BENCH_ISNAP_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_membersync")))
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -192,7 +200,7 @@ impl Bench {
     }
 
     fn membersync(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_membersync"));
+        let mut cmd = Command::new(daemon_bin());
         cmd.env_clear();
         for key in ["PATH", "HOME"] {
             if let Ok(v) = std::env::var(key) {
@@ -493,10 +501,14 @@ async fn run(bench: &Bench, rows: u64, writes: u64, chunk_rows: u64) -> Result<S
         r,
         "`cargo bench --bench incremental_snapshot` (`benches/incremental_snapshot.rs`), commit `{commit}`, \
          {cores} cores ({cpu}), shared with other agents' builds and tests (noisy: compare within the run). \
-         Dev Postgres 15, a private Tansu (SQLite) broker, one partition, {} build. \
+         Dev Postgres 15, a private Tansu (SQLite) broker, one partition; daemon `{}`, bench process a {} build. \
          Table `public.isnap_t`: {rows} rows of ~150 bytes (bigint primary key, text columns); \
          a writer updates ~{writes} random rows/s throughout ({written} rows updated in all); \
          `cdc.incremental_chunk_rows = {chunk_rows}`.\n",
+        daemon_bin().strip_prefix(repo_root()).map_or_else(
+            |_| daemon_bin().display().to_string(),
+            |p| p.display().to_string()
+        ),
         if cfg!(debug_assertions) {
             "debug"
         } else {
