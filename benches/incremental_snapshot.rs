@@ -443,6 +443,20 @@ async fn run(bench: &Bench, rows: u64, writes: u64, chunk_rows: u64) -> Result<S
     sample(&sampler_client, &bench.db, &mut initial).await;
     eprintln!("initial snapshot: {initial_secs:.1} s; {initial:?}");
 
+    // The stream first drains the writer's WAL the slot held during the initial snapshot:
+    // wait for that (bounded), so the incremental run's samples are its own.
+    let caught_up = Instant::now();
+    let mut idle = Samples::default();
+    while caught_up.elapsed() < Duration::from_secs(120) {
+        sample(&sampler_client, &bench.db, &mut idle).await;
+        if idle.n > 0 && idle.last_confirmed_lag < 1_048_576 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let catch_up_secs = caught_up.elapsed().as_secs_f64();
+    eprintln!("stream caught up in {catch_up_secs:.1} s");
+
     // 3. Incremental snapshot, the daemon streaming.
     let id = membersync::cdc::incremental::request_snapshot(&admin, &["public.isnap_t".to_owned()])
         .await
@@ -549,7 +563,8 @@ async fn run(bench: &Bench, rows: u64, writes: u64, chunk_rows: u64) -> Result<S
     );
     let _ = writeln!(
         r,
-        "\n{} chunks. WAL retained = `pg_current_wal_lsn()` minus the slot's `confirmed_flush_lsn` / `restart_lsn`, \
+        "\nBefore the incremental run the stream drained what the slot held from the initial snapshot \
+         ({catch_up_secs:.1} s, until under 1 MiB).\n{} chunks. WAL retained = `pg_current_wal_lsn()` minus the slot's `confirmed_flush_lsn` / `restart_lsn`, \
          sampled every 250 ms ({} / {} samples); \"longest transaction\" = the oldest `xact_start` of any session in \
          the database (the writer's and the daemon's; this process's sampler excluded).",
         status.chunks, initial.n, incremental.n
