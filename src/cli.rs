@@ -57,6 +57,17 @@ pub enum Command {
     /// Apply the database migrations (schemas/migrations) as database.admin_user: tables, row-level
     /// security, the membersync role's grants and the publication. Safe to re-run.
     Migrate,
+    /// Request an incremental snapshot of captured tables: the CDC leader re-reads them in
+    /// primary-key chunks while streaming continues and publishes the rows as op "r"
+    /// (docs/cdc.md). Prints the request id; resumable after a crash or leader change.
+    Snapshot {
+        /// A captured table (schema.table); repeat for several. Default: every captured table.
+        #[arg(long = "table", value_name = "SCHEMA.TABLE")]
+        tables: Vec<String>,
+        /// Wait until it finishes, printing progress; exit 1 if it fails.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Check configuration, Postgres and Kafka; one line per item with ✓ or ✗ and a fix hint.
     /// Exits 1 if any item fails.
     Check,

@@ -35,11 +35,15 @@ pub enum MigrateError {
 
 /// Every migration this build knows, as `(version, name)`.
 pub fn known() -> Vec<(i32, String)> {
-    embedded::migrations::runner()
+    let mut known: Vec<(i32, String)> = embedded::migrations::runner()
         .get_migrations()
         .iter()
         .map(|m| (m.version(), m.name().to_owned()))
-        .collect()
+        .collect();
+    // In version order (the order they apply in): the embedded list follows the file names,
+    // where V10 sorts before V2.
+    known.sort_by_key(|(v, _)| *v);
+    known
 }
 
 pub async fn migrate(client: &mut Client) -> Result<MigrationReport, MigrateError> {
