@@ -49,6 +49,10 @@ pub enum Command {
     /// retries and a dead-letter topic (<prefix>.bridge.dlq). Scale out: instances share the
     /// partitions.
     Bridge,
+    /// Reconcile everything: page every Memberstack member (within the rate limit) and publish
+    /// it as a member.snapshot for merge to reconcile by field authority. Resumable: an
+    /// interrupted run continues after its last finished page. See docs/backfill.md.
+    Backfill(BackfillArgs),
     /// Inspect and replay the dead-letter topic (<prefix>.dlq).
     Dlq {
         #[command(subcommand)]
@@ -60,6 +64,23 @@ pub enum Command {
     /// Check configuration, Postgres and Kafka; one line per item with ✓ or ✗ and a fix hint.
     /// Exits 1 if any item fails.
     Check,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BackfillArgs {
+    /// Change nothing: compare Memberstack with Supabase per mapped field and print the drift
+    /// (only in Memberstack, only in Supabase, different values).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Machine-readable output (the drift report, or the run's summary) as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Ignore saved progress: abandon an interrupted run and start from the first page.
+    #[arg(long, conflicts_with = "dry_run")]
+    pub restart: bool,
+    /// Members per list request (Memberstack serves at most 100).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub page_size: u32,
 }
 
 #[derive(Debug, Subcommand)]
