@@ -346,6 +346,8 @@ async fn measure(
     let options = backfill::Options {
         restart: false,
         page_size: PAGE_SIZE,
+        // The Memberstack pass alone: no CDC runs here.
+        snapshot: false,
     };
     let before = sim.calls().len();
     let limited_before = sim.stats().rate_limited;

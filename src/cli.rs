@@ -50,7 +50,8 @@ pub enum Command {
     /// partitions.
     Bridge,
     /// Reconcile everything: page every Memberstack member (within the rate limit) and publish
-    /// it as a member.snapshot for merge to reconcile by field authority. Resumable: an
+    /// it as a member.snapshot for merge to reconcile by field authority, and request an
+    /// incremental snapshot of the captured tables (run by CDC while it streams). Resumable: an
     /// interrupted run continues after its last finished page. See docs/backfill.md.
     Backfill(BackfillArgs),
     /// Inspect and replay the dead-letter topic (<prefix>.dlq).
@@ -61,6 +62,17 @@ pub enum Command {
     /// Apply the database migrations (schemas/migrations) as database.admin_user: tables, row-level
     /// security, the membersync role's grants and the publication. Safe to re-run.
     Migrate,
+    /// Request an incremental snapshot of captured tables: the CDC leader re-reads them in
+    /// primary-key chunks while streaming continues and publishes the rows as op "r"
+    /// (docs/cdc.md). Prints the request id; resumable after a crash or leader change.
+    Snapshot {
+        /// A captured table (schema.table); repeat for several. Default: every captured table.
+        #[arg(long = "table", value_name = "SCHEMA.TABLE")]
+        tables: Vec<String>,
+        /// Wait until it finishes, printing progress; exit 1 if it fails.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Check configuration, Postgres and Kafka; one line per item with ✓ or ✗ and a fix hint.
     /// Exits 1 if any item fails.
     Check,
@@ -78,6 +90,10 @@ pub struct BackfillArgs {
     /// Ignore saved progress: abandon an interrupted run and start from the first page.
     #[arg(long, conflicts_with = "dry_run")]
     pub restart: bool,
+    /// Only the Memberstack pass: do not request (nor wait for) an incremental snapshot of the
+    /// captured Supabase tables.
+    #[arg(long, conflicts_with = "dry_run")]
+    pub no_snapshot: bool,
     /// Members per list request (Memberstack serves at most 100).
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub page_size: u32,

@@ -83,6 +83,7 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Snapshot { tables, wait } => snapshot(&config, &tables, wait).await,
         Command::Check => {
             let items = membersync::check::run(&config).await;
             for item in &items {
@@ -110,6 +111,7 @@ async fn backfill(args: BackfillArgs, config: &Config) -> anyhow::Result<ExitCod
     let options = membersync::backfill::Options {
         restart: args.restart,
         page_size: args.page_size,
+        snapshot: !args.no_snapshot,
     };
     let outcome = membersync::backfill::run(config, &options).await?;
     if args.json {
@@ -118,6 +120,48 @@ async fn backfill(args: BackfillArgs, config: &Config) -> anyhow::Result<ExitCod
         println!("{}", outcome.summary_line());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn snapshot(config: &Config, tables: &[String], wait: bool) -> anyhow::Result<ExitCode> {
+    use membersync::cdc::incremental::{self, SnapshotState};
+    if let Some(t) = tables.iter().find(|t| !config.cdc.tables.contains(t)) {
+        anyhow::bail!("{t} is not a captured table (cdc.tables)");
+    }
+    let client = db::connect(&config.database, Login::Daemon).await?;
+    let id = incremental::request_snapshot(&client, tables).await?;
+    println!("incremental snapshot {id} requested");
+    if !wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut last = None;
+    loop {
+        let s = incremental::snapshot_status(&client, id).await?;
+        let line = format!(
+            "{} table={} rows={} skipped={} chunks={}",
+            s.state.as_str(),
+            s.current_table.as_deref().unwrap_or("-"),
+            s.rows_emitted,
+            s.rows_skipped,
+            s.chunks
+        );
+        if last.as_ref() != Some(&line) {
+            println!("{line}");
+            last = Some(line);
+        }
+        match s.state {
+            SnapshotState::Done => return Ok(ExitCode::SUCCESS),
+            SnapshotState::Failed | SnapshotState::Cancelled => {
+                eprintln!(
+                    "membersync: snapshot {id} {}: {}",
+                    s.state.as_str(),
+                    s.error.as_deref().unwrap_or("-")
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            SnapshotState::Requested | SnapshotState::Running => {}
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }
 
 async fn dlq(command: DlqCommand, config: &Config) -> anyhow::Result<ExitCode> {

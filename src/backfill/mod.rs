@@ -5,7 +5,10 @@
 //! `merge`) reconciles each by the field authority rules, creating rows and auth users for
 //! members Supabase lacks. Progress (the list cursor of the last fully acknowledged page) is
 //! persisted in `membersync_meta.backfill_runs`, so an interrupted run resumes where it
-//! stopped. `--dry-run` writes nothing anywhere and prints the drift instead.
+//! stopped. Unless told not to, the run also requests an incremental snapshot of the captured
+//! tables (`cdc::incremental`, run by the CDC leader while streaming continues), so rows that
+//! drifted on the Supabase side reach merge too, and waits for it after the Memberstack pass.
+//! `--dry-run` writes nothing anywhere and prints the drift instead.
 
 pub mod drift;
 pub mod pass;
@@ -16,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::cdc::incremental::{self, IncrementalError, SnapshotState, SnapshotStatus};
 use crate::config::Config;
 use crate::db::{self, Login};
 use crate::kafka::admin::{AdminError, KafkaAdmin};
@@ -32,7 +36,14 @@ pub struct Options {
     pub restart: bool,
     /// `GET /members` page size, 1..=100.
     pub page_size: u32,
+    /// Request an incremental snapshot of the captured tables and wait for it.
+    pub snapshot: bool,
 }
+
+/// How often the wait for the incremental snapshot polls its progress.
+const SNAPSHOT_POLL: Duration = Duration::from_millis(500);
+/// A request no CDC leader picked up after this long is worth a warning (no `run`/`cdc`?).
+const SNAPSHOT_PICKUP_WARNING: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackfillError {
@@ -46,6 +57,17 @@ pub enum BackfillError {
     Produce(#[from] ProduceError),
     #[error("Kafka: {0}")]
     Admin(#[from] AdminError),
+    #[error("incremental snapshot: {0}")]
+    Incremental(#[from] IncrementalError),
+    #[error(
+        "the incremental snapshot {id} of the captured tables ended {state}: {error} \
+         (the Memberstack pass is complete; `membersync snapshot` requests another)"
+    )]
+    SnapshotEnded {
+        id: i64,
+        state: &'static str,
+        error: String,
+    },
     #[error("another backfill is running against this database")]
     Busy,
     #[error("--page-size must be between 1 and {MAX_PAGE_SIZE}, got {0}")]
@@ -64,13 +86,50 @@ pub struct Outcome {
     pub pages_done: u64,
     pub members_published: u64,
     pub topic: String,
+    /// The incremental snapshot of the captured tables, as it finished (absent with
+    /// `--no-snapshot`).
+    pub snapshot: Option<SnapshotSummary>,
     pub elapsed_secs: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotSummary {
+    pub id: i64,
+    pub state: &'static str,
+    pub tables: Vec<String>,
+    pub rows_emitted: i64,
+    pub rows_skipped: i64,
+    pub chunks: i64,
+}
+
+impl From<&SnapshotStatus> for SnapshotSummary {
+    fn from(s: &SnapshotStatus) -> Self {
+        Self {
+            id: s.id,
+            state: s.state.as_str(),
+            tables: s.tables.clone(),
+            rows_emitted: s.rows_emitted,
+            rows_skipped: s.rows_skipped,
+            chunks: s.chunks,
+        }
+    }
 }
 
 impl Outcome {
     pub fn summary_line(&self) -> String {
+        let snapshot = match &self.snapshot {
+            Some(s) => format!(
+                "; incremental snapshot {} of {} {}: {} rows ({} left to the stream)",
+                s.id,
+                s.tables.join(", "),
+                s.state,
+                s.rows_emitted,
+                s.rows_skipped
+            ),
+            None => String::new(),
+        };
         format!(
-            "backfill run {} {}: {} members in {} pages published to {} ({} pages in {:.1} s now); merge reconciles them",
+            "backfill run {} {}: {} members in {} pages published to {} ({} pages in {:.1} s now){snapshot}; merge reconciles them",
             self.run_id,
             if self.resumed {
                 "resumed and completed"
@@ -122,6 +181,17 @@ pub async fn run(config: &Config, options: &Options) -> Result<Outcome, Backfill
     let message_timeout = Duration::from_millis(config.kafka.message_timeout_ms);
     let producer = Producer::new(&config.kafka, message_timeout)?;
     let mut run = state::open(&db, options.page_size, options.restart).await?;
+    // Requested first, so the CDC leader re-reads the tables while the Memberstack pass runs;
+    // once per run (a resumed run waits for the request it made before).
+    if options.snapshot && run.snapshot_request_id.is_none() {
+        let id = incremental::request_snapshot(&db, &[]).await?;
+        state::snapshot_requested(&db, &mut run, id).await?;
+        tracing::info!(
+            run_id = run.id,
+            snapshot_id = id,
+            "backfill: incremental snapshot of the captured tables requested"
+        );
+    }
     if run.resumed {
         tracing::info!(
             run_id = run.id,
@@ -143,9 +213,27 @@ pub async fn run(config: &Config, options: &Options) -> Result<Outcome, Backfill
         queue_wait: message_timeout,
     };
     let summary = pass.run(&mut run, &progress).await;
+    let summary = match summary {
+        Ok(s) => s,
+        Err(e) => {
+            progress.finish();
+            return Err(e);
+        }
+    };
+    let snapshot = match run.snapshot_request_id.filter(|_| options.snapshot) {
+        Some(id) => Some(wait_for_snapshot(&db, id, &progress).await),
+        None => None,
+    };
     progress.finish();
-    let summary = summary?;
+    let snapshot = snapshot.transpose()?;
     state::complete(&db, &run).await?;
+    if let Some(s) = snapshot.as_ref().filter(|s| s.state != SnapshotState::Done) {
+        return Err(BackfillError::SnapshotEnded {
+            id: s.id,
+            state: s.state.as_str(),
+            error: s.error.clone().unwrap_or_else(|| "-".into()),
+        });
+    }
     let outcome = Outcome {
         run_id: run.id,
         resumed: run.resumed,
@@ -153,6 +241,7 @@ pub async fn run(config: &Config, options: &Options) -> Result<Outcome, Backfill
         pages_done: run.pages_done,
         members_published: run.members_published,
         topic,
+        snapshot: snapshot.as_ref().map(SnapshotSummary::from),
         elapsed_secs: started.elapsed().as_secs_f64(),
     };
     tracing::info!(
@@ -164,4 +253,34 @@ pub async fn run(config: &Config, options: &Options) -> Result<Outcome, Backfill
         "backfill: Memberstack pass completed"
     );
     Ok(outcome)
+}
+
+/// Polls the incremental snapshot until it ends (done, failed or cancelled).
+async fn wait_for_snapshot(
+    db: &tokio_postgres::Client,
+    id: i64,
+    progress: &progress::Progress,
+) -> Result<SnapshotStatus, BackfillError> {
+    let waiting = Instant::now();
+    let mut warned = false;
+    loop {
+        let status = incremental::snapshot_status(db, id).await?;
+        if status.state.is_final() {
+            return Ok(status);
+        }
+        progress.snapshot(&status);
+        if status.state == SnapshotState::Requested
+            && !warned
+            && waiting.elapsed() >= SNAPSHOT_PICKUP_WARNING
+        {
+            warned = true;
+            tracing::warn!(
+                snapshot_id = id,
+                "backfill: no CDC leader has started the incremental snapshot yet; is \
+                 `membersync run` (or `cdc`) running? Still waiting (Ctrl-C is safe: the request \
+                 stays and runs when CDC does)"
+            );
+        }
+        tokio::time::sleep(SNAPSHOT_POLL).await;
+    }
 }

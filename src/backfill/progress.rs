@@ -60,6 +60,34 @@ impl Progress {
         }
     }
 
+    /// While waiting for the incremental snapshot of the captured tables.
+    pub fn snapshot(&self, status: &crate::cdc::incremental::SnapshotStatus) {
+        let table = status.current_table.as_deref().unwrap_or("-");
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!(
+                "Memberstack done; incremental snapshot {} {} ({table}): {} rows",
+                status.id,
+                status.state.as_str(),
+                status.rows_emitted
+            ));
+            bar.tick();
+            return;
+        }
+        let mut last = self.last_log.lock().unwrap_or_else(|e| e.into_inner());
+        if last.elapsed() >= self.every {
+            *last = Instant::now();
+            tracing::info!(
+                snapshot_id = status.id,
+                state = status.state.as_str(),
+                table,
+                rows_emitted = status.rows_emitted,
+                rows_skipped = status.rows_skipped,
+                chunks = status.chunks,
+                "backfill: waiting for the incremental snapshot of the captured tables"
+            );
+        }
+    }
+
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();

@@ -132,6 +132,18 @@ impl AckTracker {
         confirmed
     }
 
+    /// True when transaction `seq` is confirmed: committed, acknowledged, and so is every
+    /// transaction before it (or forgotten by `reset`).
+    pub fn is_settled(&self, seq: u64) -> bool {
+        !self
+            .state
+            .lock()
+            .expect("ack state")
+            .queue
+            .iter()
+            .any(|t| t.seq == seq)
+    }
+
     /// True when nothing is in flight: no open or unacknowledged transaction.
     pub fn is_idle(&self) -> bool {
         self.state.lock().expect("ack state").queue.is_empty()

@@ -12,6 +12,11 @@ pub struct CdcMetrics {
     pub slot_lost: IntGauge,
     pub reconnects: IntCounter,
     pub backpressure_waits: IntCounter,
+    pub incremental_rows: IntCounterVec,
+    pub incremental_skipped: IntCounterVec,
+    pub incremental_chunks: IntCounterVec,
+    pub incremental_active: IntGauge,
+    pub incremental_tables_remaining: IntGauge,
 }
 
 impl CdcMetrics {
@@ -53,6 +58,35 @@ impl CdcMetrics {
                 "membersync_cdc_backpressure_waits_total",
                 "Events that waited for room in the full producer queue.",
             )?,
+            incremental_rows: IntCounterVec::new(
+                Opts::new(
+                    "membersync_cdc_incremental_snapshot_rows_total",
+                    "Rows an incremental snapshot produced (op r), by table.",
+                ),
+                &["table"],
+            )?,
+            incremental_skipped: IntCounterVec::new(
+                Opts::new(
+                    "membersync_cdc_incremental_snapshot_skipped_rows_total",
+                    "Chunk rows left out because the stream changed them inside the chunk's watermark window.",
+                ),
+                &["table"],
+            )?,
+            incremental_chunks: IntCounterVec::new(
+                Opts::new(
+                    "membersync_cdc_incremental_snapshot_chunks_total",
+                    "Incremental snapshot chunks produced, by table.",
+                ),
+                &["table"],
+            )?,
+            incremental_active: IntGauge::new(
+                "membersync_cdc_incremental_snapshot_active",
+                "1 while this leader runs an incremental snapshot.",
+            )?,
+            incremental_tables_remaining: IntGauge::new(
+                "membersync_cdc_incremental_snapshot_tables_remaining",
+                "Tables the running incremental snapshot has not finished (the current one included).",
+            )?,
         };
         registry.register(Box::new(m.events.clone()))?;
         registry.register(Box::new(m.transactions.clone()))?;
@@ -63,6 +97,11 @@ impl CdcMetrics {
         registry.register(Box::new(m.slot_lost.clone()))?;
         registry.register(Box::new(m.reconnects.clone()))?;
         registry.register(Box::new(m.backpressure_waits.clone()))?;
+        registry.register(Box::new(m.incremental_rows.clone()))?;
+        registry.register(Box::new(m.incremental_skipped.clone()))?;
+        registry.register(Box::new(m.incremental_chunks.clone()))?;
+        registry.register(Box::new(m.incremental_active.clone()))?;
+        registry.register(Box::new(m.incremental_tables_remaining.clone()))?;
         Ok(m)
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod ack;
 pub mod envelope;
+pub mod incremental;
 pub mod metrics;
 pub mod pgoutput;
 pub mod relation;
@@ -49,6 +50,8 @@ pub enum CdcError {
     Snapshot(#[from] snapshot::SnapshotError),
     #[error(transparent)]
     Stream(#[from] stream::StreamError),
+    #[error("incremental snapshot: {0}")]
+    Incremental(#[from] incremental::IncrementalError),
     #[error("Kafka did not acknowledge a change event: {0}")]
     Delivery(String),
     #[error("lost leadership of the slot (lock connection closed)")]

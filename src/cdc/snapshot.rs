@@ -31,8 +31,8 @@ fn quote_ident(s: &str) -> String {
 
 /// The key the stream would use for `table`: the replica identity index's columns under
 /// REPLICA IDENTITY USING INDEX, none under NOTHING, else the primary key (DEFAULT and FULL).
-async fn identity_key(
-    tx: &tokio_postgres::Transaction<'_>,
+pub(crate) async fn identity_key(
+    tx: &impl tokio_postgres::GenericClient,
     table: &str,
 ) -> Result<Vec<String>, SnapshotError> {
     let rows = tx

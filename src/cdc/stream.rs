@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::envelope::{
     Envelope, Op, Source, Transaction, UNCHANGED_TOAST, now_ms, pg_micros_to_unix_ms,
 };
+use super::incremental::{WATERMARK_PREFIX, driver::Driver};
 use super::pgoutput::{self, Message, OldTuple};
 use super::relation::{Relation, RelationCache};
 use super::slot::{self, Leader, SlotError};
@@ -55,16 +56,24 @@ pub async fn run(
         heartbeat_every,
     );
     let mut poll = tokio::time::interval(Duration::from_secs(cfg.slot_poll_interval_secs));
+    // Incremental snapshots run inside the stream: their watermarks and rows must take
+    // their place among the changes.
+    let mut snapshots = Driver::new(ctx);
     loop {
         confirm(ctx, repl);
         if let Some(e) = ctx.tracker.take_failure() {
             return Err(CdcError::Delivery(e));
         }
+        snapshots.persist(ctx, leader.client()).await?;
         tokio::select! {
             biased;
-            _ = shutdown.cancelled() => return drain(ctx, repl).await,
+            _ = shutdown.cancelled() => {
+                drain(ctx, repl).await?;
+                return snapshots.persist(ctx, leader.client()).await;
+            }
             _ = ctx.tracker.changed() => {}
             _ = poll.tick() => watch_slot(ctx, leader).await?,
+            wake = snapshots.wake() => snapshots.on_wake(ctx, leader.client(), wake).await?,
             _ = heartbeat.tick(), if cfg.heartbeat_interval_secs > 0 => {
                 if let Err(e) = slot::heartbeat(leader.client()).await {
                     tracing::warn!(error = %e, "heartbeat message failed");
@@ -72,7 +81,7 @@ pub async fn run(
             }
             event = repl.recv() => {
                 let Some(event) = event? else { return Err(StreamError::Ended.into()) };
-                handle(ctx, repl, leader, &mut relations, &mut primary_keys, &mut tx, event).await?;
+                handle(ctx, repl, leader, &mut relations, &mut primary_keys, &mut tx, &mut snapshots, event).await?;
             }
         }
     }
@@ -146,6 +155,7 @@ async fn handle(
     relations: &mut RelationCache,
     primary_keys: &mut HashMap<u32, Vec<String>>,
     tx: &mut Option<OpenTx>,
+    snapshots: &mut Driver,
     event: ReplicationEvent,
 ) -> Result<(), CdcError> {
     match event {
@@ -172,6 +182,9 @@ async fn handle(
             if let Some(open) = tx.take() {
                 ctx.tracker
                     .commit(open.seq, end_lsn.as_u64(), instant_of(commit_time_micros));
+                snapshots
+                    .on_commit(ctx, leader.client(), open.xid, end_lsn.as_u64())
+                    .await?;
             }
         }
         ReplicationEvent::Message {
@@ -182,6 +195,11 @@ async fn handle(
             if let Some(open) = tx.as_mut() {
                 open.origin = true;
             }
+        }
+        ReplicationEvent::Message {
+            prefix, content, ..
+        } if prefix == WATERMARK_PREFIX => {
+            snapshots.on_watermark(&content);
         }
         ReplicationEvent::Message { .. } => {}
         ReplicationEvent::KeepAlive { wal_end, .. } => {
@@ -208,7 +226,16 @@ async fn handle(
                     primary_keys.remove(&rel.id);
                 }
             }
-            change(ctx, relations, primary_keys, tx.as_mut(), lsn, message).await?;
+            change(
+                ctx,
+                relations,
+                primary_keys,
+                tx.as_mut(),
+                snapshots,
+                lsn,
+                message,
+            )
+            .await?;
         }
         ReplicationEvent::StoppedAt { .. } => return Err(StreamError::Ended.into()),
     }
@@ -221,6 +248,7 @@ async fn change(
     relations: &mut RelationCache,
     primary_keys: &HashMap<u32, Vec<String>>,
     tx: Option<&mut OpenTx>,
+    snapshots: &mut Driver,
     lsn: u64,
     message: Message,
 ) -> Result<(), CdcError> {
@@ -236,6 +264,9 @@ async fn change(
             let Some(tx) = tx else { return Ok(()) };
             for id in m.relation_ids {
                 let rel = relations.get(id).ok_or(StreamError::UnknownRelation(id))?;
+                if snapshots.watching(&rel.qualified_name()) {
+                    snapshots.truncated();
+                }
                 emit(ctx, tx, rel, &[], id, Op::Truncate, lsn, None, None, &[]).await?;
             }
             return Ok(());
@@ -284,6 +315,20 @@ async fn change(
         .get(&relation_id)
         .cloned()
         .unwrap_or_else(|| identity_columns(rel));
+    if snapshots.watching(&rel.qualified_name()) {
+        // Every key the chunk's rows could be matched by: the Kafka key and the identity of
+        // both images (a delete under REPLICA IDENTITY DEFAULT carries only the identity).
+        let key_columns = ctx.key_columns(&rel.qualified_name(), &identity);
+        let mut keys = Vec::with_capacity(4);
+        for row in [before.as_ref(), after.as_ref()].into_iter().flatten() {
+            for columns in [&key_columns, &identity] {
+                if !columns.is_empty() {
+                    keys.push(super::envelope::key(&row.values, columns));
+                }
+            }
+        }
+        snapshots.changed(&keys);
+    }
     emit(
         ctx,
         tx,

@@ -288,6 +288,14 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
         }
     }
     at_least_one("cdc.snapshot_fetch_rows", cdc.snapshot_fetch_rows as i64)?;
+    at_least_one(
+        "cdc.incremental_chunk_rows",
+        cdc.incremental_chunk_rows as i64,
+    )?;
+    at_least_one(
+        "cdc.incremental_poll_interval_ms",
+        cdc.incremental_poll_interval_ms as i64,
+    )?;
     at_least_one("cdc.status_interval_ms", cdc.status_interval_ms as i64)?;
     at_least_one(
         "cdc.slot_poll_interval_secs",

@@ -198,6 +198,10 @@ pub struct CdcConfig {
     pub snapshot: SnapshotMode,
     /// Rows fetched per round trip during a snapshot.
     pub snapshot_fetch_rows: u32,
+    /// Rows per chunk of an incremental snapshot (one short select between two watermarks).
+    pub incremental_chunk_rows: u32,
+    /// How often the CDC leader looks for a requested incremental snapshot.
+    pub incremental_poll_interval_ms: u64,
     /// A logical message is written this often so the slot advances when only other
     /// databases write (0 disables).
     pub heartbeat_interval_secs: u64,
@@ -223,6 +227,8 @@ impl Default for CdcConfig {
             key_columns,
             snapshot: SnapshotMode::Initial,
             snapshot_fetch_rows: 5_000,
+            incremental_chunk_rows: 1_024,
+            incremental_poll_interval_ms: 1_000,
             heartbeat_interval_secs: 10,
             status_interval_ms: 1_000,
             slot_poll_interval_secs: 10,

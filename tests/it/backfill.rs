@@ -354,7 +354,7 @@ async fn backfill_reports_exactly_the_planted_drift_and_reconciles_it() {
 
     // The backfill with merge running reconciles everything per authority.
     let _merge = Daemon::start("merge", env.env.clone()).await;
-    let out = env.backfill(&["--json"]);
+    let out = env.backfill(&["--json", "--no-snapshot"]);
     let outcome: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(outcome["members_published"], json!(MEMBERS));
     assert_eq!(outcome["pages_done"], json!(10));
@@ -458,7 +458,7 @@ async fn an_interrupted_backfill_resumes_without_rereading_finished_pages() {
     // 30 pages of 20 at 10 requests/s: about 3 s, time enough to kill it mid-run.
     let slow = [("MEMBERSYNC__MEMBERSTACK__REQUESTS_PER_SECOND", "10")];
     let mut child = env
-        .backfill_command(&["--page-size", "20", "--json"], &slow)
+        .backfill_command(&["--page-size", "20", "--json", "--no-snapshot"], &slow)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -498,7 +498,7 @@ async fn an_interrupted_backfill_resumes_without_rereading_finished_pages() {
     );
     let first_run_calls = env.list_calls().len();
 
-    let out = env.backfill(&["--page-size", "20", "--json"]);
+    let out = env.backfill(&["--page-size", "20", "--json", "--no-snapshot"]);
     let outcome: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(outcome["run_id"], json!(run_id));
     assert_eq!(outcome["resumed"], json!(true));
@@ -550,6 +550,93 @@ async fn an_interrupted_backfill_resumes_without_rereading_finished_pages() {
         by_member.values().all(|ids| ids.len() == 1),
         "a re-published member keeps its event id"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_triggers_an_incremental_snapshot_of_the_captured_tables_and_waits_for_it() {
+    let env = Env::start().await;
+    // 30 members, 20 of them with an agreeing row, 10 without. CDC runs (`membersync run`)
+    // without a snapshot at slot creation: the only read of the table is the backfill's.
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let email = format!("s{i}@example.com");
+        let custom = json!({"n": i});
+        let id = env.create(&email, custom.clone(), json!({"project_data": {"p": i}}));
+        if i < 20 {
+            env.insert_row(&id, &agreeing_row(&email, &custom, &json!({"p": i})))
+                .await;
+        }
+        ids.push(id);
+    }
+    let secret = format!(
+        "whsec_{}",
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [7u8; 24])
+    );
+    let mut daemon_env = env.env.clone();
+    daemon_env.extend([
+        (
+            "MEMBERSYNC__INGEST__MEMBERSTACK_WEBHOOK_SECRETS".to_owned(),
+            secret,
+        ),
+        // Only the backfill's incremental snapshot reads the table, not a slot-creation one.
+        ("MEMBERSYNC__CDC__SNAPSHOT".to_owned(), "never".to_owned()),
+        (
+            "MEMBERSYNC__CDC__HEARTBEAT_INTERVAL_SECS".to_owned(),
+            "1".to_owned(),
+        ),
+        (
+            "MEMBERSYNC__CDC__STATUS_INTERVAL_MS".to_owned(),
+            "200".to_owned(),
+        ),
+        (
+            "MEMBERSYNC__CDC__INCREMENTAL_POLL_INTERVAL_MS".to_owned(),
+            "100".to_owned(),
+        ),
+    ]);
+    let _run = Daemon::start("run", daemon_env).await;
+
+    let out = env.backfill(&["--json"]);
+    let outcome: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(outcome["members_published"], json!(30));
+    let snapshot = &outcome["snapshot"];
+    assert_eq!(snapshot["state"], json!("done"), "{outcome}");
+    assert_eq!(snapshot["tables"], json!(["public.members"]));
+    assert_eq!(
+        snapshot["rows_emitted"].as_i64().unwrap() + snapshot["rows_skipped"].as_i64().unwrap(),
+        20,
+        "every row is read once: published, or left to the stream that carries a newer version"
+    );
+    let recorded: Option<i64> = env
+        .admin
+        .query_one(
+            "select snapshot_request_id from membersync_meta.backfill_runs",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded, snapshot["id"].as_i64());
+    // Merge creates the 10 missing rows from the Memberstack pass; nothing drifts after.
+    wait_for(
+        "every member to have a row",
+        Duration::from_secs(60),
+        || async {
+            let n: i64 = env
+                .admin
+                .query_one(
+                    "select count(*) from public.members where memberstack_id = any($1)",
+                    &[&ids],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (n == 30).then_some(())
+        },
+    )
+    .await;
+    let after = env.dry_run();
+    assert_eq!(after["fields"], json!([]));
+    assert_eq!(after["members_only_in_memberstack"], json!([]));
 }
 
 /// Reads `topic` from the start until `members` distinct members were seen (and a little

@@ -1745,3 +1745,6 @@ async fn a_lost_slot_is_reported_and_not_recreated() {
     assert_eq!(status, "lost", "the slot was not re-created");
     assert_eq!(again, started_at, "no new snapshot was started");
 }
+
+#[path = "incremental.rs"]
+mod incremental;

@@ -1,0 +1,246 @@
+//! One chunk, on its own (non-replication) connection: low watermark, a short read-only
+//! select of the next `limit` rows by primary key, high watermark. It never waits for the
+//! replication stream, so the stream keeps flowing while it runs.
+
+use std::collections::HashSet;
+
+use serde_json::{Map, Value};
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+use super::WATERMARK_PREFIX;
+use super::window::{Mark, Watermark};
+use crate::cdc::value::text_to_json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    #[error("chunk query failed: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    /// Permanent: the request cannot succeed as it stands.
+    #[error("{0}")]
+    Unusable(String),
+}
+
+/// What to read.
+#[derive(Debug, Clone)]
+pub struct ChunkRequest {
+    /// `schema.table`.
+    pub table: String,
+    /// Primary-key text values of the last row already read; `None` = from the start.
+    pub after: Option<Vec<String>>,
+    pub limit: u32,
+    pub low: Watermark,
+}
+
+#[derive(Debug, Clone)]
+pub struct ChunkRows {
+    pub table: String,
+    /// The columns identifying a row in the stream (replica identity; primary key under
+    /// DEFAULT and FULL), for matching window keys.
+    pub identity: Vec<String>,
+    pub rows: Vec<Map<String, Value>>,
+    /// Primary-key text values of the last row read (the next chunk starts after it).
+    pub last_key: Option<Vec<String>>,
+    /// Fewer rows than asked: the table is finished.
+    pub last_chunk: bool,
+    /// Transactions running for the chunk's snapshot (32-bit xids, as pgoutput sends them).
+    pub running: HashSet<u32>,
+}
+
+/// Session settings pinned like the replication session's, so values (and keys made of
+/// them) read here are spelled exactly as the stream spells them.
+pub const SESSION_SETTINGS: &str = "set datestyle = 'ISO, MDY'; set timezone = 'UTC';
+     set intervalstyle = 'iso_8601'; set extra_float_digits = 3;
+     set standard_conforming_strings = on";
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+struct Column {
+    name: String,
+    oid: u32,
+    /// `format_type` spelling, for casting key literals.
+    sql_type: String,
+}
+
+/// Reads one chunk between two watermarks.
+pub async fn read(client: &Client, req: &ChunkRequest) -> Result<ChunkRows, ChunkError> {
+    let (schema, name) = req
+        .table
+        .split_once('.')
+        .ok_or_else(|| ChunkError::Unusable(format!("{} is not schema.table", req.table)))?;
+    let columns: Vec<Column> = client
+        .query(
+            "select attname::text, atttypid::oid, format_type(atttypid, atttypmod) from pg_attribute
+             where attrelid = $1::text::regclass and attnum > 0 and not attisdropped order by attnum",
+            &[&req.table],
+        )
+        .await?
+        .iter()
+        .map(|r| Column {
+            name: r.get(0),
+            oid: r.get(1),
+            sql_type: r.get(2),
+        })
+        .collect();
+    if columns.is_empty() {
+        return Err(ChunkError::Unusable(format!(
+            "table {} has no columns visible to the daemon role",
+            req.table
+        )));
+    }
+    let pk: Vec<String> = client
+        .query(
+            "select a.attname::text from pg_index i
+             join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
+             where i.indrelid = $1::text::regclass and i.indisprimary
+             order by array_position(i.indkey::int2[], a.attnum)",
+            &[&req.table],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if pk.is_empty() {
+        return Err(ChunkError::Unusable(format!(
+            "table {} has no primary key: an incremental snapshot reads it in primary-key order",
+            req.table
+        )));
+    }
+    let identity = crate::cdc::snapshot::identity_key(client, &req.table)
+        .await
+        .map_err(|e| ChunkError::Unusable(e.to_string()))?;
+    let pk_index: Vec<usize> =
+        pk.iter()
+            .map(|k| {
+                columns.iter().position(|c| &c.name == k).ok_or_else(|| {
+                    ChunkError::Unusable(format!("primary key column {k} not readable"))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+    let order = pk
+        .iter()
+        .map(|k| quote_ident(k))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let filter = match &req.after {
+        Some(values) if values.len() == pk.len() => {
+            let literals = values
+                .iter()
+                .zip(&pk_index)
+                .map(|(v, &i)| format!("{}::{}", quote_literal(v), columns[i].sql_type))
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!("where ({order}) > ({literals})")
+        }
+        Some(_) => {
+            return Err(ChunkError::Unusable(format!(
+                "the saved position of {} does not match its primary key ({order})",
+                req.table
+            )));
+        }
+        None => String::new(),
+    };
+    let select = format!(
+        "select {} from {}.{} {filter} order by {order} limit {}",
+        columns
+            .iter()
+            .map(|c| quote_ident(&c.name))
+            .collect::<Vec<_>>()
+            .join(", "),
+        quote_ident(schema),
+        quote_ident(name),
+        req.limit
+    );
+
+    emit(client, &req.low, false).await?;
+    // Repeatable read: the running list and the rows come from one snapshot. The transaction
+    // lasts one select: nothing is pinned between chunks.
+    client
+        .batch_execute("begin isolation level repeatable read read only")
+        .await?;
+    let result = async {
+        let running: HashSet<u32> = client
+            .query(
+                "select (x::text::numeric % 4294967296)::bigint from pg_snapshot_xip(pg_current_snapshot()) x",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get::<_, i64>(0) as u32)
+            .collect();
+        let messages = client.simple_query(&select).await?;
+        Ok::<_, tokio_postgres::Error>((running, messages))
+    }
+    .await;
+    let (running, messages) = match result {
+        Ok(r) => {
+            client.batch_execute("commit").await?;
+            r
+        }
+        Err(e) => {
+            let _ = client.batch_execute("rollback").await;
+            return Err(e.into());
+        }
+    };
+    emit(
+        client,
+        &Watermark {
+            mark: Mark::High,
+            ..req.low.clone()
+        },
+        true,
+    )
+    .await?;
+
+    let mut rows = Vec::new();
+    let mut last_key = None;
+    for message in messages {
+        let SimpleQueryMessage::Row(row) = message else {
+            continue;
+        };
+        let mut after = Map::with_capacity(columns.len());
+        for (i, c) in columns.iter().enumerate() {
+            let value = row.get(i).map_or(Value::Null, |t| text_to_json(c.oid, t));
+            after.insert(c.name.clone(), value);
+        }
+        last_key = Some(
+            pk_index
+                .iter()
+                .map(|&i| row.get(i).unwrap_or_default().to_owned())
+                .collect(),
+        );
+        rows.push(after);
+    }
+    Ok(ChunkRows {
+        table: req.table.clone(),
+        identity,
+        last_chunk: rows.len() < req.limit as usize,
+        rows,
+        last_key,
+        running,
+    })
+}
+
+/// A watermark (docs/cdc.md explains the choice). The low one is non-transactional: decoded
+/// at its own WAL position, no xid, no commit. The high one is transactional, in a transaction
+/// of its own (autocommit): its commit flushes the WAL, so both reach the walsender at once
+/// (Postgres before 17 does not flush for a non-transactional message, and the walsender
+/// only sends flushed WAL: the high watermark would wait up to `wal_writer_delay`).
+async fn emit(
+    client: &Client,
+    mark: &Watermark,
+    transactional: bool,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "select pg_logical_emit_message($1, $2::text, $3::text)",
+            &[&transactional, &WATERMARK_PREFIX, &mark.to_text()],
+        )
+        .await?;
+    Ok(())
+}
