@@ -33,13 +33,16 @@ pub enum MigrateError {
     Lock(#[source] tokio_postgres::Error),
 }
 
-/// Every migration this build knows, as `(version, name)`.
+/// Every migration this build knows, as `(version, name)`, in version order (the embedded
+/// list is in file-name order, where `V10__…` sorts before `V2__…`).
 pub fn known() -> Vec<(i32, String)> {
-    embedded::migrations::runner()
+    let mut known: Vec<(i32, String)> = embedded::migrations::runner()
         .get_migrations()
         .iter()
         .map(|m| (m.version(), m.name().to_owned()))
-        .collect()
+        .collect();
+    known.sort_by_key(|(version, _)| *version);
+    known
 }
 
 pub async fn migrate(client: &mut Client) -> Result<MigrationReport, MigrateError> {
