@@ -10,7 +10,7 @@
 //! 1. **List only** (the baseline): the Memberstack client pages through every member and
 //!    does nothing else — the pacing of the shared rate limiter on its own.
 //! 2. **Backfill pass**: `membersync::backfill::run` (the code `membersync backfill` runs) on
-//!    a fresh database of the dev Postgres and the dev broker (topics under a unique prefix):
+//!    a fresh database of the dev Postgres and a Kafka broker (topics under a unique prefix):
 //!    pages, publishes every member as a `member.snapshot` (acks=all, waiting for every
 //!    acknowledgement), persists the cursor per page. Target: ≤ 1.1 × the bound. Checked: every
 //!    member is on the topic (partition watermarks), no 429.
@@ -19,12 +19,17 @@
 //!    the cost of listing + publishing + persisting without the rate limit; if it is far below
 //!    the bound, publishing is not the bottleneck.
 //!
-//! The run's database and topics are removed at the end. Results: the "Memberstack pass"
+//! The topics are created before the clock starts (in an installation ingest has created
+//! `<prefix>.memberstack` long before). The run's database and topics are removed at the end. Results: the "Memberstack pass"
 //! section of `bench/results/backfill.md` (other sections of that file are kept).
 //!
 //! Environment (all optional):
 //! - `MEMBERSYNC_BENCH_BACKFILL_MEMBERS` (100000): members seeded;
 //! - `MEMBERSYNC_BENCH_BACKFILL_RPS` (25): the simulator's limit and the client's rate;
+//! - `MEMBERSYNC_BENCH_BACKFILL_BROKER` (`private`): `private` starts a Tansu of the bench's
+//!   own (SQLite storage in a temporary directory, removed at the end), so other work on the
+//!   shared dev broker neither slows the pass down nor is slowed down by 100k records; `dev`
+//!   uses the shared dev broker (`MEMBERSYNC_DEV_KAFKA_BROKERS`);
 //! - `MEMBERSYNC_BENCH_BACKFILL_OUT` (`bench/results/backfill.md`): the report.
 //!
 //! Needs the dev services (`scripts/dev-services up`, `.dev/services.env`).
@@ -120,11 +125,14 @@ impl Services {
         client
     }
 
-    fn brokers(&self) -> &str {
-        self.var("MEMBERSYNC_DEV_KAFKA_BROKERS")
-    }
-
-    fn config(&self, db: &str, topic_prefix: &str, api_url: &str, rps: u32) -> Config {
+    fn config(
+        &self,
+        db: &str,
+        brokers: &str,
+        topic_prefix: &str,
+        api_url: &str,
+        rps: u32,
+    ) -> Config {
         let mut c = Config::default();
         c.database.host = self.var("MEMBERSYNC_DEV_PG_HOST").to_owned();
         c.database.port = self.var("MEMBERSYNC_DEV_PG_PORT").parse().expect("port");
@@ -133,13 +141,75 @@ impl Services {
         c.database.password = Some(SecretString::from(
             self.read("MEMBERSYNC__DATABASE__PASSWORD_FILE"),
         ));
-        c.kafka.brokers = self.brokers().to_owned();
+        c.kafka.brokers = brokers.to_owned();
         c.kafka.topic_prefix = topic_prefix.to_owned();
         c.kafka.topic_partitions = 3;
         c.memberstack.api_url = api_url.to_owned();
         c.memberstack.api_key = Some(SecretString::from(API_KEY));
         c.memberstack.requests_per_second = rps;
         c
+    }
+}
+
+/// A Tansu broker of the bench's own on a free loopback port (SQLite storage in a temporary
+/// directory), stopped and removed when dropped.
+struct PrivateBroker {
+    _dir: tempfile::TempDir,
+    child: std::process::Child,
+    addr: String,
+}
+
+impl PrivateBroker {
+    async fn start() -> PrivateBroker {
+        let dir = tempfile::Builder::new()
+            .prefix("membersync-bench-tansu-")
+            .tempdir()
+            .expect("tempdir");
+        std::fs::create_dir(dir.path().join("tansu")).expect("storage dir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let tansu = std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(".cargo/bin/tansu"))
+            .filter(|p| p.is_file())
+            .unwrap_or_else(|| PathBuf::from("tansu"));
+        // Tansu resolves a relative sqlite:// URL against its working directory.
+        let child = Command::new(tansu)
+            .current_dir(dir.path())
+            .args(["broker", "--cluster-id", "membersync-bench"])
+            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "sqlite://tansu/tansu.db"])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tansu (scripts/dev-services up installs it)");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the private Tansu did not listen"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        PrivateBroker {
+            _dir: dir,
+            child,
+            addr: format!("127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -252,16 +322,27 @@ async fn run() {
             .await
             .expect("migrations");
     }
+    let private = std::env::var("MEMBERSYNC_BENCH_BACKFILL_BROKER").map_or(true, |b| b != "dev");
+    let broker = if private {
+        Some(PrivateBroker::start().await)
+    } else {
+        None
+    };
+    let brokers = broker.as_ref().map_or_else(
+        || svc.var("MEMBERSYNC_DEV_KAFKA_BROKERS").to_owned(),
+        |b| b.addr.clone(),
+    );
     let measured = tokio::spawn(measure(
         members,
         rps,
         db.clone(),
+        brokers.clone(),
         prefix.clone(),
         prefix_free.clone(),
     ))
     .await;
     delete_topics(
-        svc.brokers(),
+        &brokers,
         &[
             format!("{prefix}.memberstack"),
             format!("{prefix_free}.memberstack"),
@@ -280,7 +361,13 @@ async fn run() {
             std::process::exit(1);
         }
     };
-    let section = section(members, rps, seed_secs, &list, &pass, &free);
+    drop(broker);
+    let broker_name = if private {
+        "a private Tansu 0.6 (SQLite storage)"
+    } else {
+        "the shared dev broker (Tansu 0.6)"
+    };
+    let section = section(members, rps, broker_name, seed_secs, &list, &pass, &free);
     let existing = std::fs::read_to_string(&out).unwrap_or_default();
     let report = splice(&existing, &section);
     if let Some(dir) = out.parent() {
@@ -295,6 +382,7 @@ async fn measure(
     members: usize,
     rps: u32,
     db: String,
+    brokers: String,
     prefix: String,
     prefix_free: String,
 ) -> (f64, Phase, Phase, Phase) {
@@ -323,8 +411,19 @@ async fn measure(
         (calls.len(), busiest_second(&times))
     };
 
+    // The topics exist before the clock starts, as in any installation (ingest creates
+    // `<prefix>.memberstack` at its start): creating one on the broker is not the pass's work.
+    let config = svc.config(&db, &brokers, &prefix, &sim.base_url(), rps);
+    let free_config = svc.config(&db, &brokers, &prefix_free, "http://127.0.0.1:9", 10_000);
+    for c in [&config, &free_config] {
+        membersync::kafka::admin::KafkaAdmin::new(&c.kafka)
+            .expect("kafka admin")
+            .ensure_topics(&[format!("{}.memberstack", c.kafka.topic_prefix)])
+            .await
+            .expect("create the topic");
+    }
+
     // 1. List only.
-    let config = svc.config(&db, &prefix, &sim.base_url(), rps);
     let client = MemberstackClient::new(&config.memberstack, None).expect("client");
     let before = sim.calls().len();
     let limited_before = sim.stats().rate_limited;
@@ -356,7 +455,7 @@ async fn measure(
     let mut pass = Phase {
         secs: started.elapsed().as_secs_f64(),
         members: outcome.members_published,
-        records: records_on(svc.brokers(), &format!("{prefix}.memberstack")),
+        records: records_on(&brokers, &format!("{prefix}.memberstack")),
         ..Phase::default()
     };
     (pass.requests, pass.busiest_second) = phase_calls(&sim, before);
@@ -378,7 +477,8 @@ async fn measure(
         .expect("member");
         free_sim.dashboard_create(new).expect("seed");
     }
-    let config = svc.config(&db, &prefix_free, &free_sim.base_url(), 10_000);
+    let mut config = free_config;
+    config.memberstack.api_url = free_sim.base_url();
     let started = Instant::now();
     let outcome = backfill::run(&config, &options)
         .await
@@ -386,7 +486,7 @@ async fn measure(
     let mut free = Phase {
         secs: started.elapsed().as_secs_f64(),
         members: outcome.members_published,
-        records: records_on(svc.brokers(), &format!("{prefix_free}.memberstack")),
+        records: records_on(&brokers, &format!("{prefix_free}.memberstack")),
         ..Phase::default()
     };
     (free.requests, free.busiest_second) = phase_calls(&free_sim, 0);
@@ -418,6 +518,7 @@ fn splice(existing: &str, section: &str) -> String {
 fn section(
     members: usize,
     rps: u32,
+    broker: &str,
     seed_secs: f64,
     list: &Phase,
     pass: &Phase,
@@ -448,15 +549,21 @@ fn section(
         },
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
     );
+    // `cargo bench` builds with optimisations; `cargo test --bench` (a smoke run) does not.
+    let (command, build) = if cfg!(debug_assertions) {
+        ("cargo test --bench backfill", "debug build")
+    } else {
+        ("cargo bench --bench backfill", "release build")
+    };
     let _ = writeln!(
         o,
-        "```sh\nMEMBERSYNC_BENCH_BACKFILL_MEMBERS={members} MEMBERSYNC_BENCH_BACKFILL_RPS={rps} cargo bench --bench backfill\n```\n"
+        "```sh\nMEMBERSYNC_BENCH_BACKFILL_MEMBERS={members} MEMBERSYNC_BENCH_BACKFILL_RPS={rps} {command}   # {build}\n```\n"
     );
     let _ = writeln!(
         o,
         "{members} members in the Memberstack simulator (seeded in {seed_secs:.1} s), limit {rps} requests per rolling second \
          (429 beyond), pages of {PAGE_SIZE}: {pages} list requests, so the bound is {pages} ÷ {rps} = **{bound:.1} s**. \
-         Kafka: the dev broker (Tansu), 3 partitions, acks=all.\n"
+         Kafka: {broker}, 3 partitions per topic, acks=all.\n"
     );
     let _ = writeln!(o, "| target | figure | verdict |\n|---|---|---|");
     let _ = writeln!(

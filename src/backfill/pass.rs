@@ -1,14 +1,22 @@
 //! The Memberstack pass: page `GET /members` (through the client's shared rate limiter),
 //! publish every member as a `member.snapshot` on `<prefix>.memberstack`, and move the
-//! persisted cursor only once every record of the page is acknowledged (at-least-once).
+//! persisted cursor only once every record of the page, and of every page before it, is
+//! acknowledged (at-least-once).
 //!
-//! The next page is fetched while the current one is being published and acknowledged, so
-//! Kafka's round trips hide behind the rate limiter's spacing: the pass runs at the rate
-//! limit, not at rate limit + publish time.
+//! Pages are pipelined: the next page is fetched while earlier ones are being acknowledged,
+//! and up to [`PAGES_IN_FLIGHT`] pages wait for their acknowledgements at once (completed in
+//! list order, so the cursor never skips an unfinished page). One page's round trip to the
+//! broker (~0.1–0.2 s on a loaded Tansu) is then no longer paid per page, and the pass runs at
+//! the rate limit instead of at the broker's latency.
 
 use std::time::Duration;
 
+use std::future::Future;
+use std::pin::Pin;
+
 use chrono::Utc;
+use futures::StreamExt as _;
+use futures::stream::FuturesOrdered;
 use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
 
@@ -52,61 +60,69 @@ pub fn event_id(run_id: i64, member: &Member) -> String {
     )
 }
 
+/// Pages whose records are being acknowledged at once. After an interruption these (and the
+/// page being fetched) are the only pages read again.
+pub const PAGES_IN_FLIGHT: usize = 8;
+
+/// A page whose records were all acknowledged.
+struct Acked {
+    cursor: u64,
+    members: u64,
+    total: u64,
+}
+
 impl Pass<'_> {
     pub async fn run(
         &self,
         run: &mut Run,
         progress: &Progress,
     ) -> Result<PassSummary, BackfillError> {
+        let run_id = run.id;
         let mut summary = PassSummary::default();
-        let mut page = self.fetch(run.cursor, &mut summary).await?;
+        let mut in_flight = FuturesOrdered::new();
+        let mut fetching: Option<Pin<Box<dyn Future<Output = _> + Send + '_>>> = None;
+        let mut after = run.cursor;
+        let mut listed_all = false;
         loop {
-            // An empty page ends the pass whatever it says: its cursor does not advance.
-            let more = page.has_next_page && !page.data.is_empty();
-            let cursor = page.end_cursor;
-            let members = page.data.len() as u64;
-            let total = page.total_count;
-            let publish = async {
-                self.publish(run.id, &page.data).await?;
-                if members > 0 {
-                    state::page_done(self.db, run, cursor, members, total).await?;
-                }
-                Ok::<_, BackfillError>(())
-            };
-            let next = if more {
-                let mut fetched = PassSummary::default();
-                let (published, next) =
-                    tokio::join!(publish, self.fetch(Some(cursor), &mut fetched));
-                summary.list_requests += fetched.list_requests;
-                published?;
-                Some(next?)
-            } else {
-                publish.await?;
-                None
-            };
-            if members > 0 {
-                summary.pages += 1;
-                summary.members += members;
+            if fetching.is_none() && !listed_all && in_flight.len() < PAGES_IN_FLIGHT {
+                summary.list_requests += 1;
+                fetching = Some(Box::pin(self.memberstack.list_members(
+                    after,
+                    self.page_size,
+                    true,
+                )));
             }
-            progress.page(run.pages_done, run.members_published, total);
-            match next {
-                Some(n) => page = n,
-                None => break,
+            if fetching.is_none() && in_flight.is_empty() {
+                return Ok(summary);
+            }
+            tokio::select! {
+                page = async { fetching.as_mut().expect("guarded").await }, if fetching.is_some() => {
+                    fetching = None;
+                    let page: MemberPage = page?;
+                    // An empty page ends the pass whatever it says: its cursor does not advance.
+                    listed_all = !page.has_next_page || page.data.is_empty();
+                    if !page.data.is_empty() {
+                        after = Some(page.end_cursor);
+                        let acked = Acked {
+                            cursor: page.end_cursor,
+                            members: page.data.len() as u64,
+                            total: page.total_count,
+                        };
+                        in_flight.push_back(async move {
+                            self.publish(run_id, &page.data).await.map(|()| acked)
+                        });
+                    }
+                }
+                acked = in_flight.next(), if !in_flight.is_empty() => {
+                    let Some(acked) = acked else { continue };
+                    let acked: Acked = acked?;
+                    state::page_done(self.db, run, acked.cursor, acked.members, acked.total).await?;
+                    summary.pages += 1;
+                    summary.members += acked.members;
+                    progress.page(run.pages_done, run.members_published, acked.total);
+                }
             }
         }
-        Ok(summary)
-    }
-
-    async fn fetch(
-        &self,
-        after: Option<u64>,
-        summary: &mut PassSummary,
-    ) -> Result<MemberPage, BackfillError> {
-        summary.list_requests += 1;
-        Ok(self
-            .memberstack
-            .list_members(after, self.page_size, true)
-            .await?)
     }
 
     /// Produces every member of the page at once and waits for all acknowledgements.
