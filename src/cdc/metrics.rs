@@ -15,6 +15,7 @@ pub struct CdcMetrics {
     pub incremental_rows: IntCounterVec,
     pub incremental_skipped: IntCounterVec,
     pub incremental_chunks: IntCounterVec,
+    pub incremental_retries: IntCounterVec,
     pub incremental_active: IntGauge,
     pub incremental_tables_remaining: IntGauge,
 }
@@ -79,6 +80,13 @@ impl CdcMetrics {
                 ),
                 &["table"],
             )?,
+            incremental_retries: IntCounterVec::new(
+                Opts::new(
+                    "membersync_cdc_incremental_snapshot_chunk_retries_total",
+                    "Chunks read again because a transaction that committed before the low watermark was not yet visible to the chunk's select.",
+                ),
+                &["table"],
+            )?,
             incremental_active: IntGauge::new(
                 "membersync_cdc_incremental_snapshot_active",
                 "1 while this leader runs an incremental snapshot.",
@@ -100,6 +108,7 @@ impl CdcMetrics {
         registry.register(Box::new(m.incremental_rows.clone()))?;
         registry.register(Box::new(m.incremental_skipped.clone()))?;
         registry.register(Box::new(m.incremental_chunks.clone()))?;
+        registry.register(Box::new(m.incremental_retries.clone()))?;
         registry.register(Box::new(m.incremental_active.clone()))?;
         registry.register(Box::new(m.incremental_tables_remaining.clone()))?;
         Ok(m)

@@ -38,6 +38,8 @@ struct OpenTx {
     origin: bool,
     total_order: u64,
     per_table: HashMap<u32, u64>,
+    /// Changed the table an incremental snapshot is reading (see incremental::window).
+    touched_snapshot_table: bool,
 }
 
 pub async fn run(
@@ -172,6 +174,7 @@ async fn handle(
                 origin: false,
                 total_order: 0,
                 per_table: HashMap::new(),
+                touched_snapshot_table: false,
             });
         }
         ReplicationEvent::Commit {
@@ -183,7 +186,13 @@ async fn handle(
                 ctx.tracker
                     .commit(open.seq, end_lsn.as_u64(), instant_of(commit_time_micros));
                 snapshots
-                    .on_commit(ctx, leader.client(), open.xid, end_lsn.as_u64())
+                    .on_commit(
+                        ctx,
+                        leader.client(),
+                        open.xid,
+                        open.touched_snapshot_table,
+                        end_lsn.as_u64(),
+                    )
                     .await?;
             }
         }
@@ -264,6 +273,9 @@ async fn change(
             let Some(tx) = tx else { return Ok(()) };
             for id in m.relation_ids {
                 let rel = relations.get(id).ok_or(StreamError::UnknownRelation(id))?;
+                if snapshots.reading(&rel.qualified_name()) {
+                    tx.touched_snapshot_table = true;
+                }
                 if snapshots.watching(&rel.qualified_name()) {
                     snapshots.truncated();
                 }
@@ -315,6 +327,9 @@ async fn change(
         .get(&relation_id)
         .cloned()
         .unwrap_or_else(|| identity_columns(rel));
+    if snapshots.reading(&rel.qualified_name()) {
+        tx.touched_snapshot_table = true;
+    }
     if snapshots.watching(&rel.qualified_name()) {
         // Every key the chunk's rows could be matched by: the Kafka key and the identity of
         // both images (a delete under REPLICA IDENTITY DEFAULT carries only the identity).

@@ -33,15 +33,16 @@ pub enum MigrateError {
     Lock(#[source] tokio_postgres::Error),
 }
 
-/// Every migration this build knows, as `(version, name)`, in version order (the embedded
-/// list is in file-name order, where `V10__…` sorts before `V2__…`).
+/// Every migration this build knows, as `(version, name)`.
 pub fn known() -> Vec<(i32, String)> {
     let mut known: Vec<(i32, String)> = embedded::migrations::runner()
         .get_migrations()
         .iter()
         .map(|m| (m.version(), m.name().to_owned()))
         .collect();
-    known.sort_by_key(|(version, _)| *version);
+    // In version order (the order they apply in): the embedded list follows the file names,
+    // where V10 sorts before V2.
+    known.sort_by_key(|(v, _)| *v);
     known
 }
 

@@ -90,8 +90,10 @@ async fn incremental_snapshot_emits_every_row_while_streaming_continues() {
     let daemon = s.start_incremental().await;
     s.streaming().await;
 
-    // Streaming goes on meanwhile: 2,000 new rows (ids above ROWS) in 40 transactions.
-    let loader = spawn_offset_loader(s.db.admin().await, ROWS, 40, 50);
+    // Streaming goes on meanwhile: transactions of 50 new rows (ids above ROWS) until the
+    // snapshot is done.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let loader = spawn_offset_loader(s.db.admin().await, ROWS, 50, stop.clone());
 
     // The subcommand, as an operator runs it.
     let env = s.env();
@@ -106,6 +108,8 @@ async fn incremental_snapshot_emits_every_row_while_streaming_continues() {
         .await
         .expect("membersync snapshot --wait did not finish in 180 s")
         .unwrap();
+    stop.cancel();
+    let loaded_rows = loader.await.unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -116,27 +120,37 @@ async fn incremental_snapshot_emits_every_row_while_streaming_continues() {
         stdout.contains("requested") && stdout.contains("done"),
         "{stdout}"
     );
-    loader.await.unwrap();
+    let id = s
+        .admin
+        .query_one(
+            "select max(id) from membersync_meta.cdc_incremental_snapshots",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    let status = incremental::snapshot_status(&s.admin, id).await.unwrap();
+    assert_eq!(status.state, SnapshotState::Done);
 
     let ids: BTreeSet<i64> = (1..=ROWS).collect();
-    let loaded: BTreeSet<i64> = (ROWS + 1..=ROWS + 2_000).collect();
+    let loaded: BTreeSet<i64> = (ROWS + 1..=ROWS + loaded_rows).collect();
     let mut reader = s.reader("cdc_t");
+    let (mut r, mut reads_seen, mut c, mut scanned) = (BTreeSet::new(), 0, BTreeSet::new(), 0);
     let events = reader
         .until(
             "every row as r and every load as c",
             Duration::from_secs(120),
             |events| {
-                let r: BTreeSet<i64> = events
-                    .iter()
-                    .filter(|e| is_incremental_read(e))
-                    .filter_map(Event::id)
-                    .collect();
-                let c: BTreeSet<i64> = events
-                    .iter()
-                    .filter(|e| e.op() == "c")
-                    .filter_map(Event::id)
-                    .collect();
-                ids.is_subset(&r) && loaded.is_subset(&c)
+                for e in &events[scanned..] {
+                    if is_incremental_read(e) {
+                        r.extend(e.id());
+                        reads_seen += 1;
+                    } else if e.op() == "c" {
+                        c.extend(e.id());
+                    }
+                }
+                scanned = events.len();
+                reads_seen >= status.rows_emitted && ids.is_subset(&r) && loaded.is_subset(&c)
             },
         )
         .await;
@@ -149,18 +163,22 @@ async fn incremental_snapshot_emits_every_row_while_streaming_continues() {
         assert!(e.value["source"]["lsn"].as_u64().unwrap() > 0);
         assert!(e.value["transaction"].is_null());
     }
-    let id = s
-        .admin
-        .query_one(
-            "select max(id) from membersync_meta.cdc_incremental_snapshots",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get::<_, i64>(0);
-    let status = incremental::snapshot_status(&s.admin, id).await.unwrap();
-    eprintln!("status: {status:?}; {} r events", reads.len());
-    assert_eq!(status.state, SnapshotState::Done);
+    // Streamed inserts landed between the snapshot's first and last row: it ran while
+    // streaming went on.
+    let first_r = events.iter().position(is_incremental_read).unwrap();
+    let last_r = events.iter().rposition(is_incremental_read).unwrap();
+    let interleaved = events[first_r..last_r]
+        .iter()
+        .filter(|e| e.op() == "c")
+        .count();
+    eprintln!(
+        "status: {status:?}; {} r events; {loaded_rows} rows inserted meanwhile, {interleaved} of them streamed between the first and the last snapshot row",
+        reads.len()
+    );
+    assert!(
+        interleaved > 0,
+        "no change was streamed while the snapshot ran"
+    );
     assert_eq!(status.tables, vec!["public.cdc_t".to_string()]);
     assert!(status.chunks >= ROWS / 250, "{status:?}");
     assert_eq!(
@@ -181,16 +199,18 @@ async fn incremental_snapshot_emits_every_row_while_streaming_continues() {
     );
 }
 
-/// Inserts `txs` transactions of `rows` rows with ids above `offset`.
+/// Inserts transactions of `rows` rows with ids above `offset` until `stop`; returns how
+/// many rows it inserted.
 fn spawn_offset_loader(
     client: Client,
     offset: i64,
-    txs: i64,
     rows: i64,
-) -> tokio::task::JoinHandle<()> {
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<i64> {
     tokio::spawn(async move {
-        for t in 0..txs {
-            let (lo, hi) = (offset + t * rows + 1, offset + (t + 1) * rows);
+        let mut done = 0;
+        while !stop.is_cancelled() {
+            let (lo, hi) = (offset + done + 1, offset + done + rows);
             client
                 .execute(
                     "insert into public.cdc_t (id, memberstack_id, name)
@@ -199,7 +219,11 @@ fn spawn_offset_loader(
                 )
                 .await
                 .expect("load transaction");
+            done += rows;
+            // Paced like live traffic (~2,500 rows/s), not a bulk load.
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        done
     })
 }
 
@@ -207,8 +231,8 @@ fn spawn_offset_loader(
 // (b) concurrent updates and deletes: never a stale row after a newer change
 // ------------------------------------------------------------------------------------------
 
-/// Updates (`name = 'v<n>'`, n rising per key) and deletes rows of `ids` (those `≡ lane mod
-/// 2`, so each key has one writer and its versions rise in commit order) until `stop`,
+/// Updates (`name = 'v<n>'`, n rising per key) and deletes rows (those `≡ lane mod LANES`,
+/// so each key has one writer and its versions rise in commit order) until `stop`,
 /// mostly just ahead of the snapshot's persisted position, where the chunk in flight is.
 /// Returns (updates, deletes).
 fn spawn_writer(
@@ -240,13 +264,13 @@ fn spawn_writer(
                     .unwrap_or(0);
             }
             let r = next();
-            let mut id = if r % 10 < 7 {
-                position + 1 + (r >> 8) as i64 % 600
+            let mut id = if r % 10 < 9 {
+                position + 1 + (r >> 8) as i64 % 500
             } else {
                 1 + (r >> 8) as i64 % rows
             };
-            id = (id - id.rem_euclid(2) + lane).clamp(1, rows);
-            if id.rem_euclid(2) != lane || deleted.contains(&id) {
+            id = (id - id.rem_euclid(LANES) + lane).clamp(1, rows);
+            if id.rem_euclid(LANES) != lane || deleted.contains(&id) {
                 continue;
             }
             if r % 50 == 0 {
@@ -272,6 +296,9 @@ fn spawn_writer(
     })
 }
 
+/// Concurrent writers.
+const LANES: i64 = 4;
+
 /// The version in `name` (`v<n>`).
 fn version(row: &serde_json::Value) -> i64 {
     row["name"]
@@ -292,7 +319,7 @@ async fn incremental_snapshot_never_emits_a_stale_row_after_a_newer_change() {
         .await
         .unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
-    let writers: Vec<_> = (0..2)
+    let writers: Vec<_> = (0..LANES)
         .map(|lane| {
             let stop = stop.clone();
             let db = &s.db;
@@ -321,12 +348,18 @@ async fn incremental_snapshot_never_emits_a_stale_row_after_a_newer_change() {
     eprintln!("{updates} updates and {deletes} deletes during the snapshot; {status:?}");
 
     let mut reader = s.reader("cdc_t");
+    let mut counts: HashMap<String, u64> = HashMap::new();
+    let mut scanned = 0;
     let events = reader
         .until(
             "every change and snapshot row",
             Duration::from_secs(120),
             |events| {
-                let count = |op: &str| events.iter().filter(|e| e.op() == op).count() as u64;
+                for e in &events[scanned..] {
+                    *counts.entry(e.op().to_owned()).or_default() += 1;
+                }
+                scanned = events.len();
+                let count = |op: &str| counts.get(op).copied().unwrap_or(0);
                 count("u") >= updates
                     && count("d") >= deletes
                     && count("r") >= status.rows_emitted as u64
@@ -359,6 +392,17 @@ async fn incremental_snapshot_never_emits_a_stale_row_after_a_newer_change() {
                 covered.insert(key);
             }
             _ => {}
+        }
+    }
+    if let Some((_, key, _, _)) = stale.first() {
+        for e in events.iter().filter(|e| e.id() == Some(*key)) {
+            eprintln!(
+                "key {key}: {} v{} lsn {} tx {}",
+                e.op(),
+                e.value["after"]["name"],
+                e.value["source"]["lsn"],
+                e.value["source"]["txId"]
+            );
         }
     }
     assert!(

@@ -2,13 +2,11 @@
 //! select of the next `limit` rows by primary key, high watermark. It never waits for the
 //! replication stream, so the stream keeps flowing while it runs.
 
-use std::collections::HashSet;
-
 use serde_json::{Map, Value};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::WATERMARK_PREFIX;
-use super::window::{Mark, Watermark};
+use super::window::{Mark, Running, Watermark};
 use crate::cdc::value::text_to_json;
 
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +25,10 @@ pub struct ChunkRequest {
     pub table: String,
     /// Primary-key text values of the last row already read; `None` = from the start.
     pub after: Option<Vec<String>>,
+    /// The table's greatest primary key when its snapshot started (`None`: not known yet,
+    /// read now). Rows inserted later are in the stream anyway; without the bound a busy
+    /// table would be chased forever.
+    pub until: Option<Vec<String>>,
     pub limit: u32,
     pub low: Watermark,
 }
@@ -40,10 +42,12 @@ pub struct ChunkRows {
     pub rows: Vec<Map<String, Value>>,
     /// Primary-key text values of the last row read (the next chunk starts after it).
     pub last_key: Option<Vec<String>>,
-    /// Fewer rows than asked: the table is finished.
+    /// Fewer rows than asked, or the bound reached: the table is finished.
     pub last_chunk: bool,
-    /// Transactions running for the chunk's snapshot (32-bit xids, as pgoutput sends them).
-    pub running: HashSet<u32>,
+    /// The bound used (see [`ChunkRequest::until`]); `None` for an empty table.
+    pub until: Option<Vec<String>>,
+    /// Transactions running for the chunk's snapshot.
+    pub running: Running,
 }
 
 /// Session settings pinned like the replication session's, so values (and keys made of
@@ -127,33 +131,60 @@ pub async fn read(client: &Client, req: &ChunkRequest) -> Result<ChunkRows, Chun
         .map(|k| quote_ident(k))
         .collect::<Vec<_>>()
         .join(", ");
-    let filter = match &req.after {
-        Some(values) if values.len() == pk.len() => {
-            let literals = values
+    let table_sql = format!("{}.{}", quote_ident(schema), quote_ident(name));
+    let until = match &req.until {
+        Some(until) => Some(until.clone()),
+        None => {
+            let select_pk = pk
                 .iter()
-                .zip(&pk_index)
-                .map(|(v, &i)| format!("{}::{}", quote_literal(v), columns[i].sql_type))
+                .map(|k| format!("t.{}::text", quote_ident(k)))
                 .collect::<Vec<_>>()
                 .join(", ");
-            format!("where ({order}) > ({literals})")
+            let desc = pk
+                .iter()
+                // Qualified: a bare name would sort by the text output column.
+                .map(|k| format!("t.{} desc", quote_ident(k)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            client
+                .query_opt(
+                    &format!("select {select_pk} from {table_sql} t order by {desc} limit 1"),
+                    &[],
+                )
+                .await?
+                .map(|r| (0..pk.len()).map(|i| r.get::<_, String>(i)).collect())
         }
-        Some(_) => {
+    };
+    let literals = |values: &[String]| -> Result<String, ChunkError> {
+        if values.len() != pk.len() {
             return Err(ChunkError::Unusable(format!(
                 "the saved position of {} does not match its primary key ({order})",
                 req.table
             )));
         }
-        None => String::new(),
+        Ok(values
+            .iter()
+            .zip(&pk_index)
+            .map(|(v, &i)| format!("{}::{}", quote_literal(v), columns[i].sql_type))
+            .collect::<Vec<_>>()
+            .join(", "))
     };
+    // An empty table still gets its (empty) chunk between watermarks: the driver moves on
+    // when the high watermark arrives, as for any chunk.
+    let mut filter = match &until {
+        Some(until) => format!("where ({order}) <= ({})", literals(until)?),
+        None => "where false".to_owned(),
+    };
+    if let Some(after) = &req.after {
+        filter.push_str(&format!(" and ({order}) > ({})", literals(after)?));
+    }
     let select = format!(
-        "select {} from {}.{} {filter} order by {order} limit {}",
+        "select {} from {table_sql} {filter} order by {order} limit {}",
         columns
             .iter()
             .map(|c| quote_ident(&c.name))
             .collect::<Vec<_>>()
             .join(", "),
-        quote_ident(schema),
-        quote_ident(name),
         req.limit
     );
 
@@ -164,15 +195,24 @@ pub async fn read(client: &Client, req: &ChunkRequest) -> Result<ChunkRows, Chun
         .batch_execute("begin isolation level repeatable read read only")
         .await?;
     let result = async {
-        let running: HashSet<u32> = client
-            .query(
-                "select (x::text::numeric % 4294967296)::bigint from pg_snapshot_xip(pg_current_snapshot()) x",
+        // xid8 → the 32-bit xid pgoutput sends.
+        let row = client
+            .query_one(
+                "select (pg_snapshot_xmax(s)::text::numeric % 4294967296)::bigint,
+                        array(select (x::text::numeric % 4294967296)::bigint
+                              from pg_snapshot_xip(s) x)
+                 from pg_current_snapshot() s",
                 &[],
             )
-            .await?
-            .iter()
-            .map(|r| r.get::<_, i64>(0) as u32)
-            .collect();
+            .await?;
+        let running = Running {
+            xmax: row.get::<_, i64>(0) as u32,
+            xip: row
+                .get::<_, Vec<i64>>(1)
+                .into_iter()
+                .map(|x| x as u32)
+                .collect(),
+        };
         let messages = client.simple_query(&select).await?;
         Ok::<_, tokio_postgres::Error>((running, messages))
     }
@@ -219,9 +259,10 @@ pub async fn read(client: &Client, req: &ChunkRequest) -> Result<ChunkRows, Chun
     Ok(ChunkRows {
         table: req.table.clone(),
         identity,
-        last_chunk: rows.len() < req.limit as usize,
+        last_chunk: rows.len() < req.limit as usize || last_key.is_some() && last_key == until,
         rows,
         last_key,
+        until,
         running,
     })
 }

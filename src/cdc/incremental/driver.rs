@@ -35,6 +35,8 @@ struct Active {
     index: usize,
     /// Primary key of the last row read of that table (ahead of the persisted position).
     after: Option<Vec<String>>,
+    /// The table's greatest primary key when its snapshot started (chunk.rs).
+    until: Option<Vec<String>>,
     /// Chunks started in this run (watermark numbering).
     chunk: u64,
     rows: i64,
@@ -86,7 +88,17 @@ pub struct Driver {
 }
 
 impl Drop for Driver {
+    /// The session ended (error, leadership lost, shutdown): a chunk query still running is
+    /// of no use any more; the next session resumes from the persisted position.
     fn drop(&mut self) {
+        if let Some(task) = self
+            .active
+            .as_mut()
+            .and_then(|a| a.inflight.as_mut())
+            .and_then(|i| i.task.take())
+        {
+            task.abort();
+        }
         self.active_gauge.set(0);
     }
 }
@@ -153,9 +165,13 @@ impl Driver {
         ctx: &StreamContext,
         leader: &Client,
         xid: u32,
+        touched_snapshot_table: bool,
         end_lsn: u64,
     ) -> Result<(), CdcError> {
-        self.recent.committed(xid);
+        // Only transactions that changed the table being read can leave a stale row in it.
+        if touched_snapshot_table {
+            self.recent.committed(xid);
+        }
         let high = self
             .active
             .as_ref()
@@ -165,6 +181,13 @@ impl Driver {
             self.finish_chunk(ctx, leader, end_lsn).await?;
         }
         Ok(())
+    }
+
+    /// Whether an incremental snapshot is reading `table`.
+    pub fn reading(&self, table: &str) -> bool {
+        self.active
+            .as_ref()
+            .is_some_and(|a| a.tables.get(a.index).is_some_and(|t| t == table))
     }
 
     /// Whether changes of `table` are being watched (a chunk window of it is open).
@@ -268,6 +291,7 @@ impl Driver {
             tables,
             index,
             after,
+            until: None,
             chunk: 0,
             rows: row.get(4),
             skipped: row.get(5),
@@ -392,6 +416,7 @@ impl Driver {
         let req = ChunkRequest {
             table: active.tables[active.index].clone(),
             after: active.after.clone(),
+            until: active.until.clone(),
             limit: ctx.config.cdc.incremental_chunk_rows,
             low: low.clone(),
         };
@@ -469,6 +494,10 @@ impl Driver {
                 chunk = active.chunk,
                 "chunk raced a commit; reading it again"
             );
+            ctx.metrics
+                .incremental_retries
+                .with_label_values(&[rows.table.as_str()])
+                .inc();
             self.next_chunk(ctx);
             return Ok(());
         }
@@ -541,8 +570,10 @@ impl Driver {
             tracing::info!(id = active.id, table, "incremental snapshot of table read");
             active.index += 1;
             active.after = None;
+            active.until = None;
         } else {
             active.after = rows.last_key;
+            active.until = rows.until;
         }
         let done = active.index >= active.tables.len();
         self.pending.push_back(Checkpoint {

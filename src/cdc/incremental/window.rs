@@ -80,6 +80,22 @@ impl Window {
     }
 }
 
+/// The transactions a snapshot sees as running: those listed (`xip`) and every xid from
+/// `xmax` on (Postgres does not list those; `xmax` is the newest *completed* xid + 1, so a
+/// transaction still committing can be at or above it). 32-bit xids, as pgoutput sends them.
+#[derive(Debug, Clone, Default)]
+pub struct Running {
+    pub xmax: u32,
+    pub xip: HashSet<u32>,
+}
+
+impl Running {
+    pub fn contains(&self, xid: u32) -> bool {
+        // Modulo-2^32 comparison, as Postgres compares xids.
+        self.xip.contains(&xid) || (xid.wrapping_sub(self.xmax) as i32) >= 0
+    }
+}
+
 /// The xids of the last committed transactions the stream saw, numbered in stream order.
 /// Postgres writes a commit record before the transaction becomes visible to new snapshots;
 /// a transaction whose commit precedes the low watermark in the WAL but that the chunk's
@@ -116,11 +132,11 @@ impl RecentCommits {
     }
 
     /// Whether a transaction committed before `position` is in `running`.
-    pub fn any_before(&self, position: u64, running: &HashSet<u32>) -> bool {
+    pub fn any_before(&self, position: u64, running: &Running) -> bool {
         self.ring
             .iter()
             .take_while(|(n, _)| *n < position)
-            .any(|(_, xid)| running.contains(xid))
+            .any(|(_, xid)| running.contains(*xid))
     }
 }
 
@@ -173,11 +189,22 @@ mod tests {
         r.committed(11);
         let low = r.position();
         r.committed(12);
-        let running = |xs: &[u32]| xs.iter().copied().collect::<HashSet<u32>>();
+        let running = |xs: &[u32]| Running {
+            xmax: 100,
+            xip: xs.iter().copied().collect(),
+        };
         assert!(r.any_before(low, &running(&[11])));
         assert!(
             !r.any_before(low, &running(&[12])),
             "after the low watermark"
+        );
+        let at_xmax = Running {
+            xmax: 11,
+            xip: HashSet::new(),
+        };
+        assert!(
+            r.any_before(low, &at_xmax),
+            "xids from xmax on are running though not listed"
         );
         r.committed(13);
         r.committed(14);
@@ -185,5 +212,16 @@ mod tests {
             !r.any_before(low, &running(&[10])),
             "forgotten beyond the capacity"
         );
+    }
+
+    #[test]
+    fn xids_compare_modulo_2_pow_32() {
+        let r = Running {
+            xmax: u32::MAX - 1,
+            xip: HashSet::new(),
+        };
+        assert!(r.contains(u32::MAX - 1));
+        assert!(r.contains(3), "wrapped past xmax");
+        assert!(!r.contains(u32::MAX - 2));
     }
 }
