@@ -49,6 +49,11 @@ pub enum Command {
     /// retries and a dead-letter topic (<prefix>.bridge.dlq). Scale out: instances share the
     /// partitions.
     Bridge,
+    /// Reconcile everything: page every Memberstack member (within the rate limit) and publish
+    /// it as a member.snapshot for merge to reconcile by field authority, and request an
+    /// incremental snapshot of the captured tables (run by CDC while it streams). Resumable: an
+    /// interrupted run continues after its last finished page. See docs/backfill.md.
+    Backfill(BackfillArgs),
     /// Inspect and replay the dead-letter topic (<prefix>.dlq).
     Dlq {
         #[command(subcommand)]
@@ -71,6 +76,27 @@ pub enum Command {
     /// Check configuration, Postgres and Kafka; one line per item with ✓ or ✗ and a fix hint.
     /// Exits 1 if any item fails.
     Check,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BackfillArgs {
+    /// Change nothing: compare Memberstack with Supabase per mapped field and print the drift
+    /// (only in Memberstack, only in Supabase, different values).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Machine-readable output (the drift report, or the run's summary) as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Ignore saved progress: abandon an interrupted run and start from the first page.
+    #[arg(long, conflicts_with = "dry_run")]
+    pub restart: bool,
+    /// Only the Memberstack pass: do not request (nor wait for) an incremental snapshot of the
+    /// captured Supabase tables.
+    #[arg(long, conflicts_with = "dry_run")]
+    pub no_snapshot: bool,
+    /// Members per list request (Memberstack serves at most 100).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub page_size: u32,
 }
 
 #[derive(Debug, Subcommand)]

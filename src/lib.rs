@@ -2,6 +2,7 @@
 //! directions, through Kafka. See `docs/architecture.md` for the data flow.
 
 pub mod api;
+pub mod backfill;
 pub mod bridge;
 pub mod cdc;
 pub mod check;

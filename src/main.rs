@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use membersync::cli::{Cli, Command, DlqCommand};
+use membersync::cli::{BackfillArgs, Cli, Command, DlqCommand};
 use membersync::config::{self, Config};
 use membersync::daemon::Role;
 use membersync::db::{self, Login};
@@ -64,6 +64,7 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             membersync::daemon::run(config, &[Role::Bridge]).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Backfill(args) => backfill(args, &config).await,
         Command::Dlq { command } => dlq(command, &config).await,
         Command::Migrate => {
             let mut client = db::connect(&config.database, Login::Admin).await?;
@@ -95,6 +96,30 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             })
         }
     }
+}
+
+async fn backfill(args: BackfillArgs, config: &Config) -> anyhow::Result<ExitCode> {
+    if args.dry_run {
+        let report = membersync::backfill::dry_run(config, args.page_size).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            print!("{}", report.table());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let options = membersync::backfill::Options {
+        restart: args.restart,
+        page_size: args.page_size,
+        snapshot: !args.no_snapshot,
+    };
+    let outcome = membersync::backfill::run(config, &options).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&outcome)?);
+    } else {
+        println!("{}", outcome.summary_line());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn snapshot(config: &Config, tables: &[String], wait: bool) -> anyhow::Result<ExitCode> {

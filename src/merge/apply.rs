@@ -320,6 +320,7 @@ impl Applier {
                 value,
                 at: change.occurred_at,
                 replayed: change.replayed,
+                snapshot: change.is_snapshot(),
             };
             let state = states.get(&field.mapping.name).cloned().unwrap_or_default();
             let resolution = resolve(&rules, &state, &supabase, &incoming);

@@ -7,6 +7,7 @@ use serde_json::{Map, Value};
 
 use crate::cdc::envelope::UNCHANGED_TOAST;
 use crate::config::FieldMapping;
+use crate::ingest::envelope::SNAPSHOT_KIND;
 use crate::merge::MemberstackPath;
 use crate::merge::resolve::Side;
 
@@ -21,11 +22,14 @@ pub struct Position {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ChangeKind {
     /// A Memberstack webhook. `refetch`: the payload does not describe the member (unknown
-    /// and team events): read the member from the Admin API instead.
+    /// and team events): read the member from the Admin API instead. `snapshot`: a
+    /// `member.snapshot` (backfill, resync): the payload is the whole member as the Admin API
+    /// returned it, so a field it lacks is absent, not "not carried".
     Memberstack {
         event: String,
         deleted: bool,
         refetch: bool,
+        snapshot: bool,
     },
     /// A Stripe event.
     Stripe { event: String },
@@ -132,6 +136,7 @@ fn memberstack(v: Value, position: Position) -> Result<Change, DecodeError> {
             | "plan_added"
             | "plan_updated"
             | "plan_canceled"
+            | SNAPSHOT_KIND
     );
     Ok(Change {
         event_id: text(&v, "id")?.to_owned(),
@@ -142,6 +147,7 @@ fn memberstack(v: Value, position: Position) -> Result<Change, DecodeError> {
             event,
             deleted: kind == "member_deleted",
             refetch: !known,
+            snapshot: kind == SNAPSHOT_KIND,
         },
         occurred_at: instant(&v, "occurred_at")?,
         payload,
@@ -254,6 +260,21 @@ fn cdc(v: Value, position: Position) -> Result<Change, DecodeError> {
     })
 }
 
+/// A mapped field's value in a whole member (a snapshot): a missing key is an absent value,
+/// spelled the way the `members` column spells "nothing" (`{}` for the NOT NULL object
+/// columns, else null), so that "absent on both sides" compares equal.
+pub fn snapshot_field_value(member: &Value, field: &FieldMapping) -> Value {
+    let value = MemberstackPath::parse(&field.memberstack)
+        .ok()
+        .and_then(|p| p.get(member))
+        .unwrap_or(Value::Null);
+    if value.is_null() && crate::merge::store::is_object_column(&field.supabase) {
+        Value::Object(Map::new())
+    } else {
+        value
+    }
+}
+
 impl Change {
     /// The mapped field's value in this change, or `None` when the change does not carry it.
     pub fn field_value(&self, field: &FieldMapping) -> Option<Value> {
@@ -268,10 +289,18 @@ impl Change {
                     .then(|| path.get(&self.payload))
                     .flatten()
             }
+            ChangeKind::Memberstack { snapshot: true, .. } => {
+                Some(snapshot_field_value(&self.payload, field))
+            }
             ChangeKind::Memberstack { .. } => MemberstackPath::parse(&field.memberstack)
                 .ok()?
                 .get(&self.payload),
         }
+    }
+
+    /// A `member.snapshot`: the whole member, read from the Admin API.
+    pub fn is_snapshot(&self) -> bool {
+        matches!(self.kind, ChangeKind::Memberstack { snapshot: true, .. })
     }
 
     pub fn is_deleted(&self) -> bool {
@@ -331,6 +360,26 @@ mod tests {
             None,
             "metaData is not in this payload"
         );
+    }
+
+    #[test]
+    fn a_member_snapshot_is_the_whole_member_and_needs_no_refetch() {
+        let member = json!({"id": "mem_5", "auth": {"email": "s@x.io"}, "metaData": {}, "planConnections": []});
+        let rec =
+            crate::ingest::envelope::member_snapshot("backfill_1", &member, "mem_5", Utc::now());
+        let c = decode(TopicKind::Memberstack, pos(), Some(&rec.value)).unwrap();
+        assert!(c.is_snapshot());
+        assert!(matches!(
+            c.kind,
+            ChangeKind::Memberstack { refetch: false, .. }
+        ));
+        let fields = crate::config::default_fields();
+        let by = |n: &str| fields.iter().find(|f| f.name == n).unwrap();
+        // A key the member lacks is absent, spelled like the column spells nothing.
+        assert_eq!(c.field_value(by("project_data")), Some(json!({})));
+        assert_eq!(c.field_value(by("custom_fields")), Some(json!({})));
+        assert_eq!(c.field_value(by("plan_id")), Some(Value::Null));
+        assert_eq!(c.field_value(by("email")), Some(json!("s@x.io")));
     }
 
     #[test]

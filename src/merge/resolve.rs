@@ -86,6 +86,13 @@ pub struct Incoming {
     /// Re-fed by `dlq replay`: an operator asks for it to be applied, so it counts as an
     /// edit even if the stream has shown its value since.
     pub replayed: bool,
+    /// A `member.snapshot` (backfill, resync): Memberstack's whole state, read now. For a
+    /// field with an owner it counts as an edit even if the stream has shown its value (a
+    /// reconciliation must fix drift that webhooks once carried, e.g. a revert that failed).
+    /// For a `latest` field only a value new to merge counts: the snapshot's time is when it
+    /// was read, not when the value was set, and it must not beat a newer Supabase edit of
+    /// a value merge already knew.
+    pub snapshot: bool,
 }
 
 /// The field's rules and the clock.
@@ -203,6 +210,7 @@ fn from_memberstack(
     let n = rules.normalize;
     let (v, t) = (&inc.value, inc.at);
     let edited = inc.replayed
+        || (inc.snapshot && rules.authority != Authority::Latest)
         || st
             .memberstack_seen
             .as_ref()

@@ -186,6 +186,11 @@ pub async fn mark_origin(tx: &Transaction<'_>) -> Result<(), tokio_postgres::Err
 
 const JSON_OBJECT_COLUMNS: [&str; 3] = ["custom_fields", "project_data", "usage_stats"];
 
+/// Whether the `members` column is a NOT NULL JSON object (`{}` is its "nothing").
+pub fn is_object_column(column: &str) -> bool {
+    JSON_OBJECT_COLUMNS.contains(&column)
+}
+
 /// The column values to write: mapped field values, with plan statuses normalised (the raw
 /// value kept in `subscription_status_raw`).
 pub fn column_values(writes: &[(&FieldMapping, Value)]) -> Map<String, Value> {

@@ -2,6 +2,7 @@
 //! (`scripts/dev-services up`) and fail loudly when those are missing.
 
 mod api;
+mod backfill;
 mod bridge;
 mod cdc;
 mod check;

@@ -40,6 +40,7 @@ fn ms(value: Value, t: i64) -> Incoming {
         value,
         at: at(t),
         replayed: false,
+        snapshot: false,
     }
 }
 
@@ -49,6 +50,7 @@ fn sb(value: Value, t: i64) -> Incoming {
         value,
         at: at(t),
         replayed: false,
+        snapshot: false,
     }
 }
 
@@ -219,8 +221,9 @@ prop_compose! {
 }
 
 prop_compose! {
-    fn incoming()(side in side(), value in value(), t in 0i64..100) -> Incoming {
-        Incoming { side, value, at: at(t), replayed: false }
+    fn incoming()(side in side(), value in value(), t in 0i64..100, snap in any::<bool>()) -> Incoming {
+        // Snapshots come from Memberstack's side only.
+        Incoming { side, value, at: at(t), replayed: false, snapshot: snap && side == Side::Memberstack }
     }
 }
 
@@ -395,4 +398,75 @@ fn a_superseded_webhook_loses_to_an_unsynced_newer_supabase_edit() {
     assert_eq!(r.verdict, Verdict::Stale);
     assert_eq!(r.write_supabase, None);
     assert_eq!(r.push_memberstack, None);
+}
+
+fn snapshot(value: Value, t: i64) -> Incoming {
+    Incoming {
+        snapshot: true,
+        ..ms(value, t)
+    }
+}
+
+#[test]
+fn a_snapshot_repairs_owned_drift_the_stream_already_showed() {
+    // Memberstack holds a value of a Supabase-owned field that merge has seen before (the
+    // revert of it never landed): a webhook repeating it is no edit, a snapshot still repairs.
+    let state = FieldState {
+        memberstack_seen: Some(json!("ms")),
+        ..agreed(json!("sb"), 10, Side::Supabase)
+    };
+    let supabase = row(json!("sb"), 10);
+    let webhook = resolve(
+        &rules(Authority::Supabase, 100),
+        &state,
+        &supabase,
+        &ms(json!("ms"), 50),
+    );
+    assert_eq!(webhook.verdict, Verdict::Unchanged);
+    let snap = resolve(
+        &rules(Authority::Supabase, 100),
+        &state,
+        &supabase,
+        &snapshot(json!("ms"), 50),
+    );
+    assert_eq!(snap.verdict, Verdict::Reverted);
+    assert_eq!(snap.push_memberstack, Some(json!("sb")));
+    // A Memberstack-owned field: Supabase gets Memberstack's value back.
+    let state = FieldState {
+        memberstack_seen: Some(json!("ms")),
+        ..agreed(json!("ms"), 10, Side::Memberstack)
+    };
+    let snap = resolve(
+        &rules(Authority::Memberstack, 100),
+        &state,
+        &row(json!("edited"), 20),
+        &snapshot(json!("ms"), 50),
+    );
+    assert_eq!(snap.write_supabase, Some(json!("ms")));
+}
+
+#[test]
+fn a_snapshot_of_a_known_latest_value_does_not_beat_a_newer_supabase_edit() {
+    // Supabase edited the field at 20 (its CDC event still on its way); the snapshot read at
+    // 50 shows the value merge agreed on at 10: it says nothing about when that was set.
+    let state = FieldState {
+        memberstack_seen: Some(json!("old")),
+        ..agreed(json!("old"), 10, Side::Memberstack)
+    };
+    let r = resolve(
+        &rules(Authority::Latest, 100),
+        &state,
+        &row(json!("new"), 20),
+        &snapshot(json!("old"), 50),
+    );
+    assert_eq!(r.verdict, Verdict::Unchanged);
+    assert_eq!((r.write_supabase, r.push_memberstack), (None, None));
+    // A value merge never saw (a missed webhook) counts as read at the snapshot's time.
+    let r = resolve(
+        &rules(Authority::Latest, 100),
+        &state,
+        &row(json!("new"), 20),
+        &snapshot(json!("missed"), 50),
+    );
+    assert_eq!(r.write_supabase, Some(json!("missed")));
 }

@@ -31,6 +31,9 @@ pub(crate) struct Store {
     /// Keyed by the per-member sequence number, which is also the list cursor.
     by_seq: BTreeMap<u64, Entry>,
     seq_of: HashMap<String, u64>,
+    /// Email → sequence number: creates and email changes check uniqueness in O(1), so
+    /// benchmarks can hold 100k members.
+    seq_of_email: HashMap<String, u64>,
     next_seq: u64,
     plan_names: HashMap<String, String>,
     outbox: Arc<Outbox>,
@@ -45,6 +48,7 @@ impl Store {
         Self {
             by_seq: BTreeMap::new(),
             seq_of: HashMap::new(),
+            seq_of_email: HashMap::new(),
             next_seq: 1,
             plan_names,
             outbox,
@@ -68,10 +72,10 @@ impl Store {
     pub fn find(&self, id_or_email: &str) -> Option<&Member> {
         self.get(id_or_email).or_else(|| {
             let email = normalize_email(id_or_email);
-            self.by_seq
-                .values()
+            self.seq_of_email
+                .get(&email)
+                .and_then(|s| self.by_seq.get(s))
                 .map(|e| &e.member)
-                .find(|m| m.auth.email == email)
         })
     }
 
@@ -80,31 +84,26 @@ impl Store {
     }
 
     fn email_taken(&self, email: &str, except: Option<&str>) -> bool {
-        self.by_seq
-            .values()
-            .any(|e| e.member.auth.email == email && Some(e.member.id.as_str()) != except)
+        self.seq_of_email
+            .get(email)
+            .and_then(|s| self.by_seq.get(s))
+            .is_some_and(|e| Some(e.member.id.as_str()) != except)
     }
 
     /// `limit` members after cursor `after` (0 = from the start) in the given order.
     pub fn page(&self, after: u64, limit: usize, descending: bool) -> Page {
-        let rest: Vec<(u64, &Entry)> = if descending {
+        // Only the page and one more entry are visited: a page costs O(limit), not O(n).
+        let mut rest: Box<dyn Iterator<Item = (&u64, &Entry)>> = if descending {
             let upper = if after == 0 { u64::MAX } else { after };
-            self.by_seq
-                .range(..upper)
-                .rev()
-                .map(|(s, e)| (*s, e))
-                .collect()
+            Box::new(self.by_seq.range(..upper).rev())
         } else {
-            self.by_seq
-                .range(after.saturating_add(1)..)
-                .map(|(s, e)| (*s, e))
-                .collect()
+            Box::new(self.by_seq.range(after.saturating_add(1)..))
         };
-        let page = &rest[..limit.min(rest.len())];
+        let page: Vec<(u64, &Entry)> = rest.by_ref().take(limit).map(|(s, e)| (*s, e)).collect();
         Page {
             total: self.by_seq.len(),
             end_cursor: page.last().map_or(0, |(s, _)| *s),
-            has_next: rest.len() > page.len(),
+            has_next: rest.next().is_some(),
             members: page.iter().map(|(_, e)| e.member.clone()).collect(),
         }
     }
@@ -162,6 +161,7 @@ impl Store {
         self.next_seq += 1;
         let changed_ms = now_ms();
         self.seq_of.insert(member.id.clone(), seq);
+        self.seq_of_email.insert(member.auth.email.clone(), seq);
         self.by_seq.insert(
             seq,
             Entry {
@@ -197,10 +197,18 @@ impl Store {
             }
         }
         let entry = self.entry_mut(id)?;
+        let old_email = entry.member.auth.email.clone();
         if !patch.apply(&mut entry.member) {
             return Ok(entry.member.clone());
         }
         entry.changed_ms = now_ms();
+        let new_email = entry.member.auth.email.clone();
+        if new_email != old_email
+            && let Some(seq) = self.seq_of_email.remove(&old_email)
+        {
+            self.seq_of_email.insert(new_email, seq);
+        }
+        let entry = self.entry_mut(id)?;
         let (member, ms) = (entry.member.clone(), entry.changed_ms);
         self.outbox
             .enqueue("member.updated", id, ms, member_payload(&member));
@@ -213,7 +221,9 @@ impl Store {
             .seq_of
             .remove(id)
             .ok_or_else(|| SimError::MemberNotFound(id.to_owned()))?;
-        self.by_seq.remove(&seq);
+        if let Some(e) = self.by_seq.remove(&seq) {
+            self.seq_of_email.remove(&e.member.auth.email);
+        }
         self.outbox.enqueue(
             "member.deleted",
             id,
