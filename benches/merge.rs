@@ -127,8 +127,16 @@ impl Settings {
                 vars.push(format!("MEMBERSYNC_BENCH_MERGE_{k}={v}"));
             }
         }
-        vars.push("CARGO_TARGET_DIR=/work/main/target-sinks".into());
-        format!("{} cargo bench --bench merge", vars.join(" "))
+        // The broker the run used: its storage decides how fast merge's acks come back.
+        if let Ok(storage) = std::env::var("MEMBERSYNC_DEV_KAFKA_STORAGE") {
+            vars.push(format!("MEMBERSYNC_DEV_KAFKA_STORAGE={storage}"));
+        }
+        let command = "cargo bench --bench merge".to_owned();
+        if vars.is_empty() {
+            command
+        } else {
+            format!("{} {command}", vars.join(" "))
+        }
     }
 }
 
