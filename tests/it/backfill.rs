@@ -12,7 +12,7 @@ use membersync::sim::supabase_auth::{AuthConfig, AuthSim};
 use serde_json::{Value, json};
 use tokio_postgres::Client;
 
-use crate::support::{self, Services, TestDb, daemon::Daemon, wait_for};
+use crate::support::{self, TestDb, daemon::Daemon, wait_for};
 
 const API_KEY: &str = "sk_sb_backfill_test_key";
 const SERVICE_KEY: &str = "service-role-backfill-key";
@@ -32,20 +32,12 @@ impl Env {
         let db = TestDb::migrated().await;
         let admin = db.admin().await;
         let kafka = support::kafka::config();
-        let s = Services::get();
         // No webhook URL: seeding the simulator must not reach membersync; only the backfill
         // tells merge about these members.
         let ms = MemberstackSim::start(MemberstackConfig::new(API_KEY))
             .await
             .expect("memberstack simulator");
-        let dsn = format!(
-            "host={} port={} user={} password={} dbname={}",
-            s.pg_host(),
-            s.pg_port(),
-            s.var("MEMBERSYNC_DEV_PG_SUPERUSER"),
-            s.superuser_password(),
-            db.name
-        );
+        let dsn = db.superuser_dsn();
         let auth = AuthSim::start(AuthConfig::new(dsn, SERVICE_KEY))
             .await
             .expect("auth simulator");

@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use tokio_postgres::Client;
 
-use crate::support::{self, Services, TestDb, daemon::Daemon, free_port, wait_for};
+use crate::support::{self, TestDb, daemon::Daemon, free_port, wait_for};
 
 const API_KEY: &str = "sk_sb_merge_test_key";
 const SERVICE_KEY: &str = "service-role-test-key";
@@ -57,7 +57,6 @@ impl Stack {
         let db = TestDb::migrated().await;
         let admin = db.admin().await;
         let kafka = support::kafka::config();
-        let s = Services::get();
         let ingest_port = free_port();
         let secret = webhook_secret();
         let ms = MemberstackSim::start(MemberstackConfig::new(API_KEY).with_webhook(
@@ -66,14 +65,7 @@ impl Stack {
         ))
         .await
         .expect("memberstack simulator");
-        let dsn = format!(
-            "host={} port={} user={} password={} dbname={}",
-            s.pg_host(),
-            s.pg_port(),
-            s.var("MEMBERSYNC_DEV_PG_SUPERUSER"),
-            s.superuser_password(),
-            db.name
-        );
+        let dsn = db.superuser_dsn();
         let auth = AuthSim::start(AuthConfig::new(dsn, SERVICE_KEY))
             .await
             .expect("auth simulator");

@@ -15,7 +15,7 @@ use membersync::sim::supabase_auth::{AuthConfig, AuthSim};
 use secrecy::SecretString;
 use serde_json::{Value, json};
 
-use crate::support::{Services, TestDb, wait_for};
+use crate::support::{TestDb, wait_for};
 
 const KEY: &str = "sk_sb_test_key";
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -619,19 +619,6 @@ async fn memberstack_webhook_marked_failed_after_the_schedule() {
     sim.shutdown().await;
 }
 
-fn dsn(db: &TestDb) -> String {
-    let s = Services::get();
-    let quote = |v: &str| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"));
-    format!(
-        "host={} port={} user={} password={} dbname={}",
-        s.pg_host(),
-        s.pg_port(),
-        quote(s.var("MEMBERSYNC_DEV_PG_SUPERUSER")),
-        quote(&s.superuser_password()),
-        db.name
-    )
-}
-
 /// GoTrue's pool reconnects after a database restart; so does the simulator (the soak restarts
 /// Postgres under it).
 #[tokio::test]
@@ -693,7 +680,7 @@ async fn auth_simulator_reconnects_after_a_postgres_restart() {
 #[tokio::test]
 async fn auth_sim_writes_auth_users() {
     let db = TestDb::bootstrapped().await;
-    let sim = AuthSim::start(AuthConfig::new(dsn(&db), "service-key"))
+    let sim = AuthSim::start(AuthConfig::new(db.superuser_dsn(), "service-key"))
         .await
         .unwrap();
     let users = format!("{}/auth/v1/admin/users", sim.base_url());

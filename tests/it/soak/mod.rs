@@ -341,3 +341,21 @@ async fn quiesce(stack: &Stack, lag: &observe::LagProbe, timeout: Duration) -> R
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+/// Keeps `client` connected across Postgres restarts: reconnects (within `timeout`) when it is
+/// missing or closed, and leaves `None` while the server is away.
+async fn ensure_connected(
+    client: &mut Option<tokio_postgres::Client>,
+    pg: &tokio_postgres::Config,
+    timeout: Duration,
+) {
+    if client.as_ref().is_none_or(|c| c.is_closed()) {
+        *client = match tokio::time::timeout(timeout, pg.connect(tokio_postgres::NoTls)).await {
+            Ok(Ok((c, conn))) => {
+                tokio::spawn(conn);
+                Some(c)
+            }
+            _ => None,
+        };
+    }
+}

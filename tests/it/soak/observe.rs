@@ -137,20 +137,7 @@ pub async fn sample(
             processed: None,
             lag: lag.lag(Duration::from_secs(3)),
         };
-        if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = match tokio::time::timeout(
-                Duration::from_secs(2),
-                pg.connect(tokio_postgres::NoTls),
-            )
-            .await
-            {
-                Ok(Ok((c, conn))) => {
-                    tokio::spawn(conn);
-                    Some(c)
-                }
-                _ => None,
-            };
-        }
+        super::ensure_connected(&mut client, &pg, Duration::from_secs(2)).await;
         if let Some(c) = &client {
             s.processed = tokio::time::timeout(
                 Duration::from_secs(2),

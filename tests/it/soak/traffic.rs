@@ -113,20 +113,7 @@ pub async fn sql_edits(
         tick.tick().await;
         n += 1;
         let id = &members[n as usize % members.len()];
-        if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = match tokio::time::timeout(
-                Duration::from_secs(3),
-                pg.connect(tokio_postgres::NoTls),
-            )
-            .await
-            {
-                Ok(Ok((c, conn))) => {
-                    tokio::spawn(conn);
-                    Some(c)
-                }
-                _ => None,
-            };
-        }
+        super::ensure_connected(&mut client, &pg, Duration::from_secs(3)).await;
         let Some(c) = &client else {
             truth.lock().unwrap().sql_failures += 1;
             continue;

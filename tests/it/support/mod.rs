@@ -150,6 +150,21 @@ impl TestDb {
         db
     }
 
+    /// A libpq-style connection string for the superuser on this database (the Supabase Auth
+    /// simulator writes `auth.users` through it).
+    pub fn superuser_dsn(&self) -> String {
+        let s = Services::get();
+        let quote = |v: &str| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"));
+        format!(
+            "host={} port={} user={} password={} dbname={}",
+            s.pg_host(),
+            s.pg_port(),
+            quote(s.var("MEMBERSYNC_DEV_PG_SUPERUSER")),
+            quote(&s.superuser_password()),
+            self.name
+        )
+    }
+
     /// A new superuser connection to this database.
     pub async fn admin(&self) -> Client {
         Services::get().superuser(&self.name).await
