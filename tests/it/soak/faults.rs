@@ -12,10 +12,11 @@ use super::stack::Stack;
 pub enum Kind {
     /// SIGKILL of `membersync run`, down for `param` ms, then started again.
     DaemonKill,
-    /// SIGTERM of `membersync run` (it drains and commits), then started again.
+    /// SIGTERM of `membersync run` (it drains and commits), then started again (not in the
+    /// default set).
     DaemonStop,
     /// The broker stopped (SIGTERM), down for `param` ms, then started again on the same
-    /// storage (not in the default set, see [`Kind::DEFAULT`]).
+    /// storage.
     BrokerRestart,
     /// SIGKILL of the broker, down for `param` ms, then started again on the same storage
     /// (not in the default set).
@@ -42,18 +43,14 @@ impl Kind {
         Kind::MemberstackSlow,
     ];
 
-    /// The default set. Without the broker: Tansu 0.6.0 (the development broker), restarted
-    /// under a live idempotent producer, panics in its SQLite storage (`lite.rs:503`, "more or
-    /// less than one row", in `idempotent_message_check`) on that producer's next record, and
-    /// then fails every request, again after every further restart; what the soak would judge
-    /// is Tansu, not membersync. `MEMBERSYNC_SOAK_FAULTS=broker` (or `broker-kill`) runs them.
-    ///
-    /// Without the daemon's SIGKILL either: on Tansu 0.6.0 the merge group sometimes never
-    /// gets its partitions back after one (no broker error, no daemon error; see
-    /// bench/README.md), so the default restarts the daemon with SIGTERM and
-    /// `MEMBERSYNC_SOAK_FAULTS=daemon,…` runs the kill.
-    pub const DEFAULT: [Kind; 5] = [
-        Kind::DaemonStop,
+    /// The default set: the issue's faults (the daemon's SIGKILL, a broker stop and restart on
+    /// the same storage, a Postgres fast restart, Memberstack 5xx and 429 storms and slow
+    /// responses). They need the development broker with scripts/tansu-patches/: unpatched,
+    /// Tansu 0.6.0 sometimes never re-forms the merge group after a SIGKILL, and panics in its
+    /// storage after a restart under a live idempotent producer (docs/broker.md).
+    pub const DEFAULT: [Kind; 6] = [
+        Kind::DaemonKill,
+        Kind::BrokerRestart,
         Kind::PostgresRestart,
         Kind::Memberstack5xx,
         Kind::Memberstack429,

@@ -8,10 +8,9 @@
 //!   the whole run less 15 s), the rest is for recovery. The committed report is a 600-s run.
 //! - `MEMBERSYNC_SOAK_SEED` (random, printed): the fault schedule, the poison times, the order
 //!   of Stripe statuses follow from it.
-//! - `MEMBERSYNC_SOAK_FAULTS` (`daemon-stop,postgres,5xx,429,slow`): which faults, a subset of
-//!   those and `daemon` (SIGKILL + restart), `broker` (stop + restart), `broker-kill` (SIGKILL +
-//!   restart); those are not in the default set because on Tansu 0.6.0 merge or the broker do
-//!   not always recover from them (faults.rs, bench/README.md).
+//! - `MEMBERSYNC_SOAK_FAULTS` (`daemon,broker,postgres,5xx,429,slow`): which faults, a subset
+//!   of those and `daemon-stop` (SIGTERM + restart), `broker-kill` (SIGKILL + restart). The
+//!   broker must be Tansu with scripts/tansu-patches/ (what `scripts/dev-services up` builds).
 //! - `MEMBERSYNC_SOAK_OVERLAP` (unset): `1` injects every fault at its planned time; by default
 //!   a fault waits until merge has caught up after the previous one (see faults.rs).
 //! - `MEMBERSYNC_SOAK_OUT` (`target/soak/soak.md`): the report; the plot goes next to it

@@ -146,8 +146,10 @@ impl Stack {
             ("MEMBERSYNC__MERGE__BACKOFF_BASE_MS", "250".into()),
             ("MEMBERSYNC__MERGE__BACKOFF_MAX_MS", "2000".into()),
             ("MEMBERSYNC__MERGE__COMMIT_INTERVAL_MS", "200".into()),
-            // merge.session_timeout_ms stays at its default (45 s): on Tansu 0.6.0, 10 s left
-            // the group without an assignment for minutes after a SIGKILL (not pinned down).
+            // A SIGKILLed merge instance keeps its partitions until its session expires; 10 s
+            // (the minimum an operator would pick for fast fail-over; the default is 45 s)
+            // keeps each kill's stall short enough for the 60-s profile.
+            ("MEMBERSYNC__MERGE__SESSION_TIMEOUT_MS", "10000".into()),
             ("MEMBERSYNC__SHUTDOWN__DRAIN_TIMEOUT_SECS", "10".into()),
             (
                 "MEMBERSYNC__TELEMETRY__LOG_LEVEL",

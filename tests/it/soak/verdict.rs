@@ -337,25 +337,21 @@ pub async fn judge(
         });
     }
 
-    // The broker itself: a panic in it (Tansu's storage) fails requests until it restarts,
-    // which shows up as violations above that are not membersync's.
-    let broker_log = stack.broker.log();
-    let v: Vec<String> = broker_log
-        .lines()
-        .filter(|l| l.contains("panicked at"))
-        .map(|l| format!("the broker (Tansu) panicked: {}", l.trim()))
-        .chain(
-            broker_log
-                .lines()
-                .skip_while(|l| !l.contains("panicked at"))
-                .find(|l| !l.trim().is_empty() && !l.contains("panicked at"))
-                .map(|l| format!("  panic message: {}", l.trim())),
-        )
-        .collect();
+    // The broker itself: a panic while it serves (e.g. in Tansu's storage) fails requests until
+    // it restarts, which shows up as violations above that are not membersync's. Panics on the
+    // way out after a SIGTERM (support::broker::Broker::panics) are counted in the scope only.
+    let panics = stack.broker.panics();
     checks.push(Check {
-        name: "the broker stayed healthy (no panic in its log)",
-        scope: "Tansu's log".into(),
-        violations: v,
+        name: "the broker stayed healthy (no panic while serving)",
+        scope: format!(
+            "Tansu's log; {} panic(s) during an orderly stop not counted",
+            panics.while_stopping.len()
+        ),
+        violations: panics
+            .while_serving
+            .into_iter()
+            .map(|p| format!("the broker (Tansu) panicked: {p}"))
+            .collect(),
     });
 
     // 7. RSS and open file descriptors.

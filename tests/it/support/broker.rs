@@ -13,19 +13,63 @@ pub struct Broker {
     child: Option<Child>,
 }
 
+/// The `tansu` that scripts/dev-services built: version 0.6.0 with scripts/tansu-patches/,
+/// which it stamps next to the binary (`tansu.membersync-patches`). An unpatched Tansu fails
+/// the soak for its own defects (docs/broker.md), so it is refused here, loudly.
 fn tansu_bin() -> PathBuf {
     let on_path = std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
             .map(|p| p.join("tansu"))
             .find(|p| p.is_file())
     });
-    on_path
+    let bin = on_path
         .or_else(|| {
             std::env::var_os("HOME")
                 .map(|h| PathBuf::from(h).join(".cargo/bin/tansu"))
                 .filter(|p| p.is_file())
         })
-        .expect("tansu is not installed (scripts/dev-services up installs it)")
+        .expect("tansu is not installed (scripts/dev-services up builds it)");
+    let stamp = bin.with_file_name("tansu.membersync-patches");
+    let found = std::fs::read_to_string(&stamp).unwrap_or_default();
+    let want = format!("0.6.0+{}", patch_id());
+    assert_eq!(
+        found.trim(),
+        want,
+        "{} is not Tansu 0.6.0 with today's scripts/tansu-patches ({} says {:?}); \
+         scripts/dev-services up rebuilds it",
+        bin.display(),
+        stamp.display(),
+        found.trim()
+    );
+    bin
+}
+
+/// As scripts/dev-services' `tansu_patch_id`: the first 16 hex digits of the SHA-256 of the
+/// patch files, concatenated in name order.
+fn patch_id() -> String {
+    use sha2::{Digest, Sha256};
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/tansu-patches");
+    let mut names: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("scripts/tansu-patches")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "patch"))
+        .collect();
+    names.sort();
+    let mut sha = Sha256::new();
+    for name in names {
+        sha.update(std::fs::read(name).expect("patch file"));
+    }
+    hex::encode(sha.finalize())[..16].to_owned()
+}
+
+/// Written to the broker's log when the test stops it (SIGTERM).
+const STOP_MARKER: &str = "--- membersync test: SIGTERM sent (orderly stop) ---";
+
+/// See [`Broker::panics`].
+#[derive(Debug, Default)]
+pub struct BrokerPanics {
+    pub while_serving: Vec<String>,
+    pub while_stopping: Vec<String>,
 }
 
 impl Broker {
@@ -97,6 +141,7 @@ impl Broker {
     /// after 10 s.
     pub async fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            self.note(STOP_MARKER);
             let _ = Command::new("kill")
                 .arg("-TERM")
                 .arg(child.id().to_string())
@@ -122,6 +167,44 @@ impl Broker {
     /// The broker's log so far (for failure messages).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default()
+    }
+
+    /// The panics in the broker's log, split by when: while it served, or between a
+    /// [`Broker::stop`] (SIGTERM) and its next start. Tansu 0.6.0 stops its storage task before
+    /// its connections, so a request in flight at a SIGTERM can panic its connection task
+    /// (`service.rs` "unreachable", `offset_fetch` "not yet implemented") on the way out; that
+    /// affects nothing the process would have done, unlike a panic while serving.
+    pub fn panics(&self) -> BrokerPanics {
+        let mut panics = BrokerPanics::default();
+        let mut stopping = false;
+        let log = self.log();
+        let mut lines = log.lines().peekable();
+        while let Some(line) = lines.next() {
+            if line.contains(STOP_MARKER) {
+                stopping = true;
+            } else if line.starts_with("listening on:") {
+                stopping = false;
+            } else if line.contains("panicked at") {
+                let message = lines.peek().map(|m| m.trim()).unwrap_or_default();
+                let panic = format!("{} ({message})", line.trim());
+                if stopping {
+                    panics.while_stopping.push(panic);
+                } else {
+                    panics.while_serving.push(panic);
+                }
+            }
+        }
+        panics
+    }
+
+    fn note(&self, line: &str) {
+        use std::io::Write;
+        if let Ok(mut log) = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join("tansu.log"))
+        {
+            let _ = writeln!(log, "{line}");
+        }
     }
 }
 
