@@ -230,18 +230,12 @@ pub async fn run(
                     start.elapsed().as_secs_f64()
                 )
             }
-            Kind::BrokerRestart => {
-                stack.broker.stop().await;
-                tokio::time::sleep(Duration::from_millis(p.param)).await;
-                stack.broker.restart().await;
-                format!(
-                    "down {} ms, listening again after {:.1} s",
-                    p.param,
-                    start.elapsed().as_secs_f64()
-                )
-            }
-            Kind::BrokerKill => {
-                stack.broker.kill();
+            Kind::BrokerRestart | Kind::BrokerKill => {
+                if p.kind == Kind::BrokerKill {
+                    stack.broker.kill();
+                } else {
+                    stack.broker.stop().await;
+                }
                 tokio::time::sleep(Duration::from_millis(p.param)).await;
                 stack.broker.restart().await;
                 format!(
