@@ -37,12 +37,13 @@ struct State {
 }
 
 /// What [`AckTracker::take_confirmed`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Confirmed {
     pub lsn: u64,
     pub transactions: u64,
-    /// Commit→ack of the newest confirmed transaction, when known.
-    pub latency: Option<std::time::Duration>,
+    /// Commit→ack of each confirmed transaction whose commit time is known (one per
+    /// transaction, so that a histogram of them is not skewed to the newest of a batch).
+    pub latencies: Vec<std::time::Duration>,
 }
 
 /// Shared between the stream (which opens and commits transactions) and librdkafka's
@@ -117,13 +118,14 @@ impl AckTracker {
         while let Some(front) = s.queue.front() {
             match front.end_lsn {
                 Some(lsn) if front.outstanding == 0 && !front.failed => {
-                    let latency = front.committed.map(|c| c.elapsed());
-                    let n = confirmed.map_or(0, |c| c.transactions);
-                    confirmed = Some(Confirmed {
+                    let c = confirmed.get_or_insert_with(|| Confirmed {
                         lsn,
-                        transactions: n + 1,
-                        latency,
+                        transactions: 0,
+                        latencies: Vec::new(),
                     });
+                    c.lsn = lsn;
+                    c.transactions += 1;
+                    c.latencies.extend(front.committed.map(|at| at.elapsed()));
                     s.queue.pop_front();
                 }
                 _ => break,
@@ -221,6 +223,11 @@ mod tests {
         t.delivered(a, Ok(()));
         let c = t.take_confirmed().unwrap();
         assert_eq!((c.lsn, c.transactions), (200, 2));
+        assert_eq!(
+            c.latencies.len(),
+            2,
+            "one commit→ack latency per transaction"
+        );
         assert!(t.is_idle());
     }
 

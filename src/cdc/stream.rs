@@ -95,7 +95,7 @@ fn confirm(ctx: &StreamContext, repl: &ReplicationClient) {
         repl.update_applied_lsn(Lsn(c.lsn));
         ctx.metrics.confirmed_lsn.set(c.lsn as i64);
         ctx.metrics.transactions.inc_by(c.transactions);
-        if let Some(latency) = c.latency {
+        for latency in &c.latencies {
             ctx.metrics.commit_to_ack.observe(latency.as_secs_f64());
         }
     }
