@@ -198,41 +198,12 @@ fn repo_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// `.dev/services.env`, overridable by `MEMBERSYNC_DEV_*` variables of the environment.
-struct Services {
-    vars: HashMap<String, String>,
-}
+#[path = "support/services.rs"]
+mod services;
+use services::Services;
 
+/// This bench's helpers on the shared dev-services settings.
 impl Services {
-    fn load() -> Services {
-        let file = repo_root().join(".dev/services.env");
-        let mut vars: HashMap<String, String> = std::fs::read_to_string(&file)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.trim().to_owned(), v.trim().trim_matches('"').to_owned()))
-            .collect();
-        for (k, v) in std::env::vars() {
-            if k.starts_with("MEMBERSYNC_DEV_") {
-                vars.insert(k, v);
-            }
-        }
-        assert!(
-            vars.contains_key("MEMBERSYNC_DEV_PG_PORT")
-                && vars.contains_key("MEMBERSYNC_DEV_KAFKA_BROKERS"),
-            "the local services are not set up ({} missing): run `scripts/dev-services up` first",
-            file.display()
-        );
-        Services { vars }
-    }
-
-    fn var(&self, key: &str) -> &str {
-        self.vars
-            .get(key)
-            .map(String::as_str)
-            .unwrap_or_else(|| panic!("{key} missing from .dev/services.env"))
-    }
-
     fn pg_host(&self) -> &str {
         self.var("MEMBERSYNC_DEV_PG_HOST")
     }
