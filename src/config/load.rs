@@ -410,6 +410,10 @@ fn validate_merge(c: &Config) -> Result<(), ConfigError> {
     at_least_one("merge.max_in_flight", m.max_in_flight as i64)?;
     at_least_one("merge.max_attempts", m.max_attempts as i64)?;
     at_least_one("merge.commit_interval_ms", m.commit_interval_ms as i64)?;
+    at_least_one("merge.push_lanes", m.push_lanes as i64)?;
+    at_least_one("merge.auth_lanes", m.auth_lanes as i64)?;
+    at_least_one("merge.claim_lease_secs", m.claim_lease_secs as i64)?;
+    at_least_one("merge.poll_interval_ms", m.poll_interval_ms as i64)?;
     if m.session_timeout_ms < 6_000 {
         // librdkafka's heartbeat (3 s) must fit in it, and brokers refuse less than their
         // group.min.session.timeout.ms (Kafka: 6 s).

@@ -90,10 +90,14 @@ pub struct MergeConfig {
     pub workers: usize,
     /// Records fetched but not yet finished, at most (backpressure on the consumer).
     pub max_in_flight: usize,
-    /// Attempts per change before it goes to the dead-letter topic.
+    /// Failed attempts after which a change (or a pending push) is reported late
+    /// (`error_logs` `sync_failed`, PostHog `sync_failed`); infrastructure errors keep being
+    /// retried after that, however long the outage. Only poison and permanent errors are
+    /// dead-lettered.
     pub max_attempts: u32,
-    /// Backoff before the 2nd, 3rd, … attempt: `backoff_base_ms × 2^(attempt-1)`, so 2 s, 4 s
-    /// with the defaults (the sync rules' 2 / 4 / 8 s across three retries).
+    /// Backoff before the 2nd, 3rd, … attempt: `backoff_base_ms × 2^(attempt-1)`, capped at
+    /// `backoff_max_ms`, then jittered between half and all of it (so about 2 s, 4 s, 8 s with
+    /// the defaults: the sync rules' three retries).
     pub backoff_base_ms: u64,
     pub backoff_max_ms: u64,
     /// How often finished offsets are committed to Kafka.
@@ -109,6 +113,20 @@ pub struct MergeConfig {
     pub on_member_deleted: DeleteMode,
     /// Create the Supabase auth user for a new member (needs `[supabase]`).
     pub create_auth_users: bool,
+    /// Memberstack pushes in flight at once (all within the shared requests-per-second budget).
+    pub push_lanes: usize,
+    /// Supabase Auth calls in flight at once.
+    pub auth_lanes: usize,
+    /// One member's pushes are at least this far apart: edits made meanwhile are coalesced
+    /// into the next PATCH, and a member editing in a loop gets its share of the budget, not
+    /// all of it.
+    pub member_push_interval_ms: u64,
+    /// How long an applier's claim on a pending push lasts if its session stays up (a claim
+    /// whose Postgres session is gone, e.g. after a kill -9, is free at once).
+    pub claim_lease_secs: u64,
+    /// How often idle appliers and the outcome relay look for work other merge instances
+    /// committed (work committed by this instance wakes them at once).
+    pub poll_interval_ms: u64,
     pub fields: Vec<FieldMapping>,
 }
 
@@ -128,18 +146,23 @@ impl Default for MergeConfig {
             echo_window_secs: 600,
             on_member_deleted: DeleteMode::Soft,
             create_auth_users: true,
+            push_lanes: 4,
+            auth_lanes: 2,
+            member_push_interval_ms: 1_000,
+            claim_lease_secs: 600,
+            poll_interval_ms: 500,
             fields: default_fields(),
         }
     }
 }
 
 impl MergeConfig {
+    /// The wait before attempt `attempt + 1`: capped exponential backoff with jitter.
     pub fn backoff(&self, attempt: u32) -> Duration {
-        let factor = 1u64 << attempt.saturating_sub(1).min(20);
-        Duration::from_millis(
-            self.backoff_base_ms
-                .saturating_mul(factor)
-                .min(self.backoff_max_ms),
+        crate::merge::report::jittered(
+            Duration::from_millis(self.backoff_base_ms),
+            Duration::from_millis(self.backoff_max_ms),
+            attempt,
         )
     }
 

@@ -1,8 +1,9 @@
-//! Applying one change: one Postgres transaction that locks the member, skips an event
-//! already processed, resolves every field the change carries, makes the external writes
-//! (Supabase Auth, Memberstack) and then the database writes, and commits them together with
-//! the exactly-once marker. A failure anywhere rolls the transaction back; external writes
-//! are idempotent (they set values), so the retry converges to the same state.
+//! Applying one change: one short Postgres transaction that locks the member, skips an event
+//! already processed, resolves every field the change carries, writes the row, the logs and
+//! `sync_state`, and — in the same transaction, with no network I/O — what the change asks of
+//! Memberstack and Supabase Auth (the member's desired state in the outbox) and its outcome
+//! record. The exactly-once marker commits with all of it. The appliers in [`super::outbox`]
+//! then make the external writes, outside any member lock.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,6 +15,8 @@ use uuid::Uuid;
 
 use super::MemberstackPath;
 use super::change::{Change, ChangeKind};
+use super::normalize::same;
+use super::outbox::{self, Origin, Target};
 use super::outcome::{Outcome, Status};
 use super::resolve::{
     FieldState, Incoming, Resolution, Rules, Side, SupabaseNow, observe_own_write, resolve,
@@ -21,7 +24,6 @@ use super::resolve::{
 use super::store::{self, LogEntry};
 use crate::config::{DeleteMode, FieldMapping, MergeConfig};
 use crate::sinks::memberstack::{MemberstackClient, MemberstackError};
-use crate::sinks::supabase_auth::{AuthError, CreateUser, SupabaseAuthClient};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -31,16 +33,13 @@ pub enum ApplyError {
     /// is being replaced: like an unreachable database, it passes.
     #[error("database TLS: {0}")]
     DbTls(#[from] crate::db::tls::TlsError),
+    /// Re-reading the member for an event that does not describe it.
     #[error("Memberstack: {0}")]
     Memberstack(#[from] MemberstackError),
-    #[error("Supabase Auth: {0}")]
-    Auth(#[from] AuthError),
-    #[error("member {0} does not exist in Memberstack")]
-    MissingInMemberstack(String),
 }
 
 /// tokio-postgres' Display says only "db error"; the server's message and code say what.
-fn db_detail(e: &tokio_postgres::Error) -> String {
+pub(crate) fn db_detail(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} ({})", db.message(), db.code().code()),
         None => e.to_string(),
@@ -48,8 +47,8 @@ fn db_detail(e: &tokio_postgres::Error) -> String {
 }
 
 impl ApplyError {
-    /// Worth another attempt: the database or a service was away or busy. Validation
-    /// failures and missing members fail the same way every time.
+    /// Worth another attempt: the database or a service was away or busy. A constraint the
+    /// change violates, or a 4xx, fails the same way every time.
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Db(e) => e.as_db_error().is_none_or(|db| {
@@ -61,13 +60,15 @@ impl ApplyError {
                     || *code == SqlState::ADMIN_SHUTDOWN
                     || *code == SqlState::CANNOT_CONNECT_NOW
                     || *code == SqlState::LOCK_NOT_AVAILABLE
+                    || *code == SqlState::QUERY_CANCELED
                     || code.code().starts_with("08")
                     || code.code().starts_with("53")
+                    || code.code().starts_with("57")
+                    || code.code().starts_with("58")
+                    || code.code().starts_with("XX")
             }),
             Self::DbTls(_) => true,
             Self::Memberstack(e) => e.is_retryable(),
-            Self::Auth(e) => e.is_retryable(),
-            Self::MissingInMemberstack(_) => false,
         }
     }
 
@@ -75,8 +76,6 @@ impl ApplyError {
         match self {
             Self::Db(_) | Self::DbTls(_) => "database",
             Self::Memberstack(_) => "memberstack",
-            Self::Auth(_) => "supabase_auth",
-            Self::MissingInMemberstack(_) => "missing_in_memberstack",
         }
     }
 }
@@ -88,13 +87,28 @@ pub struct Field {
     pub path: MemberstackPath,
 }
 
-/// Applies changes. Cheap to clone: one per worker.
+/// Parses the configured fields' Memberstack paths (validated with the config).
+pub fn fields(cfg: &MergeConfig) -> Vec<Field> {
+    cfg.fields
+        .iter()
+        .filter_map(|m| {
+            Some(Field {
+                path: MemberstackPath::parse(&m.memberstack).ok()?,
+                mapping: m.clone(),
+            })
+        })
+        .collect()
+}
+
+/// Decides changes. Cheap to clone: one per worker.
 #[derive(Clone)]
 pub struct Applier {
     cfg: Arc<MergeConfig>,
     fields: Arc<Vec<Field>>,
+    /// Only read here (an event that does not describe the member); pushes are the outbox's.
     memberstack: Option<MemberstackClient>,
-    auth: Option<SupabaseAuthClient>,
+    /// Whether a Supabase Auth applier runs (`[supabase]` configured).
+    auth: bool,
 }
 
 /// One field's decision within a change.
@@ -104,37 +118,49 @@ struct Decided<'a> {
     previous: Option<Value>,
 }
 
+/// What the change asks of Supabase Auth.
+struct AuthIntent {
+    desired: Map<String, Value>,
+    /// The member has no auth user yet: its outcome waits for the one the applier creates.
+    create: bool,
+}
+
 impl Applier {
     pub fn new(
         cfg: Arc<MergeConfig>,
+        fields: Arc<Vec<Field>>,
         memberstack: Option<MemberstackClient>,
-        auth: Option<SupabaseAuthClient>,
+        auth: bool,
     ) -> Self {
-        let fields = cfg
-            .fields
-            .iter()
-            .filter_map(|m| {
-                Some(Field {
-                    path: MemberstackPath::parse(&m.memberstack).ok()?,
-                    mapping: m.clone(),
-                })
-            })
-            .collect();
         Self {
             cfg,
-            fields: Arc::new(fields),
+            fields,
             memberstack,
             auth,
         }
     }
 
-    pub async fn apply(&self, client: &mut Client, change: &Change) -> Result<Outcome, ApplyError> {
+    /// Decides and commits one change; its outcome is in the outbox when this returns `Ok`
+    /// (except for duplicates and membersync's own writes, which announce nothing).
+    pub async fn apply(
+        &self,
+        client: &mut Client,
+        change: &Change,
+        origin: &Origin,
+        attempt: u32,
+    ) -> Result<Outcome, ApplyError> {
         let Some(member_id) = change.member_id.clone() else {
             let why = match change.kind {
                 ChangeKind::Stripe { .. } => "the Stripe event names no Memberstack member",
                 _ => "the change names no Memberstack member",
             };
-            return Ok(Outcome::new(change, Status::Skipped).with_reason(why));
+            return self
+                .skip(
+                    client,
+                    Outcome::new(change, Status::Skipped).with_reason(why),
+                    attempt,
+                )
+                .await;
         };
         let mut change = change.clone();
         match &change.kind {
@@ -147,21 +173,25 @@ impl Applier {
                 );
             }
             ChangeKind::Cdc { op, .. } if op == "d" || op == "t" => {
-                return Ok(Outcome::new(&change, Status::Skipped)
-                    .with_reason("rows deleted in Supabase are not deleted in Memberstack"));
+                let outcome = Outcome::new(&change, Status::Skipped)
+                    .with_reason("rows deleted in Supabase are not deleted in Memberstack");
+                return self.skip(client, outcome, attempt).await;
             }
+            // Outside the transaction: no lock is held while Memberstack answers.
             ChangeKind::Memberstack { refetch: true, .. } => match &self.memberstack {
                 Some(ms) => match ms.get_member(&member_id).await? {
                     Some(member) => change.payload = member.raw,
                     None => {
-                        return Ok(Outcome::new(&change, Status::Skipped)
-                            .with_reason("the member no longer exists in Memberstack"));
+                        let outcome = Outcome::new(&change, Status::Skipped)
+                            .with_reason("the member no longer exists in Memberstack");
+                        return self.skip(client, outcome, attempt).await;
                     }
                 },
                 None => {
-                    return Ok(Outcome::new(&change, Status::Skipped).with_reason(
+                    let outcome = Outcome::new(&change, Status::Skipped).with_reason(
                         "unknown event and no Memberstack API key to re-read the member",
-                    ));
+                    );
+                    return self.skip(client, outcome, attempt).await;
                 }
             },
             _ => {}
@@ -172,6 +202,8 @@ impl Applier {
         // processed.
         let row = store::lock_member(&tx, &member_id).await?;
         if let Some(previous) = store::processed(&tx, &change.event_id).await? {
+            // Its outcome was committed with it (the relay sends it, a crash or not): a
+            // redelivery announces nothing more.
             let mut outcome = serde_json::from_value::<Outcome>(previous)
                 .unwrap_or_else(|_| Outcome::new(&change, Status::Duplicate));
             outcome.reason =
@@ -182,6 +214,7 @@ impl Applier {
         }
         let mut states = store::field_states(&tx, &member_id).await?;
         let mut outcome = Outcome::new(&change, Status::Unchanged);
+        outcome.attempts = attempt;
         outcome.user_id = row.as_ref().and_then(|r| r.user_id).map(|u| u.to_string());
 
         if change.is_deleted() {
@@ -196,29 +229,15 @@ impl Applier {
             .filter_map(|d| Some((&d.field.mapping, d.resolution.write_supabase.clone()?)))
             .collect();
         let create_row = row.is_none() && change.side == Side::Memberstack;
-
-        // External writes first: if one fails nothing is committed and the retry redoes them.
-        let user_id = self
-            .sync_auth_user(&tx, &change, row.as_ref(), &decided, &mut outcome)
-            .await?;
-        self.push_to_memberstack(&member_id, &decided).await?;
+        let user_id = row.as_ref().and_then(|r| r.user_id);
+        let auth = self.auth_intent(&change, row.as_ref(), &decided, &mut outcome);
 
         let doc = store::column_values(&writes);
-        if !doc.is_empty()
-            || create_row
-            || (user_id.is_some() && row.as_ref().is_some_and(|r| r.user_id.is_none()))
-        {
+        if !doc.is_empty() || create_row {
             store::mark_origin(&tx).await?;
-            if doc.is_empty() && !create_row {
-                if let Some(uid) = user_id {
-                    store::link_user(&tx, &member_id, uid).await?;
-                }
-            } else {
-                store::write_member(&tx, &member_id, user_id, &doc, row.is_some()).await?;
-            }
+            store::write_member(&tx, &member_id, user_id, &doc, row.is_some()).await?;
             outcome.created = create_row;
         }
-        outcome.user_id = user_id.map(|u| u.to_string()).or(outcome.user_id);
 
         for d in &decided {
             let r = &d.resolution;
@@ -248,6 +267,34 @@ impl Applier {
         }
         self.log(&tx, &change, &member_id, user_id, &decided, &outcome)
             .await?;
+
+        // The desired external state, coalesced with what is pending for the member.
+        let (push, settled) = self.memberstack_intent(&change, &decided);
+        let pace = std::time::Duration::from_millis(self.cfg.member_push_interval_ms);
+        outbox::upsert_intent(
+            &tx,
+            &member_id,
+            Target::Memberstack,
+            &push,
+            &settled,
+            Some(origin),
+            pace,
+        )
+        .await?;
+        let awaiting_auth = auth.as_ref().is_some_and(|a| a.create);
+        if let Some(a) = &auth {
+            outbox::upsert_intent(
+                &tx,
+                &member_id,
+                Target::Auth,
+                &a.desired,
+                &[],
+                Some(origin),
+                std::time::Duration::ZERO,
+            )
+            .await?;
+        }
+
         outcome.processed_at = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         store::mark_processed(
             &tx,
@@ -258,7 +305,20 @@ impl Applier {
             &outcome.to_json(),
         )
         .await?;
+        outbox::enqueue_outcome(&tx, &outcome, awaiting_auth).await?;
         tx.commit().await?;
+        Ok(outcome)
+    }
+
+    /// An outcome decided without touching the member: only announced.
+    async fn skip(
+        &self,
+        client: &mut Client,
+        mut outcome: Outcome,
+        attempt: u32,
+    ) -> Result<Outcome, ApplyError> {
+        outcome.attempts = attempt;
+        outbox::enqueue_outcome(&*client, &outcome, false).await?;
         Ok(outcome)
     }
 
@@ -333,23 +393,44 @@ impl Applier {
         out
     }
 
-    /// Creates the member's auth user (or links the one with its email) when the member has
-    /// none, and keeps its email and user_metadata in step with the member's subscription.
-    async fn sync_auth_user(
+    /// The Memberstack values to set (by field name), and the pending ones that this change
+    /// settles: Memberstack itself now holds the agreed value, so a push still waiting for
+    /// the field would overwrite a newer Memberstack edit with an older value.
+    fn memberstack_intent(
         &self,
-        tx: &tokio_postgres::Transaction<'_>,
+        change: &Change,
+        decided: &[Decided<'_>],
+    ) -> (Map<String, Value>, Vec<String>) {
+        let mut push = Map::new();
+        let mut settled = Vec::new();
+        for d in decided {
+            let r = &d.resolution;
+            let name = &d.field.mapping.name;
+            if let Some(v) = &r.push_memberstack {
+                push.insert(name.clone(), v.clone());
+            } else if change.side == Side::Memberstack
+                && let (Some(agreed), Some(incoming)) = (&r.state.value, &r.state.memberstack_seen)
+                && same(d.field.mapping.normalize, agreed, incoming)
+            {
+                settled.push(name.clone());
+            }
+        }
+        (push, settled)
+    }
+
+    /// What the member's auth user must become: created (or linked, by email) when the member
+    /// has none; its email and user_metadata updated when the change wrote one of them.
+    fn auth_intent(
+        &self,
         change: &Change,
         row: Option<&store::MemberRow>,
         decided: &[Decided<'_>],
         outcome: &mut Outcome,
-    ) -> Result<Option<Uuid>, ApplyError> {
-        let existing = row.and_then(|r| r.user_id);
-        let Some(auth) = self.auth.as_ref().filter(|_| self.cfg.create_auth_users) else {
-            return Ok(existing);
-        };
-        if change.side != Side::Memberstack {
-            return Ok(existing);
+    ) -> Option<AuthIntent> {
+        if !self.auth || !self.cfg.create_auth_users || change.side != Side::Memberstack {
+            return None;
         }
+        let existing = row.and_then(|r| r.user_id);
         // The member's values after this change, by column.
         let mut after: Map<String, Value> = row.map(|r| r.columns.clone()).unwrap_or_default();
         for (column, value) in store::column_values(
@@ -366,38 +447,16 @@ impl Applier {
             "plan_id": after.get("plan_id").cloned().unwrap_or(Value::Null),
             "subscription_status": after.get("subscription_status").cloned().unwrap_or(json!("free")),
         });
-        let email = after
-            .get("email")
-            .and_then(Value::as_str)
-            .map(str::to_owned);
+        let email = after.get("email").and_then(Value::as_str);
         match existing {
             None => {
-                let Some(email) = email else {
-                    return Ok(None);
-                };
-                let request = CreateUser {
-                    email: email.clone(),
-                    email_confirm: true,
-                    user_metadata: metadata,
-                    app_metadata: None,
-                    password: None,
-                };
-                match auth.create_user(&request).await {
-                    Ok(user) => {
-                        outcome.auth_user = Some("created".into());
-                        Ok(Some(user.id))
-                    }
-                    Err(AuthError::EmailExists) => {
-                        let id = store::auth_user_by_email(tx, &email).await?;
-                        if id.is_some() {
-                            outcome.auth_user = Some("linked".into());
-                        }
-                        Ok(id)
-                    }
-                    Err(e) => Err(e.into()),
-                }
+                email?;
+                Some(AuthIntent {
+                    desired: outbox::auth::desired(email, metadata),
+                    create: true,
+                })
             }
-            Some(id) => {
+            Some(_) => {
                 let touched = decided.iter().any(|d| {
                     d.resolution.write_supabase.is_some()
                         && matches!(
@@ -405,56 +464,14 @@ impl Applier {
                             "email" | "subscription_status" | "plan_id"
                         )
                 });
-                if touched {
-                    let mut body = json!({ "user_metadata": metadata });
-                    if let Some(email) = email {
-                        body["email"] = json!(email);
-                    }
-                    auth.update_user(id, &body).await?;
+                touched.then(|| {
                     outcome.auth_user = Some("updated".into());
-                }
-                Ok(Some(id))
+                    AuthIntent {
+                        desired: outbox::auth::desired(email, metadata),
+                        create: false,
+                    }
+                })
             }
-        }
-    }
-
-    /// One PATCH with every field to push. `json` is replaced whole by Memberstack, so a
-    /// `json.<key>` field reads the member first (read-modify-write).
-    async fn push_to_memberstack(
-        &self,
-        member_id: &str,
-        decided: &[Decided<'_>],
-    ) -> Result<(), ApplyError> {
-        let pushes: Vec<(&Field, Value)> = decided
-            .iter()
-            .filter_map(|d| Some((d.field, d.resolution.push_memberstack.clone()?)))
-            .collect();
-        let Some(ms) = &self.memberstack else {
-            return Ok(());
-        };
-        if pushes.is_empty() {
-            return Ok(());
-        }
-        let current = if pushes.iter().any(|(f, _)| f.path.needs_read_before_write()) {
-            Some(
-                ms.get_member(member_id)
-                    .await?
-                    .ok_or_else(|| ApplyError::MissingInMemberstack(member_id.to_owned()))?
-                    .raw,
-            )
-        } else {
-            None
-        };
-        let mut patch = Map::new();
-        for (field, value) in pushes {
-            field.path.put(&mut patch, value, current.as_ref());
-        }
-        match ms.update_member(member_id, &patch).await {
-            Ok(_) => Ok(()),
-            Err(MemberstackError::Api { status: 404, .. }) => {
-                Err(ApplyError::MissingInMemberstack(member_id.to_owned()))
-            }
-            Err(e) => Err(e.into()),
         }
     }
 
@@ -473,7 +490,9 @@ impl Applier {
                 outcome.deleted = true;
             }
         }
-        let user_id = outcome.user_id.as_deref().and_then(|u| u.parse().ok());
+        // Nothing more is pushed for a deleted member.
+        outbox::cancel_intents(&tx, member_id).await?;
+        let user_id: Option<Uuid> = outcome.user_id.as_deref().and_then(|u| u.parse().ok());
         store::log_change(
             &tx,
             &LogEntry {
@@ -495,6 +514,7 @@ impl Applier {
             &outcome.to_json(),
         )
         .await?;
+        outbox::enqueue_outcome(&tx, &outcome, false).await?;
         tx.commit().await?;
         Ok(outcome)
     }

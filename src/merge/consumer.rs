@@ -15,10 +15,11 @@ use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::apply::Applier;
+use super::apply::{self, Applier};
 use super::change::TopicKind;
 use super::metrics::MergeMetrics;
 use super::offsets::OffsetTracker;
+use super::outbox::{self, Wakeups, auth::AuthApplier, lanes, memberstack::Pusher};
 use super::worker::{self, Finished, Job, Shared};
 use crate::config::Config;
 use crate::kafka::producer::Producer;
@@ -69,6 +70,8 @@ impl ConsumerContext for MergeContext {
 
 pub struct Merge {
     consumer: StreamConsumer<MergeContext>,
+    pusher: Option<Pusher>,
+    auth: Option<AuthApplier>,
     revoked: mpsc::UnboundedReceiver<Vec<(String, i32)>>,
     shared: Arc<Shared>,
     prefix: String,
@@ -134,8 +137,19 @@ impl Merge {
                 None => (None, None),
             };
         let cfg = Arc::new(m.clone());
+        let fields = Arc::new(apply::fields(&cfg));
+        let pusher = memberstack
+            .clone()
+            .map(|ms| Pusher::new(Arc::clone(&cfg), Arc::clone(&fields), ms));
+        let auth_applier = auth.map(|a| AuthApplier::new(Arc::clone(&cfg), a));
         let shared = Arc::new(Shared {
-            applier: Applier::new(Arc::clone(&cfg), memberstack, auth),
+            applier: Applier::new(
+                Arc::clone(&cfg),
+                fields,
+                memberstack,
+                auth_applier.is_some(),
+            ),
+            wake: Wakeups::new(),
             cfg,
             database: config.database.clone(),
             producer: Producer::new(
@@ -150,6 +164,8 @@ impl Merge {
         });
         Ok(Self {
             consumer,
+            pusher,
+            auth: auth_applier,
             revoked,
             shared,
             prefix: config.kafka.topic_prefix.clone(),
@@ -176,6 +192,34 @@ impl Merge {
             )));
         }
         drop(finished_tx);
+        // The outbox's appliers and relay run beside the consumer, and stop after the workers
+        // (the last changes' outcomes are relayed if the drain leaves time).
+        let stop_outbox = CancellationToken::new();
+        let mut outbox_tasks = tokio::task::JoinSet::new();
+        if let Some(pusher) = self.pusher.take() {
+            outbox_tasks.spawn(lanes::run(
+                Arc::new(pusher),
+                Arc::clone(&self.shared),
+                self.shared.cfg.push_lanes,
+                stop_outbox.clone(),
+            ));
+        }
+        if let Some(auth) = self.auth.take() {
+            outbox_tasks.spawn(lanes::run(
+                Arc::new(auth),
+                Arc::clone(&self.shared),
+                self.shared.cfg.auth_lanes,
+                stop_outbox.clone(),
+            ));
+        }
+        outbox_tasks.spawn(outbox::relay::run(
+            Arc::clone(&self.shared),
+            stop_outbox.clone(),
+        ));
+        outbox_tasks.spawn(outbox::housekeeping(
+            Arc::clone(&self.shared),
+            stop_outbox.clone(),
+        ));
         let mut tracker = OffsetTracker::default();
         tracing::info!(workers = self.workers, "merge consuming");
 
@@ -220,6 +264,10 @@ impl Merge {
         for h in handles {
             let _ = h.await;
         }
+        // Give the relay what remains of the drain to send the last outcomes.
+        let _ = tokio::time::timeout_at(deadline, outbox::drained(&self.shared)).await;
+        stop_outbox.cancel();
+        while outbox_tasks.join_next().await.is_some() {}
         let mut tpl = TopicPartitionList::new();
         for (topic, partition, offset) in tracker.committable() {
             let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(offset + 1));

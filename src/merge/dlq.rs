@@ -104,6 +104,46 @@ impl DeadLetter {
         }
     }
 
+    /// A pending push that failed permanently (merge's outbox), as the Kafka record of the
+    /// latest change that asked for it: `dlq replay` re-feeds that change, and merge resolves
+    /// it again against the state of that moment.
+    pub fn from_origin(
+        origin: Option<&crate::merge::outbox::Origin>,
+        error: DlqError,
+        attempts: u32,
+        member_id: Option<String>,
+    ) -> Self {
+        let position = origin.map(|o| o.position.clone()).unwrap_or(Position {
+            topic: String::new(),
+            partition: -1,
+            offset: -1,
+        });
+        let id = uuid::Uuid::new_v5(
+            &DLQ_NAMESPACE,
+            format!(
+                "{}/{}/{}/{}",
+                position.topic, position.partition, position.offset, error.kind
+            )
+            .as_bytes(),
+        );
+        Self {
+            schema_version: SCHEMA_VERSION,
+            id: id.to_string(),
+            failed_at: Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
+            error,
+            attempts,
+            origin: position,
+            event_id: origin.map(|o| o.event_id.clone()),
+            key: origin
+                .and_then(|o| o.key.clone())
+                .or_else(|| member_id.clone()),
+            member_id,
+            value: origin.and_then(|o| o.value.clone()),
+            value_base64: origin.and_then(|o| o.value_base64.clone()),
+            headers: origin.map(|o| o.headers.clone()).unwrap_or_default(),
+        }
+    }
+
     /// The original record's bytes.
     pub fn original_value(&self) -> Vec<u8> {
         match (&self.value, &self.value_base64) {

@@ -1,4 +1,7 @@
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
 
 /// Merge's metric families (names are part of the alerting contract: docs/merge.md).
 #[derive(Clone)]
@@ -11,6 +14,114 @@ pub struct MergeMetrics {
     pub apply_seconds: HistogramVec,
     pub change_to_applied: Histogram,
     pub in_flight: IntGauge,
+    pub outbox: OutboxMetrics,
+}
+
+/// The outbox and its appliers (docs/merge.md "The outbox"; alerts: pending age, time since
+/// the last successful push).
+#[derive(Clone)]
+pub struct OutboxMetrics {
+    pub pending: IntGaugeVec,
+    pub oldest_seconds: GaugeVec,
+    pub outcomes_pending: IntGauge,
+    pub applied: IntCounterVec,
+    pub late: IntCounterVec,
+    pub last_success: GaugeVec,
+    pub apply_seconds: HistogramVec,
+    pub change_to_announced: Histogram,
+}
+
+/// Targets and results, pre-created at 0 so that `increase()` and alerts see them from the start.
+const TARGETS: [&str; 2] = ["memberstack", "auth"];
+const RESULTS: [&str; 3] = ["applied", "retry", "dead_lettered"];
+/// Error kinds a dead letter can have (`membersync_merge_dead_letters_total{kind}`).
+pub const DEAD_LETTER_KINDS: [&str; 5] = [
+    "decode",
+    "database",
+    "memberstack",
+    "missing_in_memberstack",
+    "supabase_auth",
+];
+
+impl OutboxMetrics {
+    fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let m = Self {
+            pending: IntGaugeVec::new(
+                Opts::new(
+                    "membersync_merge_intents_pending",
+                    "Members with a pending push, by target (memberstack/auth).",
+                ),
+                &["target"],
+            )?,
+            oldest_seconds: GaugeVec::new(
+                Opts::new(
+                    "membersync_merge_intent_oldest_age_seconds",
+                    "Age of the oldest pending intent, by target (since it was queued or started failing).",
+                ),
+                &["target"],
+            )?,
+            outcomes_pending: IntGauge::new(
+                "membersync_merge_outcomes_pending",
+                "Outcome records committed and not yet produced to the sync topic.",
+            )?,
+            applied: IntCounterVec::new(
+                Opts::new(
+                    "membersync_merge_intent_attempts_total",
+                    "Attempts to apply an intent, by target and result (applied/retry/dead_lettered).",
+                ),
+                &["target", "result"],
+            )?,
+            late: IntCounterVec::new(
+                Opts::new(
+                    "membersync_merge_late_total",
+                    "Failure episodes that reached merge.max_attempts and were reported late (retries go on), by target.",
+                ),
+                &["target"],
+            )?,
+            last_success: GaugeVec::new(
+                Opts::new(
+                    "membersync_merge_last_success_timestamp_seconds",
+                    "Unix time of the last successful apply, by target (0: none since start).",
+                ),
+                &["target"],
+            )?,
+            apply_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "membersync_merge_intent_apply_seconds",
+                    "Time of one apply call (the HTTP round trips), by target.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["target"],
+            )?,
+            change_to_announced: Histogram::with_opts(
+                HistogramOpts::new(
+                    "membersync_merge_change_to_announced_seconds",
+                    "From the change on its side to its applied outcome acknowledged by Kafka.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            )?,
+        };
+        // `merge`: a change whose transaction keeps failing (the database is away).
+        m.late.with_label_values(&["merge"]);
+        for t in TARGETS {
+            m.pending.with_label_values(&[t]).set(0);
+            m.oldest_seconds.with_label_values(&[t]).set(0.0);
+            m.late.with_label_values(&[t]);
+            m.last_success.with_label_values(&[t]);
+            for r in RESULTS {
+                m.applied.with_label_values(&[t, r]);
+            }
+        }
+        registry.register(Box::new(m.pending.clone()))?;
+        registry.register(Box::new(m.oldest_seconds.clone()))?;
+        registry.register(Box::new(m.outcomes_pending.clone()))?;
+        registry.register(Box::new(m.applied.clone()))?;
+        registry.register(Box::new(m.late.clone()))?;
+        registry.register(Box::new(m.last_success.clone()))?;
+        registry.register(Box::new(m.apply_seconds.clone()))?;
+        registry.register(Box::new(m.change_to_announced.clone()))?;
+        Ok(m)
+    }
 }
 
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -62,7 +173,11 @@ impl MergeMetrics {
                 .buckets(LATENCY_BUCKETS.to_vec()),
             )?,
             in_flight: IntGauge::new("membersync_merge_in_flight", "Records read from Kafka and not yet finished.")?,
+            outbox: OutboxMetrics::register(registry)?,
         };
+        for kind in DEAD_LETTER_KINDS {
+            m.dead_letters.with_label_values(&[kind]);
+        }
         registry.register(Box::new(m.changes.clone()))?;
         registry.register(Box::new(m.fields.clone()))?;
         registry.register(Box::new(m.conflicts.clone()))?;

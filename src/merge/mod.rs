@@ -3,8 +3,10 @@
 //! Supabase (one transaction per change) and Memberstack (Admin REST API). See docs/merge.md.
 //!
 //! Data flow: [`consumer`] reads and routes records by member → [`worker`] retries and
-//! dead-letters → [`change`] decodes → [`apply`] locks the member, [`resolve`]s each field,
-//! writes Memberstack / Supabase Auth / Postgres ([`store`]) → [`outcome`] is announced.
+//! dead-letters → [`change`] decodes → [`apply`] locks the member, [`resolve`]s each field and
+//! commits, in one short transaction with no network I/O, the row ([`store`]), the desired
+//! Memberstack / Supabase Auth state and the [`outcome`] ([`outbox`]) → the outbox's appliers
+//! push to Memberstack and Supabase Auth, and its relay announces the outcome.
 
 pub mod apply;
 pub mod change;
@@ -12,8 +14,10 @@ pub mod consumer;
 pub mod dlq;
 pub mod metrics;
 pub mod normalize;
+pub mod outbox;
 pub mod outcome;
 pub mod path;
+pub mod report;
 pub mod resolve;
 pub mod store;
 pub mod worker;

@@ -19,6 +19,8 @@
 //!   since the previous event of the same stream was not edited by this change.
 //! - Nothing is written that the target already holds, so re-applying a resolution's
 //!   result changes nothing (idempotence; property-tested below).
+//! - A push is a decision only: the pusher (merge's outbox) records its echo when it claims
+//!   it and its time when Memberstack answered.
 
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
@@ -180,14 +182,9 @@ pub fn resolve(
     if r.push_memberstack.is_some() && !rules.writable {
         r.push_memberstack = None;
     }
-    if let Some(v) = &r.push_memberstack {
-        r.state.pushed_value = Some(v.clone());
-        r.state.pushed_at = Some(rules.now);
-        r.state.echoes.push(Echo {
-            value: v.clone(),
-            at: rules.now,
-        });
-    }
+    // A push is only decided here. Its echo is recorded when the pusher claims it and its
+    // time (`pushed_at`) when Memberstack's response arrives (merge's outbox): stamping it
+    // now would date a PATCH that may wait in the rate limiter, or never be sent (coalesced).
     r
 }
 
@@ -332,14 +329,34 @@ fn from_supabase(
     inc: &Incoming,
 ) -> Resolution {
     let n = rules.normalize;
-    let (v, t) = (&inc.value, inc.at);
+    // A dead letter re-fed by an operator (`dlq replay`) is resolved against the current
+    // state: its own value may be older than what the row holds now, and must never be pushed
+    // over it. What counts is the row's value, as of when its column last changed.
+    let current = match (inc.replayed, &sb.value) {
+        (true, Some(now)) => Some((now.clone(), sb.edited_at.map_or(inc.at, |e| e.max(inc.at)))),
+        _ => None,
+    };
+    let (v, t) = match &current {
+        Some((now, at)) => (now, *at),
+        None => (&inc.value, inc.at),
+    };
     let edited = inc.replayed
         || st
             .supabase_seen
             .as_ref()
             .is_none_or(|seen| !same(n, seen, v));
-    st.supabase_seen = Some(v.clone());
-    if !edited || st.value.as_ref().is_some_and(|a| same(n, a, v)) {
+    if !inc.replayed {
+        st.supabase_seen = Some(v.clone());
+    }
+    let agreed_now = st.value.as_ref().is_some_and(|a| same(n, a, v));
+    if inc.replayed && agreed_now && rules.authority != Authority::Memberstack {
+        // The row holds the agreed value and the operator asks for it to reach Memberstack
+        // (the push that failed): push it again.
+        let mut r = outcome(Verdict::Applied, st);
+        r.push_memberstack = Some(v.clone());
+        return r;
+    }
+    if !edited || agreed_now {
         return outcome(Verdict::Unchanged, st);
     }
     let supabase_wins = match rules.authority {

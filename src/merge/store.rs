@@ -261,6 +261,20 @@ pub async fn link_user(
     Ok(())
 }
 
+/// Links the auth user the Auth applier created or found, unless the member got one meanwhile.
+pub async fn link_user_if_unlinked(
+    tx: &Transaction<'_>,
+    memberstack_id: &str,
+    user_id: Uuid,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "update public.members set user_id = $2 where memberstack_id = $1 and user_id is null",
+        &[&memberstack_id, &user_id],
+    )
+    .await?;
+    Ok(())
+}
+
 pub async fn soft_delete(
     tx: &Transaction<'_>,
     memberstack_id: &str,

@@ -1,8 +1,15 @@
 //! A merge worker: processes the records routed to it (all of one member's records go to the
-//! same worker, in partition order), one at a time, with retries and backoff; a record that
-//! exhausts its attempts, or cannot be decoded, goes to the dead-letter topic. Then it
-//! announces the outcome and reports the record finished — only then may its offset be
-//! committed.
+//! same worker, in partition order), one at a time. A change is decided and committed in one
+//! short transaction ([`super::apply`]); its outcome and external writes are in the outbox
+//! then, and the appliers take it from there ([`super::outbox`]). Only then is the record
+//! reported finished, and its offset may be committed.
+//!
+//! Errors by class: a record that cannot be decoded, or a change that fails the same way every
+//! time (a constraint it violates), goes to the dead-letter topic. An infrastructure error
+//! (Postgres away, a busy Memberstack when an event must be re-read) is retried with capped,
+//! jittered backoff for as long as it lasts — the member's later records wait behind it, and
+//! the consumer stops reading when `max_in_flight` records are unfinished. After
+//! `merge.max_attempts` failed attempts the change is reported late, once.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,10 +24,11 @@ use super::apply::{Applier, ApplyError};
 use super::change::{self, Change, Position, TopicKind};
 use super::dlq::{DeadLetter, DlqError};
 use super::metrics::MergeMetrics;
+use super::outbox::{self, Origin, Wakeups};
 use super::outcome::{Outcome, Status};
+use super::report;
 use crate::config::{DatabaseConfig, MergeConfig};
-use crate::db::{self, Login};
-use crate::kafka::producer::{Producer, Record};
+use crate::kafka::producer::Producer;
 use crate::sinks::posthog::PostHog;
 
 /// A record to process.
@@ -37,7 +45,7 @@ pub struct Finished {
     pub offset: i64,
 }
 
-/// What every worker shares.
+/// What every worker and applier shares.
 pub struct Shared {
     pub cfg: Arc<MergeConfig>,
     pub database: DatabaseConfig,
@@ -48,6 +56,7 @@ pub struct Shared {
     pub posthog: Option<PostHog>,
     pub metrics: MergeMetrics,
     pub kafka_wait: Duration,
+    pub wake: Arc<Wakeups>,
 }
 
 pub async fn run(
@@ -88,9 +97,18 @@ async fn process(
     };
     let change = match change::decode(job.kind, position, m.payload()) {
         Ok(mut change) => {
-            change.replayed = m
-                .headers()
-                .is_some_and(|h| h.iter().any(|h| h.key == super::dlq::REPLAY_HEADER));
+            let replay_of = m.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == super::dlq::REPLAY_HEADER)
+                    .map(|h| String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())
+            });
+            if let Some(dlq_id) = replay_of {
+                // The original's decision may have committed (only its push failed): the
+                // replay is a change of its own, processed once per dead letter, and resolved
+                // against the current state.
+                change.replayed = true;
+                change.event_id = format!("{}#replay:{dlq_id}", change.event_id);
+            }
             change
         }
         Err(e) => {
@@ -100,23 +118,27 @@ async fn process(
                 message: e.to_string(),
                 retryable: false,
             };
-            return dead_letter(shared, m, error, 0, None, stop).await;
+            let letter = DeadLetter::new(m, error, 0, None, None);
+            return dead_letter(shared, db, &letter, stop).await;
         }
     };
+    let origin = Origin::of(m, &change.event_id);
     let mut attempt = 0;
+    let mut late_reported = false;
     loop {
         attempt += 1;
         let started = Instant::now();
-        let result = apply_once(shared, db, &change).await;
+        let result = apply_once(shared, db, &change, &origin, attempt).await;
         shared
             .metrics
             .apply_seconds
             .with_label_values(&[change.source])
             .observe(started.elapsed().as_secs_f64());
         match result {
-            Ok(mut outcome) => {
-                outcome.attempts = attempt;
-                return announce(shared, &change, outcome, stop).await;
+            Ok(outcome) => {
+                count(shared, &change, &outcome);
+                wake(&shared.wake);
+                return true;
             }
             Err(e) => {
                 shared
@@ -127,21 +149,31 @@ async fn process(
                 if db.as_ref().is_some_and(Client::is_closed) {
                     *db = None;
                 }
-                let retryable = e.is_retryable();
-                if !retryable || attempt >= shared.cfg.max_attempts {
-                    tracing::error!(event_id = %change.event_id, member = ?change.member_id, attempt, error = %e, "change failed: dead-lettered");
+                if !e.is_retryable() {
+                    tracing::error!(event_id = %change.event_id, member = ?change.member_id, attempt, error = %e, "change failed permanently: dead-lettered");
                     let error = DlqError {
                         kind: e.kind().into(),
                         message: e.to_string(),
-                        retryable,
+                        retryable: false,
                     };
-                    if !dead_letter(shared, m, error.clone(), attempt, Some(&change), stop).await {
+                    let letter = DeadLetter::new(
+                        m,
+                        error.clone(),
+                        attempt,
+                        Some(change.event_id.clone()),
+                        change.member_id.clone(),
+                    );
+                    if !dead_letter(shared, db, &letter, stop).await {
                         return false;
                     }
                     let mut outcome = Outcome::new(&change, Status::Failed);
                     outcome.attempts = attempt;
                     outcome.error = Some(error.message);
-                    return announce(shared, &change, outcome, stop).await;
+                    return announce_failure(shared, db, &change, outcome, stop).await;
+                }
+                if attempt >= shared.cfg.max_attempts && !late_reported {
+                    late_reported = true;
+                    report_late(shared, db, &change, &e, attempt).await;
                 }
                 let wait = shared.cfg.backoff(attempt);
                 tracing::warn!(event_id = %change.event_id, attempt, retry_in_ms = wait.as_millis() as u64, error = %e, "change failed; retrying");
@@ -158,30 +190,30 @@ async fn apply_once(
     shared: &Shared,
     db: &mut Option<Client>,
     change: &Change,
+    origin: &Origin,
+    attempt: u32,
 ) -> Result<Outcome, ApplyError> {
-    if db.is_none() {
-        let client = db::connect(&shared.database, Login::Daemon)
-            .await
-            .map_err(|e| match e {
-                db::DbError::Connect { source, .. } | db::DbError::Query(source) => {
-                    ApplyError::Db(source)
-                }
-                db::DbError::Tls(e) => ApplyError::DbTls(e),
-            })?;
-        *db = Some(client);
-    }
-    let client = db.as_mut().expect("connected above");
-    shared.applier.apply(client, change).await
+    let client = report::connected(&shared.database, db)
+        .await
+        .map_err(|e| match e {
+            crate::db::DbError::Connect { source, .. } | crate::db::DbError::Query(source) => {
+                ApplyError::Db(source)
+            }
+            crate::db::DbError::Tls(e) => ApplyError::DbTls(e),
+        })?;
+    shared.applier.apply(client, change, origin, attempt).await
 }
 
-/// Publishes the outcome on the sync topic (keyed by member) and hands it to PostHog.
-/// Retries until Kafka takes it: the record is finished only then.
-async fn announce(
-    shared: &Shared,
-    change: &Change,
-    outcome: Outcome,
-    stop: &CancellationToken,
-) -> bool {
+/// New work for this instance's appliers and relay: wakes the idle ones, and leaves a permit
+/// for one that is busy checking right now.
+fn wake(w: &Wakeups) {
+    for n in [&w.memberstack, &w.auth, &w.outcomes] {
+        n.notify_waiters();
+        n.notify_one();
+    }
+}
+
+fn count(shared: &Shared, change: &Change, outcome: &Outcome) {
     let status = format!("{:?}", outcome.status).to_lowercase();
     shared
         .metrics
@@ -209,112 +241,112 @@ async fn announce(
             .change_to_applied
             .observe(lag.num_milliseconds().max(0) as f64 / 1000.0);
     }
-    // membersync's own writes coming back through CDC are not news.
-    let own = matches!(change.kind, change::ChangeKind::Cdc { own: true, .. });
-    if !own {
-        let payload = serde_json::to_vec(&outcome).unwrap_or_default();
-        let key = change.member_id.clone().unwrap_or_default();
-        let headers: [(&str, &[u8]); 3] = [
-            ("membersync-event-id", change.event_id.as_bytes()),
-            ("membersync-status", status.as_bytes()),
-            ("content-type", b"application/json"),
-        ];
-        let record = Record {
-            topic: &shared.sync_topic,
-            key: key.as_bytes(),
-            payload: &payload,
-            headers: &headers,
-        };
-        if !send_until_acknowledged(shared, &record, stop).await {
-            return false;
-        }
-        if let Some(ph) = &shared.posthog {
-            for event in outcome.posthog_events() {
-                ph.capture(event);
-            }
-        }
-    }
-    true
 }
 
-async fn dead_letter(
+/// The dead-lettered change's `failed` outcome goes through the outbox like every outcome
+/// (waiting for the database if it is away).
+async fn announce_failure(
     shared: &Shared,
-    message: &OwnedMessage,
-    error: DlqError,
-    attempts: u32,
-    change: Option<&Change>,
+    db: &mut Option<Client>,
+    change: &Change,
+    outcome: Outcome,
     stop: &CancellationToken,
 ) -> bool {
-    let letter = DeadLetter::new(
-        message,
-        error.clone(),
-        attempts,
-        change.map(|c| c.event_id.clone()),
-        change.and_then(|c| c.member_id.clone()),
-    );
-    let payload = serde_json::to_vec(&letter).unwrap_or_default();
-    let key = letter.key.clone().unwrap_or_default();
-    let record = Record {
-        topic: &shared.dlq_topic,
-        key: key.as_bytes(),
-        payload: &payload,
-        headers: &[("membersync-dlq-id", letter.id.as_bytes())],
-    };
-    if !send_until_acknowledged(shared, &record, stop).await {
-        return false;
-    }
-    shared
-        .metrics
-        .dead_letters
-        .with_label_values(&[&error.kind])
-        .inc();
-    record_error(shared, &letter).await;
-    true
-}
-
-/// `error_logs` row for a dead letter. The dead letter itself is the durable record; this
-/// row is for people querying the database, so a failure here is logged, not retried.
-async fn record_error(shared: &Shared, letter: &DeadLetter) {
-    let context = serde_json::json!({
-        "dlq_id": letter.id,
-        "event_id": letter.event_id,
-        "origin": letter.origin,
-        "error_kind": letter.error.kind,
-    });
-    let result = async {
-        let client = db::connect(&shared.database, Login::Daemon).await?;
-        client
-            .execute(
-                "insert into public.error_logs (memberstack_id, error_type, error_message, context, retry_count)
-                 values ($1, 'sync_failed', $2, $3, $4)",
-                &[&letter.member_id, &letter.error.message, &context, &(letter.attempts as i32)],
-            )
-            .await?;
-        Ok::<_, db::DbError>(())
-    }
-    .await;
-    if let Err(e) = result {
-        tracing::error!(dlq_id = %letter.id, error = %e, "cannot write error_logs for a dead letter (it is on the DLQ topic)");
-    }
-}
-
-async fn send_until_acknowledged(
-    shared: &Shared,
-    record: &Record<'_>,
-    stop: &CancellationToken,
-) -> bool {
-    let mut wait = Duration::from_millis(200);
+    let mut attempt = 0;
     loop {
-        match shared.producer.send(record, shared.kafka_wait).await {
-            Ok(_) => return true,
+        attempt += 1;
+        let result = async {
+            let client = report::connected(&shared.database, db).await?;
+            outbox::enqueue_outcome(&*client, &outcome, false).await?;
+            Ok::<_, report::DbFailure>(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                count(shared, change, &outcome);
+                wake(&shared.wake);
+                return true;
+            }
             Err(e) => {
-                tracing::warn!(topic = record.topic, error = %e, "Kafka did not take the record; retrying");
+                let wait = shared.cfg.backoff(attempt);
+                tracing::warn!(event_id = %change.event_id, error = %e, "cannot record the failed outcome; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = stop.cancelled() => return false,
                 }
-                wait = (wait * 2).min(Duration::from_secs(10));
             }
         }
     }
+}
+
+/// Once per change: it is late (`error_logs` `sync_failed`, PostHog `sync_failed`); its
+/// retries go on.
+async fn report_late(
+    shared: &Shared,
+    db: &mut Option<Client>,
+    change: &Change,
+    error: &ApplyError,
+    attempts: u32,
+) {
+    shared
+        .metrics
+        .outbox
+        .late
+        .with_label_values(&["merge"])
+        .inc();
+    let context = serde_json::json!({
+        "event_id": change.event_id,
+        "origin": change.position,
+        "error_kind": error.kind(),
+        "retrying": true,
+    });
+    if let Ok(client) = report::connected(&shared.database, db).await {
+        report::error_log(
+            client,
+            change.member_id.as_deref(),
+            &error.to_string(),
+            &context,
+            attempts,
+        )
+        .await;
+    }
+    if let (Some(ph), Some(member)) = (&shared.posthog, change.member_id.as_deref()) {
+        let mut event = crate::sinks::posthog::CaptureEvent::new(
+            "sync_failed",
+            member,
+            &format!("late:{}", change.event_id),
+        );
+        event
+            .properties
+            .insert("event_id".into(), change.event_id.clone().into());
+        event
+            .properties
+            .insert("error".into(), error.to_string().into());
+        event.properties.insert("attempts".into(), attempts.into());
+        event.properties.insert("retrying".into(), true.into());
+        ph.capture(event);
+    }
+}
+
+async fn dead_letter(
+    shared: &Shared,
+    db: &mut Option<Client>,
+    letter: &DeadLetter,
+    stop: &CancellationToken,
+) -> bool {
+    if !report::publish_dead_letter(shared, letter, stop).await {
+        return false;
+    }
+    // The dead letter is the durable record; the row is for people querying the database.
+    if let Ok(client) = report::connected(&shared.database, db).await {
+        report::error_log(
+            client,
+            letter.member_id.as_deref(),
+            &letter.error.message,
+            &report::dead_letter_context(letter),
+            letter.attempts,
+        )
+        .await;
+    }
+    true
 }

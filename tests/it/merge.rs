@@ -188,6 +188,19 @@ impl Stack {
 
     /// Both sides stop changing: webhooks delivered, and for `quiet` no new PATCH, no new
     /// row version and no new outcome.
+    /// Pushes and outcomes merge committed and its appliers have not finished.
+    async fn outbox_pending(&self) -> i64 {
+        self.admin
+            .query_one(
+                "select (select count(*) from membersync_meta.merge_intents where desired <> '{}'::jsonb)
+                      + (select count(*) from membersync_meta.outcome_outbox)",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
     async fn quiescent(&self, quiet: Duration) {
         let deadline = Instant::now() + WAIT;
         loop {
@@ -207,6 +220,7 @@ impl Stack {
                 self.processed().await,
             );
             if before == after
+                && self.outbox_pending().await == 0
                 && self
                     .ms
                     .wait_webhooks_quiescent(Duration::from_millis(1))
@@ -764,7 +778,7 @@ async fn random_edits_on_both_sides_converge() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn failing_changes_go_to_the_dlq_and_replay_applies_them() {
-    let s = Stack::start(&[("MEMBERSYNC__MEMBERSTACK__MAX_ATTEMPTS", "1")]).await;
+    let s = Stack::start(&[]).await;
     let id = s.dashboard_member("barbara@example.com", json!({})).await;
     s.quiescent(Duration::from_millis(500)).await;
 
@@ -784,8 +798,9 @@ async fn failing_changes_go_to_the_dlq_and_replay_applies_them() {
         .await
         .unwrap();
 
-    // Memberstack fails every call: three attempts, then the dead letter.
-    s.ms.fail_next(1_000, 503);
+    // Memberstack refuses the push for good (a 4xx other than 408/429): not retried, the
+    // change that asked for it is dead-lettered.
+    s.ms.fail_next(1, 422);
     s.admin
         .execute(
             "update public.members set usage_stats = '{\"calls\": 7}' where memberstack_id = $1",
@@ -814,12 +829,19 @@ async fn failing_changes_go_to_the_dlq_and_replay_applies_them() {
         .iter()
         .find(|l| l["error"]["kind"] == "memberstack")
         .expect("failed change");
-    assert_eq!(failed["attempts"], 3);
+    assert_eq!(failed["attempts"], 1, "a permanent error is not retried");
     assert_eq!(failed["member_id"], id.as_str());
+    assert!(
+        failed["origin"]["topic"]
+            .as_str()
+            .unwrap()
+            .ends_with("cdc.public.members"),
+        "the dead letter is the change that asked for the push: {failed}"
+    );
     let errors: i64 = s
         .admin
         .query_one(
-            "select count(*) from public.error_logs where memberstack_id = $1 and retry_count = 3",
+            "select count(*) from public.error_logs where memberstack_id = $1 and error_type = 'sync_failed'",
             &[&id],
         )
         .await

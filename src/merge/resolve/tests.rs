@@ -91,7 +91,9 @@ fn memberstack_edit_of_a_supabase_field_is_overwritten() {
     assert_eq!(r.verdict, Verdict::Reverted);
     assert_eq!(r.push_memberstack, Some(json!({"p": 1})));
     assert_eq!(r.write_supabase, None);
-    assert_eq!(r.state.echoes.len(), 1);
+    // The push is only decided: its echo and time are the pusher's to record.
+    assert!(r.state.echoes.is_empty());
+    assert_eq!(r.state.pushed_at, None);
 }
 
 #[test]
@@ -103,9 +105,15 @@ fn our_own_push_coming_back_is_an_echo() {
         &sb(json!("y"), 5),
     );
     assert_eq!(first.push_memberstack, Some(json!("y")));
+    // What the pusher records when it claims the push (merge's outbox).
+    let mut pushed = first.state.clone();
+    pushed.echoes.push(Echo {
+        value: json!("y"),
+        at: at(12),
+    });
     let echo = resolve(
         &rules(Authority::Latest, 20),
-        &first.state,
+        &pushed,
         &row(json!("y"), 5),
         &ms(json!("y"), 11),
     );
@@ -252,7 +260,10 @@ proptest! {
             if let Some(w) = res.write_supabase {
                 supabase.value = Some(w);
             }
-            state = res.state;
+            state = match &res.push_memberstack {
+                Some(p) => pushed(&res.state, p, 200),
+                None => res.state,
+            };
         }
         prop_assert!(writes <= 2);
     }
@@ -323,6 +334,19 @@ proptest! {
     }
 }
 
+/// What the pusher records of a push that goes out at once (merge's outbox): its echo when it
+/// claims it, its value and time when Memberstack answers.
+fn pushed(state: &FieldState, value: &Value, t: i64) -> FieldState {
+    let mut s = state.clone();
+    s.echoes.push(Echo {
+        value: value.clone(),
+        at: at(t),
+    });
+    s.pushed_value = Some(value.clone());
+    s.pushed_at = Some(at(t));
+    s
+}
+
 /// What merge reads: a change from either side, or the CDC event of its own write.
 enum Ev {
     In(Incoming),
@@ -369,6 +393,7 @@ impl World {
                 self.queue.push_back(Ev::Own(w));
             }
             if let Some(p) = res.push_memberstack {
+                self.state = pushed(&self.state, &p, self.now);
                 self.writes += 1;
                 if p != self.memberstack {
                     // Memberstack sends a webhook only when the member changed.
@@ -469,4 +494,42 @@ fn a_snapshot_of_a_known_latest_value_does_not_beat_a_newer_supabase_edit() {
         &snapshot(json!("missed"), 50),
     );
     assert_eq!(r.write_supabase, Some(json!("missed")));
+}
+
+fn replayed(value: Value, t: i64) -> Incoming {
+    Incoming {
+        replayed: true,
+        ..sb(value, t)
+    }
+}
+
+/// `dlq replay` of an old Supabase edit (A) after a newer one (B) was pushed: Memberstack
+/// gets what the row holds now, never the replayed value.
+#[test]
+fn a_replayed_old_edit_pushes_what_the_row_holds_now() {
+    for a in [Authority::Supabase, Authority::Latest] {
+        let state = agreed(json!({"v": "B"}), 20, Side::Supabase);
+        let r = resolve(
+            &rules(a, 100),
+            &state,
+            &row(json!({"v": "B"}), 20),
+            &replayed(json!({"v": "A"}), 10),
+        );
+        assert_eq!(r.push_memberstack, Some(json!({"v": "B"})), "{a:?}");
+        assert_eq!(r.write_supabase, None);
+        assert_eq!(r.state.value, Some(json!({"v": "B"})));
+    }
+}
+
+/// The push of an agreed value failed for good and was dead-lettered: its replay pushes it.
+#[test]
+fn a_replayed_change_whose_push_failed_pushes_the_agreed_value() {
+    let state = agreed(json!({"calls": 7}), 10, Side::Supabase);
+    let r = resolve(
+        &rules(Authority::Supabase, 100),
+        &state,
+        &row(json!({"calls": 7}), 10),
+        &replayed(json!({"calls": 7}), 10),
+    );
+    assert_eq!(r.push_memberstack, Some(json!({"calls": 7})));
 }

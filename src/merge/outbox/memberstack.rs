@@ -1,0 +1,206 @@
+//! The Memberstack pusher: drives each member's Memberstack fields to their desired values
+//! with one coalesced `PATCH /members/:id` per claim, within the client's shared 25/s budget.
+//!
+//! - Only fields whose desired value differs from what Memberstack was last seen to hold
+//!   (its last webhook, `sync_state.memberstack_seen`, and our last push) are sent.
+//! - The echo of each pushed value is recorded *before* the PATCH, so its webhook is
+//!   recognised however fast it comes back; the push time (`pushed_at`) is the time the
+//!   **response** arrived, so a Memberstack edit made while our PATCH waited in the rate
+//!   limiter is not mistaken for an older one.
+//! - After the push, a field whose agreed value moved on while the PATCH was in flight (a newer
+//!   Memberstack edit won, and our PATCH overwrote it there) is queued again with the agreed
+//!   value: the two sides converge instead of silently diverging.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use tokio_postgres::{Client, Transaction};
+
+use super::lanes::{Failure, IntentApplier};
+use super::{Intent, Target};
+use crate::config::MergeConfig;
+use crate::merge::apply::Field;
+use crate::merge::normalize::same;
+use crate::merge::resolve::Echo;
+use crate::merge::store;
+use crate::sinks::memberstack::{MemberstackClient, MemberstackError};
+
+pub struct Pusher {
+    cfg: Arc<MergeConfig>,
+    fields: Arc<Vec<Field>>,
+    client: MemberstackClient,
+}
+
+/// What one claim sends.
+pub struct Push {
+    member_id: String,
+    /// By field name.
+    values: Map<String, Value>,
+    fields: Vec<(Field, Value)>,
+}
+
+impl Pusher {
+    pub fn new(cfg: Arc<MergeConfig>, fields: Arc<Vec<Field>>, client: MemberstackClient) -> Self {
+        Self {
+            cfg,
+            fields,
+            client,
+        }
+    }
+
+    fn field(&self, name: &str) -> Option<&Field> {
+        self.fields
+            .iter()
+            .find(|f| f.mapping.name == name && f.path.is_writable())
+    }
+}
+
+impl IntentApplier for Pusher {
+    type Plan = Push;
+    type Done = ();
+    const TARGET: Target = Target::Memberstack;
+
+    async fn prepare(
+        &self,
+        tx: &Transaction<'_>,
+        intent: &Intent,
+    ) -> Result<Option<Push>, tokio_postgres::Error> {
+        let mut states = store::field_states(tx, &intent.member_id).await?;
+        let now = Utc::now();
+        let window = chrono::Duration::seconds(self.cfg.echo_window_secs as i64);
+        let mut push = Push {
+            member_id: intent.member_id.clone(),
+            values: Map::new(),
+            fields: Vec::new(),
+        };
+        for (name, value) in &intent.desired {
+            // A field no longer mapped (or not writable) is dropped with the intent.
+            let Some(field) = self.field(name) else {
+                continue;
+            };
+            let n = field.mapping.normalize;
+            let state = states.entry(name.clone()).or_default();
+            // Memberstack surely holds the value when both its last webhook and our last push
+            // say so (either alone may be older than the other).
+            let holds = |v: &Option<Value>| v.as_ref().is_some_and(|x| same(n, x, value));
+            if holds(&state.memberstack_seen)
+                && (state.pushed_value.is_none() || holds(&state.pushed_value))
+            {
+                continue;
+            }
+            let before = state.clone();
+            state
+                .echoes
+                .retain(|e| now - e.at < window && !same(n, &e.value, value));
+            state.echoes.push(Echo {
+                value: value.clone(),
+                at: now,
+            });
+            if *state != before {
+                store::save_field_state(tx, &intent.member_id, name, state).await?;
+            }
+            push.values.insert(name.clone(), value.clone());
+            push.fields.push((field.clone(), value.clone()));
+        }
+        Ok((!push.fields.is_empty()).then_some(push))
+    }
+
+    async fn apply(&self, _db: &Client, push: &Push) -> Result<(), Failure> {
+        let classify = |e: MemberstackError| match e {
+            MemberstackError::Api { status: 404, .. } => Failure::Permanent {
+                kind: "missing_in_memberstack",
+                message: format!("member {} does not exist in Memberstack", push.member_id),
+            },
+            e if e.is_retryable() => Failure::Retry {
+                kind: "memberstack",
+                message: format!("Memberstack: {e}"),
+            },
+            e => Failure::Permanent {
+                kind: "memberstack",
+                message: format!("Memberstack: {e}"),
+            },
+        };
+        // `json` is replaced whole by Memberstack: its keys are read first (read-modify-write).
+        let current = if push
+            .fields
+            .iter()
+            .any(|(f, _)| f.path.needs_read_before_write())
+        {
+            match self
+                .client
+                .get_member(&push.member_id)
+                .await
+                .map_err(classify)?
+            {
+                Some(m) => Some(m.raw),
+                None => {
+                    return Err(Failure::Permanent {
+                        kind: "missing_in_memberstack",
+                        message: format!("member {} does not exist in Memberstack", push.member_id),
+                    });
+                }
+            }
+        } else {
+            None
+        };
+        let mut patch = Map::new();
+        for (field, value) in &push.fields {
+            field.path.put(&mut patch, value.clone(), current.as_ref());
+        }
+        self.client
+            .update_member(&push.member_id, &patch)
+            .await
+            .map(|_| ())
+            .map_err(classify)
+    }
+
+    async fn record(
+        &self,
+        tx: &Transaction<'_>,
+        intent: &Intent,
+        result: Option<(&Push, &())>,
+        at: DateTime<Utc>,
+    ) -> Result<(), tokio_postgres::Error> {
+        let pace = std::time::Duration::from_millis(self.cfg.member_push_interval_ms);
+        let Some((push, ())) = result else {
+            // Nothing sent: what was desired is there already (or was dead-lettered).
+            super::complete(tx, intent, &intent.desired, at, std::time::Duration::ZERO).await?;
+            return Ok(());
+        };
+        let states: HashMap<_, _> = store::field_states(tx, &intent.member_id).await?;
+        let mut repush = Map::new();
+        for (field, value) in &push.fields {
+            let name = &field.mapping.name;
+            let mut state = states.get(name).cloned().unwrap_or_default();
+            // `memberstack_seen` stays the last webhook's value: a webhook sent before our PATCH
+            // landed must still read as "not an edit" of this field.
+            state.pushed_value = Some(value.clone());
+            state.pushed_at = Some(at);
+            store::save_field_state(tx, &intent.member_id, name, &state).await?;
+            if let Some(agreed) = &state.value
+                && !same(field.mapping.normalize, agreed, value)
+            {
+                repush.insert(name.clone(), agreed.clone());
+            }
+        }
+        let pending = super::complete(tx, intent, &push.values, at, pace).await?;
+        // The agreed value moved on while the PATCH was in flight: Memberstack must get it
+        // (unless a newer desired value is pending anyway).
+        repush.retain(|name, _| !pending.contains_key(name));
+        if !repush.is_empty() {
+            super::upsert_intent(
+                tx,
+                &intent.member_id,
+                Target::Memberstack,
+                &repush,
+                &[],
+                intent.origin.as_ref(),
+                pace,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
