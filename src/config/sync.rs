@@ -148,7 +148,7 @@ impl Default for MergeConfig {
             create_auth_users: true,
             push_lanes: 4,
             auth_lanes: 2,
-            member_push_interval_ms: 1_000,
+            member_push_interval_ms: 2_000,
             claim_lease_secs: 600,
             poll_interval_ms: 500,
             fields: default_fields(),

@@ -391,19 +391,23 @@ async fn backfill_reports_exactly_the_planted_drift_and_reconciles_it() {
     // Members only in Memberstack got a row and an auth user, like any new member (the
     // Supabase Auth applier creates it after the row is committed).
     let only_in_memberstack = ids[WITH_ROW..].to_vec();
-    wait_for("an auth user for every new member", Duration::from_secs(60), || async {
-        let users: i64 = env
-            .admin
-            .query_one(
-                "select count(*) from public.members m join auth.users u on u.id = m.user_id
+    wait_for(
+        "an auth user for every new member",
+        Duration::from_secs(60),
+        || async {
+            let users: i64 = env
+                .admin
+                .query_one(
+                    "select count(*) from public.members m join auth.users u on u.id = m.user_id
                   where m.memberstack_id = any($1)",
-                &[&only_in_memberstack],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        (users as usize == MEMBERS - WITH_ROW).then_some(())
-    })
+                    &[&only_in_memberstack],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (users as usize == MEMBERS - WITH_ROW).then_some(())
+        },
+    )
     .await;
     // Only Supabase-owned drift was written to Memberstack: one PATCH per such member.
     let patches = env

@@ -1050,3 +1050,250 @@ fn cli(env: &[(String, String)], args: &[&str]) -> String {
     );
     String::from_utf8(out.stdout).unwrap()
 }
+
+// ---- Merge v2: the outbox (no HTTP inside the member's transaction) ----------------------
+
+impl Stack {
+    /// `kill -9` of the daemon, then the same daemon started again on the same ingest port.
+    async fn kill_and_restart(&mut self) {
+        self.daemon.signal("KILL");
+        let _ = self.daemon.child.wait();
+        let port: u16 = self
+            .daemon
+            .ingest
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("ingest port");
+        self.daemon = Daemon::start_on("run", self.env.clone(), port).await;
+    }
+
+    /// An intent of this member is claimed by an applier (its PATCH is on its way).
+    async fn push_claimed(&self, id: &str) {
+        wait_for("the member's push claimed by the pusher", WAIT, || async {
+            let n: i64 = self
+                .admin
+                .query_one(
+                    "select count(*) from membersync_meta.merge_intents
+                      where memberstack_id = $1 and target = 'memberstack' and claimed_until > now()",
+                    &[&id],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (n > 0).then_some(())
+        })
+        .await;
+    }
+}
+
+/// Memberstack hangs every request: the member's row is never locked across the HTTP call, so
+/// the app's own update of it (PostgREST runs under an 8 s statement_timeout on Supabase)
+/// completes at once, and merge keeps deciding the member's changes.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_lock_is_held_while_memberstack_hangs() {
+    let s = Stack::start(&[("MEMBERSYNC__MEMBERSTACK__REQUEST_TIMEOUT_MS", "5000")]).await;
+    let id = s.dashboard_member("hang@example.com", json!({})).await;
+    let user_id = s.row(&id).await["user_id"].as_str().unwrap().to_owned();
+    s.quiescent(Duration::from_millis(500)).await;
+
+    s.ms.hang_next(1_000);
+    s.admin
+        .execute(
+            "update public.members set project_data = '{\"step\": 1}' where memberstack_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    s.push_claimed(&id).await;
+
+    // The app, as the member, under Supabase's statement_timeout: never waits for the push.
+    let (app, conn) = tokio_postgres::connect(
+        &format!(
+            "{} options='-c statement_timeout=8000'",
+            s.db.superuser_dsn()
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut slowest = Duration::ZERO;
+    for step in 2..7 {
+        let tx_started = Instant::now();
+        app.batch_execute(&format!(
+            "begin; set local role authenticated;
+             select set_config('request.jwt.claims', '{{\"sub\": \"{user_id}\", \"role\": \"authenticated\"}}', true);
+             update public.members set project_data = '{{\"step\": {step}}}' where true;
+             commit;"
+        ))
+        .await
+        .unwrap();
+        slowest = slowest.max(tx_started.elapsed());
+    }
+    eprintln!("the app's updates while the PATCH hangs: slowest {slowest:?}");
+    assert!(
+        slowest < Duration::from_millis(100),
+        "an app update waited {slowest:?}: a lock is held across HTTP"
+    );
+    // Merge decided every one of them meanwhile (their CDC events are committed changes).
+    wait_for("merge decided the app's edits", WAIT, || async {
+        let v: Option<Value> = s
+            .admin
+            .query_one(
+                "select last_value from public.sync_state where memberstack_id = $1 and field = 'project_data'",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (v == Some(json!({"step": 6}))).then_some(())
+    })
+    .await;
+
+    // Memberstack answers again: the latest value arrives, coalesced.
+    s.ms.reset_faults();
+    wait_for(
+        "the latest value in Memberstack",
+        Duration::from_secs(60),
+        || async {
+            (s.ms_member(&id)["metaData"]["project_data"] == json!({"step": 6})).then_some(())
+        },
+    )
+    .await;
+}
+
+/// One member edited 50 times in one second: their changes coalesce into at most two PATCHes
+/// of the latest values, and both sides end equal.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_member_edited_fifty_times_in_a_second_gets_at_most_two_patches() {
+    let s = Stack::start(&[]).await;
+    let id = s.dashboard_member("burst@example.com", json!({})).await;
+    s.quiescent(Duration::from_millis(500)).await;
+    let before = s.patches();
+    let started = Instant::now();
+    for n in 0..50 {
+        s.admin
+            .execute(
+                "update public.members set custom_fields = jsonb_build_object('n', $2::text) where memberstack_id = $1",
+                &[&id, &n.to_string()],
+            )
+            .await
+            .unwrap();
+        let next = Duration::from_millis(20 * (n + 1));
+        if let Some(wait) = next.checked_sub(started.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+    assert!(started.elapsed() < Duration::from_millis(1_500));
+    s.quiescent(Duration::from_secs(3)).await;
+    let patches = s.patches() - before;
+    eprintln!("50 edits in {:?} → {patches} PATCH(es)", started.elapsed());
+    assert!(patches <= 2, "{patches} PATCHes for one member's burst");
+    assert_eq!(s.ms_member(&id)["customFields"], json!({"n": "49"}));
+    assert_eq!(s.row(&id).await["custom_fields"], json!({"n": "49"}));
+}
+
+/// A Memberstack edit made while our PATCH of an older Supabase edit waits in the rate
+/// limiter: the push's time is when Memberstack answered, so the newer Memberstack edit wins
+/// and survives on both sides (before, the PATCH overwrote it there and its echo was
+/// swallowed: the two sides diverged for good).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_memberstack_edit_made_while_our_patch_waits_survives_on_both_sides() {
+    let s = Stack::start(&[("MEMBERSYNC__MEMBERSTACK__REQUESTS_PER_SECOND", "1")]).await;
+    let other = s.dashboard_member("other@example.com", json!({})).await;
+    let id = s
+        .dashboard_member("limiter@example.com", json!({"tier": "old"}))
+        .await;
+    s.quiescent(Duration::from_millis(500)).await;
+
+    // Another member's push takes the second's only permit …
+    s.admin
+        .execute(
+            "update public.members set project_data = '{\"x\": 1}' where memberstack_id = $1",
+            &[&other],
+        )
+        .await
+        .unwrap();
+    wait_for("the other member's PATCH", WAIT, || async {
+        (s.ms_member(&other)["metaData"]["project_data"] == json!({"x": 1})).then_some(())
+    })
+    .await;
+    // … so this member's push of a Supabase edit waits in the limiter …
+    s.admin
+        .execute(
+            "update public.members set custom_fields = '{\"tier\": \"supabase\"}' where memberstack_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    s.push_claimed(&id).await;
+    // … while the member is edited, later, in Memberstack.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.dashboard_update(&id, json!({"customFields": {"tier": "memberstack"}}));
+
+    s.quiescent(Duration::from_secs(3)).await;
+    assert_eq!(
+        s.ms_member(&id)["customFields"],
+        json!({"tier": "memberstack"}),
+        "{}",
+        s.history(&id).await
+    );
+    assert_eq!(
+        s.row(&id).await["custom_fields"],
+        json!({"tier": "memberstack"}),
+        "{}",
+        s.history(&id).await
+    );
+}
+
+/// kill -9 of merge after a change committed and before its outcome was produced: the outcome
+/// arrives after the restart, as `applied` (not turned into `duplicate`).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_outcome_committed_before_a_kill_is_produced_after_the_restart_as_applied() {
+    let mut s = Stack::start(&[]).await;
+    // The auth user's creation hangs, so the new member's outcome (which names the user) is
+    // committed and held in the outbox when the daemon dies.
+    s.auth.hang_next(1);
+    let new = serde_json::from_value(json!({
+        "email": "kill@example.com",
+        "plans": [{"planId": "pln_free"}],
+    }))
+    .unwrap();
+    let id = s.ms.dashboard_create(new).unwrap().id;
+    s.row(&id).await;
+    wait_for("the outcome committed to the outbox, waiting for the auth user", WAIT, || async {
+        let n: i64 = s
+            .admin
+            .query_one(
+                "select count(*) from membersync_meta.outcome_outbox where member_id = $1 and awaiting_auth",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n == 1).then_some(())
+    })
+    .await;
+
+    s.kill_and_restart().await;
+    let outcomes = support::kafka::consume(&s.kafka, &s.topic("sync"), 1, WAIT).await;
+    let outcome: Value =
+        serde_json::from_slice(rdkafka::Message::payload(&outcomes[0]).unwrap()).unwrap();
+    assert_eq!(outcome["member_id"], id.as_str());
+    assert_eq!(outcome["event_type"], "member.created");
+    assert_eq!(outcome["status"], "applied");
+    assert_eq!(outcome["created"], true);
+    assert_eq!(outcome["auth_user"], "created");
+    assert!(outcome["user_id"].is_string());
+    let row = s.row_where(&id, "user_id is not null").await;
+    assert_eq!(outcome["user_id"], row["user_id"]);
+    s.quiescent(Duration::from_millis(500)).await;
+    // Exactly one outcome: a redelivery of the change after the restart announces nothing.
+    let (kafka, topic) = (s.kafka.clone(), s.topic("sync"));
+    let second = tokio::spawn(async move {
+        support::kafka::consume(&kafka, &topic, 2, Duration::from_secs(3)).await
+    })
+    .await;
+    assert!(second.is_err(), "a redelivery announces nothing more");
+}
