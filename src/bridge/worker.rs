@@ -4,13 +4,11 @@
 //! `<prefix>.bridge.dlq`; only when every URL was answered 2xx or dead-lettered (Kafka
 //! acknowledged it) is the record reported finished, so that its offset may be committed.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rdkafka::Message;
 use rdkafka::message::OwnedMessage;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::client::MakeClient;
@@ -19,19 +17,6 @@ use super::metrics::BridgeMetrics;
 use super::route::{OutcomeHead, Router, Target};
 use crate::kafka::producer::{Producer, Record};
 use crate::sinks::retry::{Class, RetryPolicy};
-
-/// A record to deliver.
-pub struct Job {
-    pub message: OwnedMessage,
-}
-
-/// A record whose deliveries (or dead letters) are done.
-#[derive(Debug)]
-pub struct Finished {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-}
 
 /// What every worker shares.
 pub struct Shared {
@@ -44,28 +29,6 @@ pub struct Shared {
     pub kafka_wait: Duration,
 }
 
-pub async fn run(
-    shared: Arc<Shared>,
-    mut jobs: mpsc::Receiver<Job>,
-    finished: mpsc::UnboundedSender<Finished>,
-    stop: CancellationToken,
-) {
-    while let Some(job) = jobs.recv().await {
-        let done = Finished {
-            topic: job.message.topic().to_owned(),
-            partition: job.message.partition(),
-            offset: job.message.offset(),
-        };
-        if process(&shared, &job.message, &stop).await {
-            let _ = finished.send(done);
-        } else {
-            // Stopped before every URL was answered or dead-lettered: not reported, so the
-            // offset is not committed and the record is delivered again after a restart.
-            break;
-        }
-    }
-}
-
 /// The end of one delivery to one URL.
 enum Delivery {
     Delivered,
@@ -73,8 +36,9 @@ enum Delivery {
     Interrupted,
 }
 
-/// Returns false when interrupted by shutdown before the record was finished.
-async fn process(shared: &Shared, m: &OwnedMessage, stop: &CancellationToken) -> bool {
+/// Delivers one record to every URL its routes name. Returns false when interrupted by
+/// shutdown before the record was finished (it is delivered again after the restart).
+pub async fn process(shared: &Shared, m: &OwnedMessage, stop: &CancellationToken) -> bool {
     let payload = Bytes::copy_from_slice(m.payload().unwrap_or_default());
     let outcome: OutcomeHead = match serde_json::from_slice(&payload) {
         Ok(o) => o,

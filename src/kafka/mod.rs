@@ -1,6 +1,7 @@
 //! Kafka: client settings, topic names, topic administration, consumer offsets and lag.
 
 pub mod admin;
+pub mod keyed;
 pub mod lag;
 pub mod offsets;
 pub mod producer;

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use rdkafka::Message;
 use rdkafka::message::{Headers, OwnedMessage};
-use tokio::sync::mpsc;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
@@ -30,20 +29,6 @@ use super::report;
 use crate::config::{DatabaseConfig, MergeConfig};
 use crate::kafka::producer::Producer;
 use crate::sinks::posthog::PostHog;
-
-/// A record to process.
-pub struct Job {
-    pub message: OwnedMessage,
-    pub kind: TopicKind,
-}
-
-/// A record whose effects (or dead letter) are durable.
-#[derive(Debug)]
-pub struct Finished {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-}
 
 /// What every worker and applier shares.
 pub struct Shared {
@@ -59,43 +44,22 @@ pub struct Shared {
     pub wake: Arc<Wakeups>,
 }
 
-pub async fn run(
-    shared: Arc<Shared>,
-    mut jobs: mpsc::Receiver<Job>,
-    finished: mpsc::UnboundedSender<Finished>,
-    stop: CancellationToken,
-) {
-    let mut db: Option<Client> = None;
-    while let Some(job) = jobs.recv().await {
-        let done = Finished {
-            topic: job.message.topic().to_owned(),
-            partition: job.message.partition(),
-            offset: job.message.offset(),
-        };
-        if process(&shared, &mut db, job, &stop).await {
-            let _ = finished.send(done);
-        } else {
-            // Stopped before the record's effects were durable: it is not reported, so its
-            // offset is not committed and the record is read again after the restart.
-            break;
-        }
-    }
-}
-
-/// Returns false when interrupted by shutdown before the record was finished.
-async fn process(
+/// Processes one record until its effects (or its dead letter) are durable. Returns false
+/// when interrupted by shutdown before that: the record is then read again after the restart.
+pub async fn process(
     shared: &Shared,
     db: &mut Option<Client>,
-    job: Job,
+    message: OwnedMessage,
+    kind: TopicKind,
     stop: &CancellationToken,
 ) -> bool {
-    let m = &job.message;
+    let m = &message;
     let position = Position {
         topic: m.topic().to_owned(),
         partition: m.partition(),
         offset: m.offset(),
     };
-    let change = match change::decode(job.kind, position, m.payload()) {
+    let change = match change::decode(kind, position, m.payload()) {
         Ok(mut change) => {
             let replay_of = m.headers().and_then(|h| {
                 h.iter()

@@ -29,10 +29,15 @@ pub enum Kind {
     Memberstack429,
     /// Every Memberstack API response is delayed by `param` ms, for 5 s.
     MemberstackSlow,
+    /// Postgres stopped (`pg_ctl stop -m fast`) for `param` s, then started again: longer
+    /// than merge's first three attempts, so a change must wait, not be dead-lettered.
+    PostgresOutage,
+    /// Every Memberstack API request answers 503 for `param` s.
+    MemberstackOutage,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 10] = [
         Kind::DaemonKill,
         Kind::DaemonStop,
         Kind::BrokerRestart,
@@ -41,20 +46,26 @@ impl Kind {
         Kind::Memberstack5xx,
         Kind::Memberstack429,
         Kind::MemberstackSlow,
+        Kind::PostgresOutage,
+        Kind::MemberstackOutage,
     ];
 
     /// The default set: the faults (the daemon's SIGKILL, a broker stop and restart on
     /// the same storage, a Postgres fast restart, Memberstack 5xx and 429 storms and slow
     /// responses). They need the development broker with scripts/tansu-patches/: unpatched,
     /// Tansu 0.6.0 sometimes never re-forms the merge group after a SIGKILL, and panics in its
-    /// storage after a restart under a live idempotent producer (docs/broker.md).
-    pub const DEFAULT: [Kind; 6] = [
+    /// storage after a restart under a live idempotent producer (docs/broker.md). The long
+    /// outages (Postgres stopped for 60 s, Memberstack answering 503 for 120 s in a 10-minute
+    /// run) must be waited out: nothing of them may reach the dead-letter topic.
+    pub const DEFAULT: [Kind; 8] = [
         Kind::DaemonKill,
         Kind::BrokerRestart,
         Kind::PostgresRestart,
         Kind::Memberstack5xx,
         Kind::Memberstack429,
         Kind::MemberstackSlow,
+        Kind::PostgresOutage,
+        Kind::MemberstackOutage,
     ];
 
     /// The names `MEMBERSYNC_SOAK_FAULTS` takes.
@@ -68,10 +79,13 @@ impl Kind {
             Kind::Memberstack5xx => "5xx",
             Kind::Memberstack429 => "429",
             Kind::MemberstackSlow => "slow",
+            Kind::PostgresOutage => "postgres-outage",
+            Kind::MemberstackOutage => "503-outage",
         }
     }
 
-    /// `daemon,daemon-stop,broker,broker-kill,postgres,5xx,429,slow` (any subset); empty or unset:
+    /// `daemon,daemon-stop,broker,broker-kill,postgres,5xx,429,slow,postgres-outage,503-outage`
+    /// (any subset); empty or unset:
     /// [`Kind::DEFAULT`].
     pub fn parse_list(list: &str) -> Vec<Kind> {
         let kinds: Vec<Kind> = list
@@ -102,6 +116,8 @@ impl Kind {
             Kind::Memberstack5xx => "memberstack 5xx storm",
             Kind::Memberstack429 => "memberstack 429 storm",
             Kind::MemberstackSlow => "memberstack slow",
+            Kind::PostgresOutage => "postgres outage",
+            Kind::MemberstackOutage => "memberstack 503 outage",
         }
     }
 }
@@ -132,6 +148,17 @@ pub struct Skipped {
     pub kind: Kind,
 }
 
+/// How long the long outages last: their full length (Postgres 60 s, Memberstack 120 s) in
+/// runs of 10 minutes or more; in shorter runs a share of the run (10 s and 20 s in the 120-s
+/// profile CI runs), so that the other faults still fit.
+fn outage_secs(secs: u64, full: u64, share: u64) -> u64 {
+    if secs >= 600 {
+        full
+    } else {
+        (secs / share).clamp(5, full)
+    }
+}
+
 /// Merge has caught up again when its group's lag is at most this (a few seconds of traffic).
 const RECOVERED_LAG: i64 = 30;
 
@@ -147,8 +174,13 @@ pub fn plan(seed: u64, secs: u64, recovery: u64, kinds: &[Kind]) -> Vec<Planned>
     let mut order = kinds.to_vec();
     order.shuffle(&mut rng);
     // A SIGKILLed consumer holds its partitions until its session times out (45 s): the kill
-    // goes last in the first round, so that even the 60-s profile meets every other fault.
-    order.sort_by_key(|k| *k == Kind::DaemonKill);
+    // goes last in the first round, so that even the short profile meets every other fault.
+    // The long outages go first: they take the most of the window.
+    order.sort_by_key(|k| match k {
+        Kind::PostgresOutage | Kind::MemberstackOutage => 0,
+        Kind::DaemonKill => 2,
+        _ => 1,
+    });
     while order.len() < n {
         order.push(kinds[rng.random_range(0..kinds.len())]);
     }
@@ -164,6 +196,8 @@ pub fn plan(seed: u64, secs: u64, recovery: u64, kinds: &[Kind]) -> Vec<Planned>
                 Kind::Memberstack5xx => rng.random_range(10..40),
                 Kind::Memberstack429 => rng.random_range(20..60),
                 Kind::MemberstackSlow => rng.random_range(300..2500),
+                Kind::PostgresOutage => outage_secs(secs, 60, 12),
+                Kind::MemberstackOutage => outage_secs(secs, 120, 6),
             };
             let status = [500, 502, 503][rng.random_range(0..3)];
             Planned {
@@ -264,6 +298,28 @@ pub async fn run(
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 stack.ms.set_latency(Duration::ZERO);
                 format!("+{} ms per response for 5 s", p.param)
+            }
+            Kind::PostgresOutage => {
+                let cluster = stack.cluster.clone();
+                tokio::task::spawn_blocking(move || cluster.stop_fast())
+                    .await
+                    .expect("pg_ctl stop");
+                tokio::time::sleep(Duration::from_secs(p.param)).await;
+                let cluster = stack.cluster.clone();
+                tokio::task::spawn_blocking(move || cluster.start_again(Duration::from_secs(60)))
+                    .await
+                    .expect("pg_ctl start");
+                format!(
+                    "stopped for {} s, back after {:.1} s",
+                    p.param,
+                    start.elapsed().as_secs_f64()
+                )
+            }
+            Kind::MemberstackOutage => {
+                stack.ms.fail_next(u32::MAX, 503);
+                tokio::time::sleep(Duration::from_secs(p.param)).await;
+                stack.ms.reset_faults();
+                format!("every request answered 503 for {} s", p.param)
             }
         };
         eprintln!("soak: t={:.1}s {} ({detail})", rel(start), p.kind.label());

@@ -4,12 +4,14 @@
 //! (`report.rs`). Everything is private to the run (`stack.rs`): its own Postgres cluster,
 //! Tansu broker with SQLite storage, simulators and daemon process.
 //!
-//! - `MEMBERSYNC_SOAK_SECS` (60): seconds of traffic; faults fall in the first 75 % (at most
+//! - `MEMBERSYNC_SOAK_SECS` (120): seconds of traffic; faults fall in the first 75 % (at most
 //!   the whole run less 15 s), the rest is for recovery. The committed report is a 600-s run.
 //! - `MEMBERSYNC_SOAK_SEED` (random, printed): the fault schedule, the poison times, the order
 //!   of Stripe statuses follow from it.
-//! - `MEMBERSYNC_SOAK_FAULTS` (`daemon,broker,postgres,5xx,429,slow`): which faults, a subset
-//!   of those and `daemon-stop` (SIGTERM + restart), `broker-kill` (SIGKILL + restart). The
+//! - `MEMBERSYNC_SOAK_FAULTS` (`daemon,broker,postgres,5xx,429,slow,postgres-outage,503-outage`):
+//!   which faults, a subset of those and `daemon-stop` (SIGTERM + restart), `broker-kill`
+//!   (SIGKILL + restart). The outages last 60 s (Postgres stopped) and 120 s (every Memberstack
+//!   request answered 503) in runs of 600 s or more, 10 s and 20 s in the 120-s profile. The
 //!   broker must be Tansu with scripts/tansu-patches/ (what `scripts/dev-services up` builds).
 //! - `MEMBERSYNC_SOAK_OVERLAP` (unset): `1` injects every fault at its planned time; by default
 //!   a fault waits until merge has caught up after the previous one (see faults.rs).
@@ -67,7 +69,7 @@ impl Settings {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let secs: u64 = var("MEMBERSYNC_SOAK_SECS")
             .map(|v| v.parse().expect("MEMBERSYNC_SOAK_SECS: seconds"))
-            .unwrap_or(60);
+            .unwrap_or(120);
         assert!(secs >= 30, "MEMBERSYNC_SOAK_SECS must be at least 30");
         let seed = var("MEMBERSYNC_SOAK_SEED")
             .map(|v| {

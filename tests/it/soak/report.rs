@@ -389,6 +389,8 @@ fn color(kind: Kind) -> RGBColor {
         Kind::Memberstack5xx => RGBColor(0, 128, 0),
         Kind::Memberstack429 => RGBColor(0, 160, 160),
         Kind::MemberstackSlow => RGBColor(139, 90, 43),
+        Kind::PostgresOutage => RGBColor(75, 0, 130),
+        Kind::MemberstackOutage => RGBColor(0, 90, 0),
     }
 }
 

@@ -105,6 +105,36 @@ impl TempCluster {
         );
     }
 
+    /// `pg_ctl stop -m fast`: the database is gone until [`TempCluster::start_again`].
+    pub fn stop_fast(&self) {
+        let status = as_pg_user(Services::get().pg_bin().join("pg_ctl"))
+            .args(["-w", "-t", "60", "-m", "fast", "-D"])
+            .arg(self.dir.path().join("data"))
+            .arg("stop")
+            .stdout(Stdio::null())
+            .status()
+            .expect("run pg_ctl stop");
+        assert!(status.success(), "pg_ctl stop failed");
+    }
+
+    /// Starts the stopped cluster again on the same port and data.
+    pub fn start_again(&self, timeout: Duration) {
+        let status = as_pg_user(Services::get().pg_bin().join("pg_ctl"))
+            .args(["-w", "-t", &timeout.as_secs().to_string(), "-l"])
+            .arg(self.dir.path().join("log"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .arg("start")
+            .stdout(Stdio::null())
+            .status()
+            .expect("run pg_ctl start");
+        assert!(
+            status.success(),
+            "pg_ctl start failed: {:?}",
+            std::fs::read_to_string(self.dir.path().join("log"))
+        );
+    }
+
     pub async fn connect(&self) -> tokio_postgres::Client {
         let (client, conn) = tokio_postgres::Config::new()
             .host("127.0.0.1")
