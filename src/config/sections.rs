@@ -46,7 +46,9 @@ pub struct DatabaseConfig {
     pub connect_timeout_secs: u64,
     pub application_name: String,
     /// TLS to Postgres, with libpq's `sslmode` meanings; applies to every connection, the
-    /// replication stream included.
+    /// replication stream included. Unset in the configuration: `verify-full` for a host that
+    /// is not loopback (or with `ssl_root_cert`), `prefer` on loopback (the loader decides;
+    /// the struct's own default is `prefer`, for the loopback default host).
     pub sslmode: PgSslMode,
     /// PEM bundle of the CAs `verify-ca` / `verify-full` accept (hosted Supabase: the project's
     /// CA certificate from the dashboard). Without it, the Mozilla roots.
@@ -72,6 +74,17 @@ pub enum PgSslMode {
 }
 
 impl PgSslMode {
+    /// The configuration's spelling (libpq's).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Disable => "disable",
+            Self::Prefer => "prefer",
+            Self::Require => "require",
+            Self::VerifyCa => "verify-ca",
+            Self::VerifyFull => "verify-full",
+        }
+    }
+
     pub fn verifies(self) -> bool {
         matches!(self, Self::VerifyCa | Self::VerifyFull)
     }
@@ -174,6 +187,9 @@ pub struct KafkaConfig {
     /// How often consumers (merge, bridge) refresh `membersync_kafka_consumer_lag` from
     /// librdkafka's statistics; 0 turns the metric off.
     pub statistics_interval_ms: u64,
+    /// librdkafka properties applied to every client (`[kafka.librdkafka]`), except the ones
+    /// membersync owns (refused at load).
+    pub librdkafka: super::LibrdkafkaProperties,
 }
 
 impl Default for KafkaConfig {
@@ -195,6 +211,7 @@ impl Default for KafkaConfig {
             topic_partitions: 6,
             topic_replication_factor: 1,
             statistics_interval_ms: 5_000,
+            librdkafka: super::LibrdkafkaProperties::default(),
         }
     }
 }

@@ -112,3 +112,37 @@ pub async fn applied_versions(client: &Client) -> Result<Vec<i32>, tokio_postgre
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
+
+/// The migrations this build knows that the database has not applied, as `V<n>__<name>`.
+pub async fn pending(client: &Client) -> Result<Vec<String>, tokio_postgres::Error> {
+    let applied = applied_versions(client).await?;
+    Ok(known()
+        .into_iter()
+        .filter(|(v, _)| !applied.contains(v))
+        .map(|(v, name)| format!("V{v}__{name}"))
+        .collect())
+}
+
+/// Waits until every migration this build knows is applied (by someone else: `migrate` as the
+/// owner), asking every `poll` as `login`. Connection and query errors are only reported
+/// through `waiting` and asked again: the database may come up after the caller. For an
+/// initContainer that starts a role only once its schema is there.
+pub async fn wait_until_applied(
+    cfg: &crate::config::DatabaseConfig,
+    login: super::Login,
+    poll: std::time::Duration,
+    mut waiting: impl FnMut(&str),
+) {
+    loop {
+        let outcome = match super::connect(cfg, login).await {
+            Ok(client) => pending(&client).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match outcome {
+            Ok(p) if p.is_empty() => return,
+            Ok(p) => waiting(&format!("{} pending: {}", p.len(), p.join(", "))),
+            Err(e) => waiting(&e),
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
