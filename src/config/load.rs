@@ -17,6 +17,8 @@ pub const ENV_PREFIX: &str = "MEMBERSYNC__";
 const SECRET_KEYS: &[&str] = &[
     "database.password",
     "database.admin_password",
+    "database.merge_password",
+    "database.api_password",
     "kafka.sasl_password",
     "telemetry.sentry_dsn",
     "ingest.memberstack_webhook_secrets",
@@ -89,6 +91,16 @@ fn resolve_secrets(c: &mut Config) -> Result<(), ConfigError> {
         "database.admin_password",
         &mut c.database.admin_password,
         c.database.admin_password_file.take(),
+    )?;
+    resolve(
+        "database.merge_password",
+        &mut c.database.merge_password,
+        c.database.merge_password_file.take(),
+    )?;
+    resolve(
+        "database.api_password",
+        &mut c.database.api_password,
+        c.database.api_password_file.take(),
     )?;
     resolve(
         "kafka.sasl_password",
@@ -183,6 +195,14 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
     non_empty("database.dbname", &db.dbname)?;
     non_empty("database.user", &db.user)?;
     non_empty("database.admin_user", &db.admin_user)?;
+    for (key, user) in [
+        ("database.merge_user", &db.merge_user),
+        ("database.api_user", &db.api_user),
+    ] {
+        if let Some(user) = user {
+            non_empty(key, user)?;
+        }
+    }
     if db.port == 0 {
         return Err(ConfigError::new(
             "database.port",

@@ -38,6 +38,18 @@ pub struct DatabaseConfig {
     /// Secret: only from `MEMBERSYNC__DATABASE__PASSWORD` or `password_file`.
     pub password: Option<SecretString>,
     pub password_file: Option<PathBuf>,
+    /// The role merge logs in as (V14 creates `membersync_merge`: merge's reads and writes,
+    /// no REPLICATION). Unset: `user`.
+    pub merge_user: Option<String>,
+    /// Secret: only from `MEMBERSYNC__DATABASE__MERGE_PASSWORD` or `merge_password_file`.
+    pub merge_password: Option<SecretString>,
+    pub merge_password_file: Option<PathBuf>,
+    /// The role the member/admin API logs in as (V14 creates `membersync_api`: read-only).
+    /// Unset: `user`.
+    pub api_user: Option<String>,
+    /// Secret: only from `MEMBERSYNC__DATABASE__API_PASSWORD` or `api_password_file`.
+    pub api_password: Option<SecretString>,
+    pub api_password_file: Option<PathBuf>,
     /// The owner role `migrate` connects as (Supabase: `postgres`).
     pub admin_user: String,
     /// Secret: only from `MEMBERSYNC__DATABASE__ADMIN_PASSWORD` or `admin_password_file`.
@@ -99,6 +111,12 @@ impl Default for DatabaseConfig {
             user: "membersync".into(),
             password: None,
             password_file: None,
+            merge_user: None,
+            merge_password: None,
+            merge_password_file: None,
+            api_user: None,
+            api_password: None,
+            api_password_file: None,
             admin_user: "postgres".into(),
             admin_password: None,
             admin_password_file: None,

@@ -11,8 +11,9 @@ mod embedded {
 /// `public` by default privileges, and PostgREST exposes that schema.
 const META_SCHEMA: &str = "membersync_meta";
 const HISTORY_TABLE: &str = "membersync_meta.schema_history";
-/// The daemon role the migrations create; it may read the history (for `check`).
-const DAEMON_ROLE: &str = "membersync";
+/// The roles the migrations create (V1, V14); each may read the history (for `check` and
+/// `migrate --wait`, which log in as them).
+const DAEMON_ROLES: [&str; 3] = ["membersync", "membersync_merge", "membersync_api"];
 
 /// Serialises concurrent `migrate` runs against one database (e.g. several pods starting).
 const MIGRATION_LOCK_KEY: i64 = 0x6d73_796e_635f_6d69; // "msync_mi"
@@ -81,17 +82,19 @@ async fn run_locked(client: &mut Client) -> Result<refinery::Report, MigrateErro
         .run_async(client)
         .await
         .map_err(MigrateError::Refinery)?;
-    client
-        .batch_execute(&format!(
-            "do $$ begin
-               if exists (select from pg_roles where rolname = '{DAEMON_ROLE}') then
-                 grant usage on schema {META_SCHEMA} to {DAEMON_ROLE};
-                 grant select on {HISTORY_TABLE} to {DAEMON_ROLE};
-               end if;
-             end $$"
-        ))
-        .await
-        .map_err(MigrateError::Setup)?;
+    for role in DAEMON_ROLES {
+        client
+            .batch_execute(&format!(
+                "do $$ begin
+                   if exists (select from pg_roles where rolname = '{role}') then
+                     grant usage on schema {META_SCHEMA} to {role};
+                     grant select on {HISTORY_TABLE} to {role};
+                   end if;
+                 end $$"
+            ))
+            .await
+            .map_err(MigrateError::Setup)?;
+    }
     Ok(report)
 }
 

@@ -471,6 +471,14 @@ fn roles_that_use_postgres_start_only_after_the_migrations() {
         gated.contains(&"cdc") && gated.contains(&"merge"),
         "{gated:?}"
     );
+    // Roles by duty (V14): merge logs in as its own role, not as CDC's replication role.
+    let merge = &find(&objects, "Deployment", "membersync-merge")["spec"]["template"]["spec"];
+    for c in [&merge["containers"][0], &merge["initContainers"][0]] {
+        assert_eq!(
+            env_value(c, "MEMBERSYNC__DATABASE__USER"),
+            Some("membersync_merge")
+        );
+    }
 }
 
 /// The configuration file of the ConfigMap, loaded by membersync itself (no environment).
