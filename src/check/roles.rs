@@ -129,7 +129,7 @@ async fn privileges(
         // Read-only: no write privilege on any table of ours.
         let writable: Vec<String> = client
             .query(
-                "select c.oid::regclass::text
+                "select n.nspname || '.' || c.relname
                    from pg_class c join pg_namespace n on n.oid = c.relnamespace
                   where n.nspname in ('public', 'membersync_meta') and c.relkind in ('r', 'p')
                     and has_table_privilege(current_user, c.oid,
