@@ -66,6 +66,26 @@ fn invalid_values_exit_2_naming_key_and_problem() {
             &[],
             "`database.password_file`: cannot read",
         ),
+        // The member API on without an audience would accept any Memberstack app's members.
+        (
+            None,
+            &[("MEMBERSYNC__API__ENABLED", "true")],
+            "`api.audience`: required when api.enabled = true",
+        ),
+        // Keys never cross the network in clear text.
+        (
+            None,
+            &[(
+                "MEMBERSYNC__MEMBERSTACK__API_URL",
+                "http://admin.memberstack.com",
+            )],
+            "`memberstack.api_url`: is plain http",
+        ),
+        (
+            Some("[supabase]\nurl = \"http://abcdefgh.supabase.co\""),
+            &[("MEMBERSYNC__SUPABASE__SERVICE_ROLE_KEY", "not-a-real-key")],
+            "`supabase.url`: is plain http",
+        ),
     ];
     for (config, env, expected) in cases {
         let stderr = expect_config_error(*config, env);
