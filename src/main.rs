@@ -67,11 +67,18 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         Command::Backfill(args) => backfill(args, &config).await,
         Command::Dlq { command } => dlq(command, &config).await,
         Command::Migrate { wait: true } => {
+            // Polled every 2 s; said again only when the reason changes.
+            let mut last = String::new();
             db::migrate::wait_until_applied(
                 &config.database,
                 Login::Daemon,
                 std::time::Duration::from_secs(2),
-                |why| tracing::info!(%why, "waiting for the schema migrations"),
+                |why| {
+                    if why != last {
+                        tracing::info!(%why, "waiting for the schema migrations");
+                        last = why.to_owned();
+                    }
+                },
             )
             .await;
             println!(

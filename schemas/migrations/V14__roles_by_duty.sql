@@ -52,6 +52,19 @@ grant select on membersync_meta.member_column_edits to membersync_merge;
 -- Linking an existing auth user by email (V8).
 grant execute on function membersync_meta.auth_user_id_by_email(text) to membersync_merge;
 
+-- Merge's transactional outbox (V12: intents to push, outcomes to relay), where it exists.
+do $migration$
+begin
+  if pg_catalog.to_regclass('membersync_meta.merge_intents') is not null then
+    grant select, insert, update, delete on membersync_meta.merge_intents to membersync_merge;
+  end if;
+  if pg_catalog.to_regclass('membersync_meta.outcome_outbox') is not null then
+    grant select, insert, update, delete on membersync_meta.outcome_outbox to membersync_merge;
+    grant usage, select on sequence membersync_meta.outcome_outbox_seq_seq to membersync_merge;
+  end if;
+end
+$migration$;
+
 -- The privileges decide what merge may do; these policies only let its rows through RLS.
 create policy members_membersync_merge     on public.members     for all to membersync_merge using (true) with check (true);
 create policy user_logs_membersync_merge   on public.user_logs   for all to membersync_merge using (true) with check (true);

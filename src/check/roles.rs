@@ -22,6 +22,15 @@ const MERGE_NEEDS: &[(&str, &str)] = &[
     ("public.sync_state", "INSERT"),
     ("public.sync_state", "UPDATE"),
     ("membersync_meta.member_column_edits", "SELECT"),
+    // The outbox (V12).
+    ("membersync_meta.merge_intents", "SELECT"),
+    ("membersync_meta.merge_intents", "INSERT"),
+    ("membersync_meta.merge_intents", "UPDATE"),
+    ("membersync_meta.merge_intents", "DELETE"),
+    ("membersync_meta.outcome_outbox", "SELECT"),
+    ("membersync_meta.outcome_outbox", "INSERT"),
+    ("membersync_meta.outcome_outbox", "UPDATE"),
+    ("membersync_meta.outcome_outbox", "DELETE"),
 ];
 
 /// What the API reads (src/api/sync_view.rs, src/api/status.rs).
@@ -87,10 +96,10 @@ async fn privileges(
     let wanted: Vec<String> = needs.iter().map(|(_, p)| (*p).to_owned()).collect();
     let rows = client
         .query(
-            "select t.name, t.privilege,
-                    to_regclass(t.name) is not null
-                      and has_table_privilege(current_user, t.name, t.privilege)
-               from unnest($1::text[], $2::text[]) as t(name, privilege)",
+            // A table that does not exist is the migrations' item, not this one.
+            "select t.name, t.privilege, has_table_privilege(current_user, t.name, t.privilege)
+               from unnest($1::text[], $2::text[]) as t(name, privilege)
+              where to_regclass(t.name) is not null",
             &[&tables, &wanted],
         )
         .await?;
