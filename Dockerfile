@@ -12,29 +12,45 @@
 ARG RUST_VERSION=1.95.0
 ARG DEBIAN_RELEASE=bookworm
 
-# --- builder ---------------------------------------------------------------------------------
-FROM rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE} AS builder
+# --- chef: cargo-chef, pinned -----------------------------------------------------------------
+# The dependency layer: `cargo chef prepare` reduces the workspace to a recipe (manifests, lock
+# file, target list) and `cargo chef cook` builds only the dependencies from it. The recipe, and
+# so the cooked layer, changes only when Cargo.toml or Cargo.lock do: a source change rebuilds
+# membersync alone, not its ~400 dependencies (https://github.com/LukeMathWalker/cargo-chef).
+FROM rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE} AS chef
 
+ARG CARGO_CHEF_VERSION=0.1.78
 # The build dependencies of .ci/run: rdkafka (feature "ssl") builds the bundled librdkafka with
 # ./configure + make (build-essential), pkg-config, OpenSSL headers (openssl-sys) and zlib
 # headers (libz-sys).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
         build-essential pkg-config libssl-dev zlib1g-dev ca-certificates \
-    && rm -rf /var/lib/apt/lists/*
-
+    && rm -rf /var/lib/apt/lists/* \
+    && cargo install cargo-chef --locked --version ${CARGO_CHEF_VERSION}
 WORKDIR /src
+
+# --- planner: the recipe ------------------------------------------------------------------------
+FROM chef AS planner
+COPY . .
+RUN cargo chef prepare --recipe-path recipe.json
+
+# --- builder ------------------------------------------------------------------------------------
+FROM chef AS builder
+
+# Dependencies first, from the recipe only: this layer is reused as long as the manifests and
+# the lock file are unchanged.
+COPY --from=planner /src/recipe.json recipe.json
+RUN cargo chef cook --release --locked --bin membersync --recipe-path recipe.json
+
+# Then the sources: only membersync itself is compiled here.
 COPY . .
 
 # .git is not in the build context (.dockerignore): pass the commit for membersync_build_info.
 ARG MEMBERSYNC_GIT_COMMIT=unknown
 ENV MEMBERSYNC_GIT_COMMIT=${MEMBERSYNC_GIT_COMMIT}
 
-# Cache mounts keep the registry and the target directory between builds (BuildKit); the binary
-# is copied out of the cached target directory, which is not part of the layer.
-RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin membersync \
+RUN cargo build --release --locked --bin membersync \
     && install -D -m 0755 target/release/membersync /out/membersync
 
 # --- runtime ---------------------------------------------------------------------------------

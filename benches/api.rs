@@ -184,6 +184,7 @@ async fn start_daemon(jwks: SocketAddr) -> Daemon {
         .env("MEMBERSYNC__KAFKA__BROKERS", dev_kafka_brokers())
         .env("MEMBERSYNC__KAFKA__CREATE_TOPICS", "false")
         .env("MEMBERSYNC__KAFKA__TOPIC_PREFIX", "bench-api")
+        .env("MEMBERSYNC__API__ENABLED", "true")
         .env("MEMBERSYNC__API__JWKS_URL", format!("http://{jwks}/jwks"))
         .env("MEMBERSYNC__API__AUDIENCE", AUDIENCE)
         // Long enough that every unknown kid after the startup fetch is a cached negative.

@@ -61,7 +61,13 @@ pub enum Command {
     },
     /// Apply the database migrations (schemas/migrations) as database.admin_user: tables, row-level
     /// security, the membersync role's grants and the publication. Safe to re-run.
-    Migrate,
+    Migrate {
+        /// Apply nothing: wait, as database.user, until every migration this build knows has
+        /// been applied (by a `migrate` elsewhere), then exit 0. For a Kubernetes initContainer
+        /// that starts a role only after its schema is there.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Request an incremental snapshot of captured tables: the CDC leader re-reads them in
     /// primary-key chunks while streaming continues and publishes the rows as op "r"
     /// (docs/cdc.md). Prints the request id; resumable after a crash or leader change.

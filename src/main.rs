@@ -66,7 +66,28 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         }
         Command::Backfill(args) => backfill(args, &config).await,
         Command::Dlq { command } => dlq(command, &config).await,
-        Command::Migrate => {
+        Command::Migrate { wait: true } => {
+            // Polled every 2 s; said again only when the reason changes.
+            let mut last = String::new();
+            db::migrate::wait_until_applied(
+                &config.database,
+                Login::Daemon,
+                std::time::Duration::from_secs(2),
+                |why| {
+                    if why != last {
+                        tracing::info!(%why, "waiting for the schema migrations");
+                        last = why.to_owned();
+                    }
+                },
+            )
+            .await;
+            println!(
+                "schema is up to date ({} migrations)",
+                db::migrate::known().len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate { wait: false } => {
             let mut client = db::connect(&config.database, Login::Admin).await?;
             let report = db::migrate::migrate(&mut client)
                 .await

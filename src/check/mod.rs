@@ -2,6 +2,7 @@
 
 mod kafka;
 mod postgres;
+mod roles;
 mod services;
 
 use std::fmt;
@@ -53,14 +54,16 @@ impl fmt::Display for Item {
     }
 }
 
-/// Runs every check. Postgres, Kafka and the external services are checked concurrently;
-/// the order of the returned items is stable (Postgres, Kafka, services).
+/// Runs every check. Postgres, the duty roles, Kafka and the external services are checked
+/// concurrently; the order of the returned items is stable (Postgres, roles, Kafka, services).
 pub async fn run(config: &Config) -> Vec<Item> {
-    let (mut pg, kafka, services) = tokio::join!(
+    let (mut pg, roles, kafka, services) = tokio::join!(
         postgres::check(config),
+        roles::check(config),
         kafka::check(config),
         services::check(config)
     );
+    pg.extend(roles);
     pg.extend(kafka);
     pg.extend(services);
     pg

@@ -12,16 +12,25 @@ pub(super) async fn check(config: &Config) -> Vec<Item> {
     let client = match db::connect(db, Login::Daemon).await {
         Ok(client) => client,
         Err(e) => {
-            return vec![Item::fail(
-                "postgres connection",
-                e.to_string(),
+            let text = e.to_string();
+            let hint = if text.contains("UnknownIssuer")
+                || text.contains("invalid peer certificate")
+            {
+                format!(
+                    "the server's certificate is not trusted under sslmode {}: set database.ssl_root_cert to the CA \
+                     that issued it (hosted Supabase: the project's CA certificate, Dashboard → Database → SSL \
+                     Configuration); or, knowingly, a weaker database.sslmode",
+                    db.sslmode.as_str()
+                )
+            } else {
                 format!(
                     "check database.host/port/dbname, that role {} exists with LOGIN and that its password is set \
                      (MEMBERSYNC__DATABASE__PASSWORD or database.password_file); on Supabase use the direct \
                      connection, not the pooler",
                     db.user
-                ),
-            )];
+                )
+            };
+            return vec![Item::fail("postgres connection", text, hint)];
         }
     };
     let mut items = vec![Item::pass(

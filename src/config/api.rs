@@ -30,7 +30,8 @@ impl ApiAuthMode {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiConfig {
-    /// Serve the member routes (`/v1/members/...`). Off: they answer 404.
+    /// Serve the member routes (`/v1/members/...`). Off (the default): they answer 404. On
+    /// requires `audience`.
     pub enabled: bool,
     pub auth_mode: ApiAuthMode,
     /// JWKS with the RS256 keys member tokens are signed with (mode `jwks`).
@@ -45,7 +46,9 @@ pub struct ApiConfig {
     pub jwks_fetch_timeout_ms: u64,
     /// Required `iss`.
     pub issuer: String,
-    /// Required `aud` (the Memberstack app id, `app_…`) when set; unset: `aud` is not checked.
+    /// Required `aud` (the Memberstack app id, `app_…`); required when `enabled`: Memberstack
+    /// signs the member tokens of every app with the same keys, so without it a member of any
+    /// other app would be let in.
     pub audience: Option<String>,
     /// Clock skew tolerated on `exp` and `nbf`.
     pub leeway_secs: u64,
@@ -70,7 +73,9 @@ pub const DEFAULT_ISSUER: &str = "https://api.memberstack.com";
 impl Default for ApiConfig {
     fn default() -> Self {
         Self {
-            enabled: true,
+            // Off until configured: the member routes are internet-facing, and safe only with
+            // an audience (and a database role) of their own.
+            enabled: false,
             auth_mode: ApiAuthMode::Jwks,
             jwks_url: DEFAULT_JWKS_URL.into(),
             jwks_allow_http: false,
@@ -135,10 +140,7 @@ pub(super) fn validate(a: &ApiConfig) -> Result<(), ConfigError> {
         return Err(ConfigError::new("api.issuer", "must not be empty"));
     }
     if a.audience.as_deref().is_some_and(|s| s.trim().is_empty()) {
-        return Err(ConfigError::new(
-            "api.audience",
-            "must not be empty when set (leave it out to skip the audience check)",
-        ));
+        return Err(ConfigError::new("api.audience", "must not be empty"));
     }
     if let Some(token) = &a.admin_token
         && token.expose_secret().trim().len() < MIN_ADMIN_TOKEN_BYTES
@@ -152,6 +154,13 @@ pub(super) fn validate(a: &ApiConfig) -> Result<(), ConfigError> {
     }
     if !a.enabled {
         return Ok(());
+    }
+    if a.audience.is_none() {
+        return Err(ConfigError::new(
+            "api.audience",
+            "required when api.enabled = true: set it to your Memberstack app id (app_…); without \
+             it a member token of any Memberstack app would be accepted",
+        ));
     }
     match a.auth_mode {
         ApiAuthMode::Jwks => validate_jwks_url(a),
@@ -197,15 +206,44 @@ fn validate_jwks_url(a: &ApiConfig) -> Result<(), ConfigError> {
 mod tests {
     use super::*;
 
+    /// The API switched on with an audience, then `f`.
     fn with(f: impl FnOnce(&mut ApiConfig)) -> Result<(), ConfigError> {
-        let mut c = ApiConfig::default();
+        let mut c = ApiConfig {
+            enabled: true,
+            audience: Some("app_test".into()),
+            ..ApiConfig::default()
+        };
         f(&mut c);
         validate(&c)
     }
 
     #[test]
-    fn the_defaults_are_valid() {
+    fn the_defaults_are_valid_and_leave_the_api_off() {
+        assert!(!ApiConfig::default().enabled);
+        assert_eq!(validate(&ApiConfig::default()), Ok(()));
         assert_eq!(with(|_| {}), Ok(()));
+    }
+
+    #[test]
+    fn the_api_on_requires_an_audience_in_either_mode() {
+        let e = with(|c| c.audience = None).unwrap_err();
+        assert_eq!(e.key, "api.audience");
+        assert!(e.problem.contains("required when api.enabled"), "{e}");
+        let e = with(|c| {
+            c.audience = None;
+            c.auth_mode = ApiAuthMode::Hs256;
+            c.hs256_secret = Some(SecretString::from("0123456789abcdef0123456789abcdef"));
+        })
+        .unwrap_err();
+        assert_eq!(e.key, "api.audience");
+        // Off, no audience is needed.
+        assert_eq!(
+            with(|c| {
+                c.enabled = false;
+                c.audience = None;
+            }),
+            Ok(())
+        );
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub const ENV_PREFIX: &str = "MEMBERSYNC__";
 const SECRET_KEYS: &[&str] = &[
     "database.password",
     "database.admin_password",
+    "database.merge_password",
+    "database.api_password",
     "kafka.sasl_password",
     "telemetry.sentry_dsn",
     "ingest.memberstack_webhook_secrets",
@@ -64,6 +66,16 @@ pub fn load_from(path: Option<&Path>, env_prefix: &str) -> Result<Config, Config
     }
 
     let mut config: Config = figment.extract().map_err(|e| from_figment(e, env_prefix))?;
+    if !figment.contains("database.sslmode") {
+        // Not chosen: verify-full off loopback (or with a CA to verify against), libpq's
+        // prefer on this machine.
+        let db = &mut config.database;
+        db.sslmode = if db.ssl_root_cert.is_some() {
+            super::PgSslMode::VerifyFull
+        } else {
+            super::default_sslmode(&db.host)
+        };
+    }
     resolve_secrets(&mut config)?;
     validate(&config)?;
     Ok(config)
@@ -79,6 +91,16 @@ fn resolve_secrets(c: &mut Config) -> Result<(), ConfigError> {
         "database.admin_password",
         &mut c.database.admin_password,
         c.database.admin_password_file.take(),
+    )?;
+    resolve(
+        "database.merge_password",
+        &mut c.database.merge_password,
+        c.database.merge_password_file.take(),
+    )?;
+    resolve(
+        "database.api_password",
+        &mut c.database.api_password,
+        c.database.api_password_file.take(),
     )?;
     resolve(
         "kafka.sasl_password",
@@ -173,6 +195,14 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
     non_empty("database.dbname", &db.dbname)?;
     non_empty("database.user", &db.user)?;
     non_empty("database.admin_user", &db.admin_user)?;
+    for (key, user) in [
+        ("database.merge_user", &db.merge_user),
+        ("database.api_user", &db.api_user),
+    ] {
+        if let Some(user) = user {
+            non_empty(key, user)?;
+        }
+    }
     if db.port == 0 {
         return Err(ConfigError::new(
             "database.port",
@@ -236,6 +266,7 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
         "kafka.topic_replication_factor",
         k.topic_replication_factor as i64,
     )?;
+    super::librdkafka::validate(&k.librdkafka)?;
 
     validate_ingest(&c.ingest)?;
     super::api::validate(&c.api)?;
@@ -482,15 +513,17 @@ fn validate_merge(c: &Config) -> Result<(), ConfigError> {
     ] {
         at_least_one(key, v)?;
     }
-    for (key, url) in [
-        ("memberstack.api_url", Some(c.memberstack.api_url.as_str())),
-        ("supabase.url", c.supabase.url.as_deref()),
-        ("posthog.host", Some(c.posthog.host.as_str())),
-    ] {
-        let Some(url) = url else { continue };
-        if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 8 {
-            return Err(ConfigError::new(key, "must be an http:// or https:// URL"));
-        }
+    // The URLs that carry an API key: https, or http on loopback (the simulators).
+    super::transport::validate_api_url("memberstack.api_url", &c.memberstack.api_url)?;
+    if let Some(url) = &c.supabase.url {
+        super::transport::validate_api_url("supabase.url", url)?;
+    }
+    let posthog = c.posthog.host.as_str();
+    if !(posthog.starts_with("http://") || posthog.starts_with("https://")) || posthog.len() < 8 {
+        return Err(ConfigError::new(
+            "posthog.host",
+            "must be an http:// or https:// URL",
+        ));
     }
     if c.supabase.url.is_some() != c.supabase.service_role_key.is_some() {
         return Err(ConfigError::new(
@@ -605,9 +638,24 @@ mod tests {
                 "unknown value `allow`",
             ),
             (
-                "[database]\nssl_root_cert = \"/nonexistent/ca.pem\"",
+                "[database]\nsslmode = \"prefer\"\nssl_root_cert = \"/nonexistent/ca.pem\"",
                 "database.ssl_root_cert",
                 "only used by sslmode verify-ca or verify-full",
+            ),
+            (
+                "[database]\nssl_root_cert = \"/nonexistent/ca.pem\"",
+                "database.ssl_root_cert",
+                "cannot read /nonexistent/ca.pem",
+            ),
+            (
+                "[memberstack]\napi_url = \"http://admin.memberstack.com\"",
+                "memberstack.api_url",
+                "plain http",
+            ),
+            (
+                "[supabase]\nurl = \"http://abc.supabase.co\"",
+                "supabase.url",
+                "plain http",
             ),
             (
                 "[database]\nsslmode = \"verify-full\"\nssl_root_cert = \"/nonexistent/ca.pem\"",
@@ -693,6 +741,30 @@ mod tests {
             assert_eq!(err.key, key, "{toml} → {err}");
             assert!(err.problem.contains(problem), "{toml} → {err}");
         }
+    }
+
+    #[test]
+    fn sslmode_defaults_to_verify_full_off_loopback_and_an_explicit_one_wins() {
+        use crate::config::PgSslMode;
+        let mode = |toml: &str| load_toml(toml).unwrap().database.sslmode;
+        assert_eq!(mode(""), PgSslMode::Prefer, "127.0.0.1 by default");
+        assert_eq!(mode("[database]\nhost = \"localhost\""), PgSslMode::Prefer);
+        assert_eq!(
+            mode("[database]\nhost = \"db.abc.supabase.co\""),
+            PgSslMode::VerifyFull
+        );
+        assert_eq!(
+            mode("[database]\nhost = \"10.1.2.3\""),
+            PgSslMode::VerifyFull
+        );
+        assert_eq!(
+            mode("[database]\nhost = \"db.abc.supabase.co\"\nsslmode = \"require\""),
+            PgSslMode::Require
+        );
+        assert_eq!(
+            mode("[database]\nhost = \"127.0.0.1\"\nsslmode = \"verify-ca\""),
+            PgSslMode::VerifyCa
+        );
     }
 
     #[test]

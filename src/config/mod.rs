@@ -8,13 +8,17 @@
 mod api;
 mod bridge;
 mod error;
+mod librdkafka;
 mod load;
 mod sections;
 mod sync;
+mod transport;
 
 pub use api::*;
 pub use bridge::{BridgeConfig, RouteConfig};
 pub use error::ConfigError;
+pub use librdkafka::LibrdkafkaProperties;
 pub use load::{ENV_PREFIX, load, load_from};
 pub use sections::*;
 pub use sync::*;
+pub use transport::{default_sslmode, is_loopback_host, same_origin_redirects};

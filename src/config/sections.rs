@@ -38,6 +38,18 @@ pub struct DatabaseConfig {
     /// Secret: only from `MEMBERSYNC__DATABASE__PASSWORD` or `password_file`.
     pub password: Option<SecretString>,
     pub password_file: Option<PathBuf>,
+    /// The role merge logs in as (V14 creates `membersync_merge`: merge's reads and writes,
+    /// no REPLICATION). Unset: `user`.
+    pub merge_user: Option<String>,
+    /// Secret: only from `MEMBERSYNC__DATABASE__MERGE_PASSWORD` or `merge_password_file`.
+    pub merge_password: Option<SecretString>,
+    pub merge_password_file: Option<PathBuf>,
+    /// The role the member/admin API logs in as (V14 creates `membersync_api`: read-only).
+    /// Unset: `user`.
+    pub api_user: Option<String>,
+    /// Secret: only from `MEMBERSYNC__DATABASE__API_PASSWORD` or `api_password_file`.
+    pub api_password: Option<SecretString>,
+    pub api_password_file: Option<PathBuf>,
     /// The owner role `migrate` connects as (Supabase: `postgres`).
     pub admin_user: String,
     /// Secret: only from `MEMBERSYNC__DATABASE__ADMIN_PASSWORD` or `admin_password_file`.
@@ -46,7 +58,9 @@ pub struct DatabaseConfig {
     pub connect_timeout_secs: u64,
     pub application_name: String,
     /// TLS to Postgres, with libpq's `sslmode` meanings; applies to every connection, the
-    /// replication stream included.
+    /// replication stream included. Unset in the configuration: `verify-full` for a host that
+    /// is not loopback (or with `ssl_root_cert`), `prefer` on loopback (the loader decides;
+    /// the struct's own default is `prefer`, for the loopback default host).
     pub sslmode: PgSslMode,
     /// PEM bundle of the CAs `verify-ca` / `verify-full` accept (hosted Supabase: the project's
     /// CA certificate from the dashboard). Without it, the Mozilla roots.
@@ -72,6 +86,17 @@ pub enum PgSslMode {
 }
 
 impl PgSslMode {
+    /// The configuration's spelling (libpq's).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Disable => "disable",
+            Self::Prefer => "prefer",
+            Self::Require => "require",
+            Self::VerifyCa => "verify-ca",
+            Self::VerifyFull => "verify-full",
+        }
+    }
+
     pub fn verifies(self) -> bool {
         matches!(self, Self::VerifyCa | Self::VerifyFull)
     }
@@ -86,6 +111,12 @@ impl Default for DatabaseConfig {
             user: "membersync".into(),
             password: None,
             password_file: None,
+            merge_user: None,
+            merge_password: None,
+            merge_password_file: None,
+            api_user: None,
+            api_password: None,
+            api_password_file: None,
             admin_user: "postgres".into(),
             admin_password: None,
             admin_password_file: None,
@@ -174,6 +205,9 @@ pub struct KafkaConfig {
     /// How often consumers (merge, bridge) refresh `membersync_kafka_consumer_lag` from
     /// librdkafka's statistics; 0 turns the metric off.
     pub statistics_interval_ms: u64,
+    /// librdkafka properties applied to every client (`[kafka.librdkafka]`), except the ones
+    /// membersync owns (refused at load).
+    pub librdkafka: super::LibrdkafkaProperties,
 }
 
 impl Default for KafkaConfig {
@@ -195,6 +229,7 @@ impl Default for KafkaConfig {
             topic_partitions: 6,
             topic_replication_factor: 1,
             statistics_interval_ms: 5_000,
+            librdkafka: super::LibrdkafkaProperties::default(),
         }
     }
 }

@@ -11,8 +11,9 @@ mod embedded {
 /// `public` by default privileges, and PostgREST exposes that schema.
 const META_SCHEMA: &str = "membersync_meta";
 const HISTORY_TABLE: &str = "membersync_meta.schema_history";
-/// The daemon role the migrations create; it may read the history (for `check`).
-const DAEMON_ROLE: &str = "membersync";
+/// The roles the migrations create (V1, V14); each may read the history (for `check` and
+/// `migrate --wait`, which log in as them).
+const DAEMON_ROLES: [&str; 3] = ["membersync", "membersync_merge", "membersync_api"];
 
 /// Serialises concurrent `migrate` runs against one database (e.g. several pods starting).
 const MIGRATION_LOCK_KEY: i64 = 0x6d73_796e_635f_6d69; // "msync_mi"
@@ -81,17 +82,19 @@ async fn run_locked(client: &mut Client) -> Result<refinery::Report, MigrateErro
         .run_async(client)
         .await
         .map_err(MigrateError::Refinery)?;
-    client
-        .batch_execute(&format!(
-            "do $$ begin
-               if exists (select from pg_roles where rolname = '{DAEMON_ROLE}') then
-                 grant usage on schema {META_SCHEMA} to {DAEMON_ROLE};
-                 grant select on {HISTORY_TABLE} to {DAEMON_ROLE};
-               end if;
-             end $$"
-        ))
-        .await
-        .map_err(MigrateError::Setup)?;
+    for role in DAEMON_ROLES {
+        client
+            .batch_execute(&format!(
+                "do $$ begin
+                   if exists (select from pg_roles where rolname = '{role}') then
+                     grant usage on schema {META_SCHEMA} to {role};
+                     grant select on {HISTORY_TABLE} to {role};
+                   end if;
+                 end $$"
+            ))
+            .await
+            .map_err(MigrateError::Setup)?;
+    }
     Ok(report)
 }
 
@@ -111,4 +114,38 @@ pub async fn applied_versions(client: &Client) -> Result<Vec<i32>, tokio_postgre
         )
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// The migrations this build knows that the database has not applied, as `V<n>__<name>`.
+pub async fn pending(client: &Client) -> Result<Vec<String>, tokio_postgres::Error> {
+    let applied = applied_versions(client).await?;
+    Ok(known()
+        .into_iter()
+        .filter(|(v, _)| !applied.contains(v))
+        .map(|(v, name)| format!("V{v}__{name}"))
+        .collect())
+}
+
+/// Waits until every migration this build knows is applied (by someone else: `migrate` as the
+/// owner), asking every `poll` as `login`. Connection and query errors are only reported
+/// through `waiting` and asked again: the database may come up after the caller. For an
+/// initContainer that starts a role only once its schema is there.
+pub async fn wait_until_applied(
+    cfg: &crate::config::DatabaseConfig,
+    login: super::Login,
+    poll: std::time::Duration,
+    mut waiting: impl FnMut(&str),
+) {
+    loop {
+        let outcome = match super::connect(cfg, login).await {
+            Ok(client) => pending(&client).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match outcome {
+            Ok(p) if p.is_empty() => return,
+            Ok(p) => waiting(&format!("{} pending: {}", p.len(), p.join(", "))),
+            Err(e) => waiting(&e),
+        }
+        tokio::time::sleep(poll).await;
+    }
 }

@@ -8,13 +8,36 @@ use tokio_postgres::Client;
 
 use crate::config::DatabaseConfig;
 
-/// Which role a connection logs in as.
+/// Which role a connection logs in as: one per duty (schemas/migrations/V14).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Login {
-    /// The daemon's least-privilege role (`database.user`).
+    /// The daemon's replication role (`database.user`): CDC and the command-line tools.
     Daemon,
+    /// Merge's role (`database.merge_user`, else `database.user`).
+    Merge,
+    /// The read-only role of the member/admin API (`database.api_user`, else `database.user`).
+    Api,
     /// The owner role that applies migrations (`database.admin_user`).
     Admin,
+}
+
+impl Login {
+    /// The user and password this login uses under `cfg`.
+    pub fn credentials(self, cfg: &DatabaseConfig) -> (&str, Option<&secrecy::SecretString>) {
+        let daemon = (cfg.user.as_str(), cfg.password.as_ref());
+        match self {
+            Self::Daemon => daemon,
+            Self::Merge => cfg
+                .merge_user
+                .as_deref()
+                .map_or(daemon, |u| (u, cfg.merge_password.as_ref())),
+            Self::Api => cfg
+                .api_user
+                .as_deref()
+                .map_or(daemon, |u| (u, cfg.api_password.as_ref())),
+            Self::Admin => (cfg.admin_user.as_str(), cfg.admin_password.as_ref()),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,10 +78,7 @@ fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
 /// Builds the tokio-postgres configuration for `login`. The password is handed to the driver
 /// and nowhere else.
 pub fn pg_config(cfg: &DatabaseConfig, login: Login) -> tokio_postgres::Config {
-    let (user, password) = match login {
-        Login::Daemon => (&cfg.user, cfg.password.as_ref()),
-        Login::Admin => (&cfg.admin_user, cfg.admin_password.as_ref()),
-    };
+    let (user, password) = login.credentials(cfg);
     let mut pg = tokio_postgres::Config::new();
     pg.host(&cfg.host)
         .port(cfg.port)
@@ -75,10 +95,7 @@ pub fn pg_config(cfg: &DatabaseConfig, login: Login) -> tokio_postgres::Config {
 
 /// Opens a connection and drives it on its own task.
 pub async fn connect(cfg: &DatabaseConfig, login: Login) -> Result<Client, DbError> {
-    let user = match login {
-        Login::Daemon => cfg.user.clone(),
-        Login::Admin => cfg.admin_user.clone(),
-    };
+    let user = login.credentials(cfg).0.to_owned();
     let (client, connection) = pg_config(cfg, login)
         .connect(tls::connector(cfg)?)
         .await

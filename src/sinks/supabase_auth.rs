@@ -222,6 +222,7 @@ impl SupabaseAuthClient {
         let http = reqwest::Client::builder()
             .timeout(cfg.request_timeout())
             .user_agent(concat!("membersync/", env!("CARGO_PKG_VERSION")))
+            .redirect(crate::config::same_origin_redirects())
             .build()
             .map_err(|e| AuthError::Transport(retry::transport_message(e)))?;
         Ok(Self {

@@ -141,6 +141,7 @@ impl Stack {
                 kafka.topic_prefix.clone(),
             ),
             ("MEMBERSYNC__KAFKA__TOPIC_PARTITIONS", "1".into()),
+            ("MEMBERSYNC__API__ENABLED", "true".into()),
             ("MEMBERSYNC__API__JWKS_URL", jwks.url()),
             ("MEMBERSYNC__API__AUDIENCE", AUDIENCE.into()),
             ("MEMBERSYNC__API__JWKS_MIN_REFRESH_SECS", "1".into()),

@@ -152,3 +152,149 @@ async fn role_without_replication_is_reported() {
         "password leaked: {stdout}"
     );
 }
+
+/// The duty roles of V14 as a superuser session sees them with `set role`: merge writes the
+/// synced record but nothing of CDC's or the tools', the API reads and writes nothing, neither
+/// may replicate.
+#[tokio::test]
+async fn duty_roles_have_exactly_their_duties() {
+    let db = TestDb::migrated().await;
+    let admin = db.admin().await;
+    let as_role = |role: &'static str, sql: &'static str| {
+        let admin = &admin;
+        async move {
+            let result = admin
+                .batch_execute(&format!("begin; set local role {role}; {sql}; rollback"))
+                .await;
+            let _ = admin.batch_execute("rollback").await;
+            result.map_err(|e| {
+                e.as_db_error()
+                    .map(|d| d.message().to_owned())
+                    .unwrap_or_else(|| e.to_string())
+            })
+        }
+    };
+    // Merge: the record and its bookkeeping.
+    for sql in [
+        "insert into public.members (memberstack_id) values ('mem_duty')",
+        "update public.members set email = 'a@example.com' where memberstack_id = 'mem_duty'",
+        "select * from public.members for update",
+        "insert into public.webhook_log (event_id, source, event_type) values ('e1', 'memberstack', 'member.updated')",
+        "select * from public.sync_state",
+        "select * from membersync_meta.member_column_edits",
+        "select membersync_meta.auth_user_id_by_email('a@example.com')",
+        "select pg_logical_emit_message(true, 'membersync.test', '')",
+    ] {
+        assert_eq!(
+            as_role("membersync_merge", sql).await,
+            Ok(()),
+            "merge: {sql}"
+        );
+    }
+    for sql in [
+        "delete from public.members",
+        "select * from public.audit_logs",
+        "select * from membersync_meta.cdc_incremental_snapshots",
+        "select * from membersync_meta.backfill_runs",
+        "select pg_create_logical_replication_slot('duty_merge_slot', 'pgoutput')",
+    ] {
+        let refused = as_role("membersync_merge", sql).await;
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|m| m.contains("permission denied")
+                    || m.contains(
+                        "must be superuser or have privileges of the pg_read_all_stats role"
+                    )
+                    || m.contains("replication")),
+            "merge may not: {sql} → {refused:?}"
+        );
+    }
+    // API: reads only.
+    for sql in [
+        "select * from public.members",
+        "select * from public.sync_state",
+        "select * from public.error_logs",
+        "select * from public.audit_logs",
+        "select * from pg_replication_slots",
+    ] {
+        assert_eq!(as_role("membersync_api", sql).await, Ok(()), "api: {sql}");
+    }
+    for sql in [
+        "insert into public.members (memberstack_id) values ('mem_api')",
+        "update public.members set email = null",
+        "delete from public.sync_state",
+        "insert into public.error_logs (error_type, error_message) values ('x', 'y')",
+        "select * from public.webhook_log",
+        "select * from membersync_meta.member_column_edits",
+        "select pg_create_logical_replication_slot('duty_api_slot', 'pgoutput')",
+    ] {
+        let refused = as_role("membersync_api", sql).await;
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|m| m.contains("permission denied") || m.contains("replication")),
+            "api may not: {sql} → {refused:?}"
+        );
+    }
+}
+
+/// `check` logs in as each configured duty role and verifies it; a write privilege granted to
+/// the API role is a ✗ naming the table.
+#[tokio::test]
+async fn check_verifies_each_duty_role() {
+    const PASSWORD: &str = "duty-role-test-password-0123456789";
+    let db = TestDb::migrated().await;
+    let admin = db.admin().await;
+    // Cluster-wide, like the roles; every test that sets it sets the same value.
+    admin
+        .batch_execute(&format!(
+            "alter role membersync_merge password '{PASSWORD}'; alter role membersync_api password '{PASSWORD}'"
+        ))
+        .await
+        .unwrap();
+    let mut env = db.env();
+    env.extend(kafka_env(&support::kafka::config().topic_prefix));
+    for (k, v) in [
+        ("MEMBERSYNC__DATABASE__MERGE_USER", "membersync_merge"),
+        ("MEMBERSYNC__DATABASE__MERGE_PASSWORD", PASSWORD),
+        ("MEMBERSYNC__DATABASE__API_USER", "membersync_api"),
+        ("MEMBERSYNC__DATABASE__API_PASSWORD", PASSWORD),
+    ] {
+        env.push((k.into(), v.into()));
+    }
+    let (_, stdout) = run_check(&env);
+    assert!(
+        stdout.contains("✓ merge role membersync_merge: has what merge needs"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("✓ api role membersync_api: has what api needs"),
+        "{stdout}"
+    );
+
+    // In this database only: the API role may now write members.
+    admin
+        .batch_execute("grant insert on public.members to membersync_api")
+        .await
+        .unwrap();
+    let (out, stdout) = run_check(&env);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("✗ api role membersync_api: may write public.members"),
+        "{stdout}"
+    );
+
+    // A wrong password is a ✗ with the fix, not a crash.
+    env.retain(|(k, _)| k != "MEMBERSYNC__DATABASE__MERGE_PASSWORD");
+    env.push((
+        "MEMBERSYNC__DATABASE__MERGE_PASSWORD".into(),
+        "wrong-password".into(),
+    ));
+    let (_, stdout) = run_check(&env);
+    assert!(stdout.contains("✗ merge role membersync_merge"), "{stdout}");
+    assert!(
+        stdout.contains("database.merge_user / merge_password"),
+        "{stdout}"
+    );
+}

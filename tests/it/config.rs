@@ -66,6 +66,26 @@ fn invalid_values_exit_2_naming_key_and_problem() {
             &[],
             "`database.password_file`: cannot read",
         ),
+        // The member API on without an audience would accept any Memberstack app's members.
+        (
+            None,
+            &[("MEMBERSYNC__API__ENABLED", "true")],
+            "`api.audience`: required when api.enabled = true",
+        ),
+        // Keys never cross the network in clear text.
+        (
+            None,
+            &[(
+                "MEMBERSYNC__MEMBERSTACK__API_URL",
+                "http://admin.memberstack.com",
+            )],
+            "`memberstack.api_url`: is plain http",
+        ),
+        (
+            Some("[supabase]\nurl = \"http://abcdefgh.supabase.co\""),
+            &[("MEMBERSYNC__SUPABASE__SERVICE_ROLE_KEY", "not-a-real-key")],
+            "`supabase.url`: is plain http",
+        ),
     ];
     for (config, env, expected) in cases {
         let stderr = expect_config_error(*config, env);
@@ -147,4 +167,54 @@ fn the_example_config_is_valid() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("✗ postgres connection"), "{stdout}");
     assert!(stdout.contains("✗ kafka broker"), "{stdout}");
+}
+
+#[test]
+fn librdkafka_pass_through_is_accepted_but_owned_and_secret_properties_are_refused() {
+    // Refused: a property membersync owns (its guarantee depends on it), named with what to
+    // set instead; a secret (the table lives in the file); a property librdkafka does not know.
+    for (table, expected) in [
+        (
+            "\"enable.idempotence\" = false",
+            "`kafka.librdkafka.\"enable.idempotence\"`: membersync sets `enable.idempotence` itself",
+        ),
+        (
+            "\"group.id\" = \"mine\"",
+            "set merge.group_id / bridge.group_id",
+        ),
+        (
+            "\"sasl.oauthbearer.client.secret\" = \"tell-no-one\"",
+            "secrets may not be written in the config file",
+        ),
+        (
+            "\"queue.buffering.max.kbyte\" = 1024",
+            "librdkafka refuses it",
+        ),
+    ] {
+        let stderr = expect_config_error(Some(&format!("[kafka.librdkafka]\n{table}")), &[]);
+        assert!(stderr.contains(expected), "{table}: {stderr}");
+        assert!(!stderr.contains("tell-no-one"), "{stderr}");
+    }
+
+    // Accepted (numbers or text): the configuration loads and `check` goes on to the services.
+    let file = toml_file(
+        "[kafka.librdkafka]\n\"queue.buffering.max.kbytes\" = 16384\n\
+         \"queue.buffering.max.messages\" = \"50000\"\n\"client.rack\" = \"rack-a\"\n",
+    );
+    let out = membersync()
+        .arg("--config")
+        .arg(file.path())
+        .arg("check")
+        .env("MEMBERSYNC__DATABASE__PORT", "1")
+        .env("MEMBERSYNC__KAFKA__BROKERS", "127.0.0.1:1")
+        .env("MEMBERSYNC__KAFKA__REQUEST_TIMEOUT_MS", "500")
+        .env("MEMBERSYNC__DATABASE__CONNECT_TIMEOUT_SECS", "1")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -13,6 +13,7 @@ mod kafka;
 mod merge;
 mod migrations;
 mod ops;
+mod redirects;
 mod rls;
 mod schemas;
 mod sim;

@@ -809,3 +809,55 @@ async fn bootstrap_and_migrations_run_concurrently_on_a_fresh_cluster() {
         .get(0);
     assert_eq!(roles, 5);
 }
+
+/// `membersync migrate --wait` (the Kubernetes roles' initContainer): applies nothing, waits as
+/// the daemon role while migrations are pending, and exits 0 once the owner has applied them.
+#[tokio::test]
+async fn migrate_wait_returns_only_once_every_migration_is_applied() {
+    let db = TestDb::bootstrapped().await;
+    let mut child = crate::support::membersync()
+        .args(["migrate", "--wait"])
+        .envs(db.env())
+        .env("MEMBERSYNC__TELEMETRY__LOG_FORMAT", "pretty")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run membersync migrate --wait");
+
+    // Pending: it keeps waiting (and applies nothing: no history table appears).
+    let admin = db.admin().await;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "migrate --wait exited while migrations were pending"
+        );
+    }
+    let history: bool = admin
+        .query_one("select to_regclass($1) is not null", &[&HISTORY])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!history, "migrate --wait must not apply anything");
+
+    // The owner applies them: it returns, successfully, within a couple of polls.
+    let mut owner = db.admin().await;
+    migrate(&mut owner).await.expect("migrations apply");
+    let status =
+        crate::support::wait_for("migrate --wait to exit", Duration::from_secs(20), || {
+            let status = child.try_wait().unwrap();
+            async move { status }
+        })
+        .await;
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        status.success(),
+        "exit {status}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("schema is up to date"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

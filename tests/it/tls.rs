@@ -282,3 +282,50 @@ async fn cdc_streams_over_a_verified_tls_connection() {
         serde_json::from_slice(rdkafka::Message::payload(&records[0]).unwrap()).unwrap();
     assert_eq!(event["after"]["memberstack_id"], "mem_tls", "{event}");
 }
+
+/// Without `database.sslmode`, the loader chooses: a CA given (or a host off loopback) means
+/// verify-full, so an untrusted certificate is refused — and `check` says which CA to give.
+#[tokio::test(flavor = "multi_thread")]
+async fn unset_sslmode_with_a_ca_verifies_and_check_explains_a_refusal() {
+    let server = TlsServer::start(&[]);
+    let port = server.cluster.port;
+    let load = |ca: &Path| {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            file.path(),
+            format!(
+                "[database]\nhost = \"localhost\"\nport = {port}\nuser = \"postgres\"\n\
+                 admin_user = \"postgres\"\nconnect_timeout_secs = 5\nssl_root_cert = {:?}\n",
+                ca.display().to_string()
+            ),
+        )
+        .unwrap();
+        membersync::config::load_from(Some(file.path()), "MEMBERSYNC_TLS_TEST_UNSET__")
+            .unwrap()
+            .database
+    };
+    let trusted = load(&server.ca);
+    assert_eq!(trusted.sslmode, PgSslMode::VerifyFull);
+    assert_eq!(encrypted(&trusted).await, Ok(true));
+    let untrusted = load(&server.other_ca);
+    let err = encrypted(&untrusted).await.expect_err("an untrusted CA");
+    assert!(err.contains("UnknownIssuer"), "{err}");
+
+    let out = support::membersync()
+        .arg("check")
+        .env("MEMBERSYNC__DATABASE__HOST", "localhost")
+        .env("MEMBERSYNC__DATABASE__PORT", port.to_string())
+        .env("MEMBERSYNC__DATABASE__USER", "postgres")
+        .env("MEMBERSYNC__DATABASE__SSL_ROOT_CERT", &server.other_ca)
+        .env("MEMBERSYNC__KAFKA__BROKERS", "127.0.0.1:1")
+        .env("MEMBERSYNC__KAFKA__REQUEST_TIMEOUT_MS", "500")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("✗ postgres connection"), "{stdout}");
+    assert!(
+        stdout.contains("not trusted under sslmode verify-full")
+            && stdout.contains("database.ssl_root_cert"),
+        "{stdout}"
+    );
+}

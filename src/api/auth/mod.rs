@@ -6,7 +6,7 @@
 //! algorithm is pinned before any key is chosen, so `alg: none`, an HS256 token "signed"
 //! with the RSA public key (algorithm confusion) and every other algorithm are refused up
 //! front — and pinned again in `jsonwebtoken`'s `Validation`. Then: signature, `exp`
-//! (required), `nbf`, `iss` (required), `aud` (required when configured), with a small
+//! (required), `nbf`, `iss` (required), `aud` (required, and `api.audience` with it), with a small
 //! leeway. The member is the `id` claim (what the Admin SDK returns), else `sub` (what
 //! Memberstack's newer guide shows).
 
@@ -87,16 +87,14 @@ impl MemberAuth {
         validation.validate_exp = true;
         validation.validate_nbf = true;
         validation.set_issuer(&[cfg.issuer.as_str()]);
-        let mut required = vec!["exp", "iss"];
-        match &cfg.audience {
-            Some(aud) => {
-                validation.set_audience(&[aud.as_str()]);
-                required.push("aud");
-            }
-            // Nothing to compare with: accept whatever `aud` the token carries.
-            None => validation.validate_aud = false,
+        // `aud` is always required and compared. The configuration refuses the API without
+        // `api.audience`; should a caller build this without one anyway, it fails closed (no
+        // audience matches) rather than accepting the tokens of every Memberstack app.
+        validation.validate_aud = true;
+        if let Some(aud) = &cfg.audience {
+            validation.set_audience(&[aud.as_str()]);
         }
-        validation.set_required_spec_claims(&required);
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
         Ok(Self {
             keys,
             algorithm,

@@ -215,7 +215,8 @@ async fn refuses_malformed_headers_and_tokens() {
 }
 
 #[tokio::test]
-async fn without_a_configured_audience_aud_is_not_checked() {
+async fn without_a_configured_audience_every_token_is_refused() {
+    // The configuration refuses this; built anyway, it fails closed.
     let cfg = ApiConfig {
         audience: None,
         ..config()
@@ -223,9 +224,10 @@ async fn without_a_configured_audience_aud_is_not_checked() {
     let auth = MemberAuth::new(&cfg).unwrap();
     for claims in [
         with(claims(), "aud", json!("app_any")),
+        with(claims(), "aud", json!("app_test")),
         without(claims(), "aud"),
     ] {
-        assert!(auth.authenticate(&headers(&hs256(&claims))).await.is_ok());
+        assert!(auth.authenticate(&headers(&hs256(&claims))).await.is_err());
     }
 }
 

@@ -101,6 +101,7 @@ impl MemberstackClient {
         let http = reqwest::Client::builder()
             .timeout(cfg.request_timeout())
             .user_agent(concat!("membersync/", env!("CARGO_PKG_VERSION")))
+            .redirect(crate::config::same_origin_redirects())
             .build()
             .map_err(|e| MemberstackError::Transport(retry::transport_message(e)))?;
         let quota = Quota::with_period(permit_interval(cfg.requests_per_second))

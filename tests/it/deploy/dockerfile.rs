@@ -53,14 +53,24 @@ fn dockerfile_builds_in_stages_and_runs_as_non_root_with_a_healthcheck() {
         .map(|(i, _)| i)
         .collect();
     assert!(stages.len() >= 2, "a builder stage and a runtime stage");
+    // A FROM names an image, or an earlier stage (`FROM chef AS planner`).
+    let mut stage_names: Vec<String> = Vec::new();
     for &i in &stages {
-        let image = expand(all[i].1.split_whitespace().next().unwrap(), &global_args);
-        assert_pinned(&image, &format!("Dockerfile FROM {}", all[i].1));
+        let words: Vec<&str> = all[i].1.split_whitespace().collect();
+        let image = expand(words[0], &global_args);
+        if !stage_names.contains(&image) {
+            assert_pinned(&image, &format!("Dockerfile FROM {}", all[i].1));
+        }
+        if let [_, r#as, name] = words[..]
+            && r#as.eq_ignore_ascii_case("as")
+        {
+            stage_names.push(name.to_owned());
+        }
     }
 
-    // The builder installs every build dependency .ci/run installs.
-    let builder = &all[stages[0]..stages[1]];
-    let builder_text: String = builder.iter().map(|(_, a)| a.as_str()).collect();
+    // The build stages (all but the runtime) install every build dependency .ci/run installs.
+    let build_stages = &all[stages[0]..*stages.last().unwrap()];
+    let builder_text: String = build_stages.iter().map(|(_, a)| a.as_str()).collect();
     let ci = read(".ci/run");
     let packages = ci
         .split_once("PACKAGES=(")
@@ -111,6 +121,89 @@ fn dockerfile_builds_in_stages_and_runs_as_non_root_with_a_healthcheck() {
     assert!(
         !installs.contains("build-essential") && installs.contains("libssl3"),
         "the runtime stage gets the runtime libraries only: {installs}"
+    );
+}
+
+/// The stage (instructions from its `FROM` on) whose `RUN` builds membersync.
+fn builder_stage(all: &[(String, String)]) -> &[(String, String)] {
+    let build = all
+        .iter()
+        .position(|(op, a)| op == "RUN" && a.contains("cargo build --release"))
+        .expect("a RUN cargo build --release");
+    let from = all[..build]
+        .iter()
+        .rposition(|(op, _)| op == "FROM")
+        .expect("FROM before the build");
+    let end = all[build..]
+        .iter()
+        .position(|(op, _)| op == "FROM")
+        .map_or(all.len(), |i| build + i);
+    &all[from..end]
+}
+
+#[test]
+fn dependencies_are_built_in_their_own_layer_before_the_sources_are_copied() {
+    let all = instructions(&read("Dockerfile"));
+    // cargo-chef is installed at a pinned version, and the lock file is honoured.
+    let install = all
+        .iter()
+        .find(|(op, a)| op == "RUN" && a.contains("cargo install cargo-chef"))
+        .map(|(_, a)| a.as_str())
+        .expect("a RUN that installs cargo-chef");
+    assert!(
+        install.contains("--locked") && install.contains("--version"),
+        "cargo-chef must be pinned: {install}"
+    );
+    // A planner stage reduces the context to a recipe.
+    assert!(
+        all.iter().any(
+            |(op, a)| op == "RUN" && a.contains("cargo chef prepare --recipe-path recipe.json")
+        ),
+        "no `cargo chef prepare` stage"
+    );
+    // The builder: copy the recipe only, cook the dependencies, then copy the sources, then build.
+    let builder = builder_stage(&all);
+    let pos = |what: &dyn Fn(&(String, String)) -> bool, name: &str| {
+        builder
+            .iter()
+            .position(what)
+            .unwrap_or_else(|| panic!("the builder stage has no {name}: {builder:?}"))
+    };
+    let cook = pos(
+        &|(op, a)| op == "RUN" && a.contains("cargo chef cook") && a.contains("--release"),
+        "cargo chef cook --release",
+    );
+    let sources = pos(&|(op, a)| op == "COPY" && a == ". .", "COPY . .");
+    let build = pos(
+        &|(op, a)| op == "RUN" && a.contains("cargo build --release --locked"),
+        "cargo build",
+    );
+    assert!(
+        cook < sources && sources < build,
+        "order must be: cook the dependencies, copy the sources, build ({builder:?})"
+    );
+    for (op, args) in &builder[..cook] {
+        if op == "COPY" {
+            assert!(
+                args.contains("--from=planner") && args.contains("recipe.json"),
+                "only the recipe may be copied before the dependencies are built, not `{args}`"
+            );
+        }
+    }
+    // Nothing that changes with every commit comes before the cooked layer (the commit ARG
+    // would invalidate it).
+    assert!(
+        !builder[..cook]
+            .iter()
+            .any(|(_, a)| a.contains("MEMBERSYNC_GIT_COMMIT")),
+        "the git commit must be declared after the dependency layer"
+    );
+    // The cooked dependencies live in the image layer, not in a cache mount the final build
+    // would not see on another machine.
+    assert!(
+        !builder[cook]
+            .1
+            .contains("--mount=type=cache,target=/src/target")
     );
 }
 

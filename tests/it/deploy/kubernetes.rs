@@ -11,6 +11,8 @@ use serde_json::Value;
 use super::{assert_config_loads, assert_pinned, assert_valid, json, path, yaml, yaml_documents};
 
 const DIR: &str = "deploy/kubernetes";
+/// One Deployment per role.
+const ROLES: [&str; 4] = ["cdc", "ingest", "merge", "bridge"];
 const SCHEMAS: &str = "tests/fixtures/kubernetes-v1.30-strict.json";
 
 /// Every object of every manifest, with the file it is in.
@@ -76,8 +78,11 @@ fn every_object_is_valid_under_the_kubernetes_schemas() {
         let what = format!("{DIR}/{file}: {kind} {}", object["metadata"]["name"]);
         match schema_for(&definitions, &object) {
             Some(schema) => assert_valid(&schema, &object, &what),
-            // The Prometheus operator's CRD is checked by hand below.
-            None => assert_eq!(kind, "ServiceMonitor", "{what}: no schema for this kind"),
+            // The Prometheus operator's CRDs are checked by hand below.
+            None => assert!(
+                kind == "ServiceMonitor" || kind == "PrometheusRule",
+                "{what}: no schema for this kind"
+            ),
         }
         kinds.push(kind);
     }
@@ -88,6 +93,7 @@ fn every_object_is_valid_under_the_kubernetes_schemas() {
         "Secret",
         "PodDisruptionBudget",
         "ServiceMonitor",
+        "PrometheusRule",
         "Job",
     ] {
         assert!(kinds.iter().any(|k| k == wanted), "no {wanted} in {DIR}");
@@ -159,6 +165,15 @@ fn check_pod(what: &str, pod: &Value, role: &str, probes: bool) {
     assert!(uid > 0, "{what}: runAsUser {uid}");
     assert_eq!(pod["automountServiceAccountToken"], false, "{what}");
 
+    for init in pod["initContainers"].as_array().into_iter().flatten() {
+        let sc = &init["securityContext"];
+        assert_eq!(sc["allowPrivilegeEscalation"], false, "{what}: init");
+        assert_eq!(sc["readOnlyRootFilesystem"], true, "{what}: init");
+        assert!(
+            init["resources"]["limits"]["memory"].is_string(),
+            "{what}: init"
+        );
+    }
     let containers = pod["containers"].as_array().unwrap();
     assert_eq!(containers.len(), 1, "{what}: one container");
     let c = &containers[0];
@@ -248,7 +263,7 @@ fn roles_run_as_deployments_with_probes_security_and_disruption_budgets() {
         .map(|(_, o)| o)
         .filter(|o| o["kind"] == "PodDisruptionBudget")
         .collect();
-    for role in ["cdc", "ingest", "merge"] {
+    for role in ROLES {
         let name = format!("membersync-{role}");
         let deployment = find(&objects, "Deployment", &name);
         let spec = &deployment["spec"];
@@ -310,7 +325,7 @@ fn services_and_the_service_monitor_select_the_right_pods_and_ports() {
     }
 
     let metrics = find(&objects, "Service", "membersync-metrics");
-    for role in ["cdc", "ingest", "merge"] {
+    for role in ROLES {
         let pods = &find(&objects, "Deployment", &format!("membersync-{role}"))["spec"]["template"];
         assert!(
             selects(&metrics["spec"]["selector"], &pods["metadata"]["labels"]),
@@ -353,7 +368,7 @@ fn membersync_accepts_each_roles_configuration() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("membersync.toml");
     std::fs::write(&file, config["data"]["membersync.toml"].as_str().unwrap()).unwrap();
-    let mut pods: Vec<(String, &Value)> = ["cdc", "ingest", "merge"]
+    let mut pods: Vec<(String, &Value)> = ROLES
         .iter()
         .map(|role| {
             let name = format!("membersync-{role}");
@@ -366,7 +381,19 @@ fn membersync_accepts_each_roles_configuration() {
         &find(&objects, "Job", "membersync-migrate")["spec"]["template"]["spec"],
     ));
     for (name, pod) in pods {
-        let env = container_env(pod);
+        let mut env = container_env(pod);
+        // The initContainer loads the same file with its own environment.
+        for init in pod["initContainers"].as_array().into_iter().flatten() {
+            for e in init["env"].as_array().unwrap() {
+                let pair = (
+                    e["name"].as_str().unwrap().to_owned(),
+                    e["value"].as_str().unwrap().to_owned(),
+                );
+                if !env.contains(&pair) {
+                    env.push(pair);
+                }
+            }
+        }
         let mount = pod["containers"][0]["volumeMounts"]
             .as_array()
             .unwrap()
@@ -390,4 +417,213 @@ fn membersync_accepts_each_roles_configuration() {
         }
         assert_config_loads(&format!("{DIR} {name}"), &file, &env);
     }
+}
+
+/// The pod's environment: container variables, by name.
+fn env_value<'a>(container: &'a Value, name: &str) -> Option<&'a str> {
+    container["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)
+        .and_then(|e| e["value"].as_str())
+}
+
+#[test]
+fn roles_that_use_postgres_start_only_after_the_migrations() {
+    let objects = objects();
+    let job = find(&objects, "Job", "membersync-migrate");
+    let job_container = &job["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(job_container["args"], serde_json::json!(["migrate"]));
+    let mut gated = Vec::new();
+    for role in ROLES {
+        let pod = &find(&objects, "Deployment", &format!("membersync-{role}"))["spec"]["template"]
+            ["spec"];
+        let main = &pod["containers"][0];
+        let uses_postgres = env_value(main, "MEMBERSYNC__DATABASE__PASSWORD_FILE").is_some();
+        let waits: Vec<&Value> = pod["initContainers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["args"] == serde_json::json!(["migrate", "--wait"]))
+            .collect();
+        if !uses_postgres {
+            continue;
+        }
+        assert_eq!(
+            waits.len(),
+            1,
+            "{role}: a role with database access waits for the migrations (initContainer `migrate --wait`)"
+        );
+        let wait = waits[0];
+        assert_eq!(wait["image"], main["image"], "{role}: the same image");
+        assert_eq!(
+            env_value(wait, "MEMBERSYNC__DATABASE__PASSWORD_FILE"),
+            env_value(main, "MEMBERSYNC__DATABASE__PASSWORD_FILE"),
+            "{role}: waits as the role's own database user"
+        );
+        assert!(
+            env_value(wait, "MEMBERSYNC__DATABASE__ADMIN_PASSWORD_FILE").is_none(),
+            "{role}: only the Job holds the owner's password"
+        );
+        gated.push(role);
+    }
+    assert!(
+        gated.contains(&"cdc") && gated.contains(&"merge"),
+        "{gated:?}"
+    );
+    // Roles by duty (V14): merge logs in as its own role, not as CDC's replication role.
+    let merge = &find(&objects, "Deployment", "membersync-merge")["spec"]["template"]["spec"];
+    for c in [&merge["containers"][0], &merge["initContainers"][0]] {
+        assert_eq!(
+            env_value(c, "MEMBERSYNC__DATABASE__USER"),
+            Some("membersync_merge")
+        );
+    }
+}
+
+/// The configuration file of the ConfigMap, loaded by membersync itself (no environment).
+fn configmap_config() -> membersync::config::Config {
+    let objects = objects();
+    let config = find(&objects, "ConfigMap", "membersync-config");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("membersync.toml");
+    std::fs::write(&file, config["data"]["membersync.toml"].as_str().unwrap()).unwrap();
+    membersync::config::load_from(Some(&file), "MEMBERSYNC_K8S_TEST_UNSET__")
+        .expect("the ConfigMap's file loads")
+}
+
+/// Kubernetes memory quantity in bytes (`512Mi`, `1Gi`, `256M`).
+fn quantity(q: &str) -> u64 {
+    let (number, unit) = q.split_at(q.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(q.len()));
+    let n: u64 = number.parse().unwrap_or_else(|_| panic!("quantity {q}"));
+    n * match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "K" | "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        other => panic!("unit {other} in {q}"),
+    }
+}
+
+/// What a role's process holds besides its buffers: the runtime, TLS, librdkafka's threads
+/// and metadata, the metric registry (docs/operations.md#memory-limits).
+const BASE_BYTES: u64 = 96 << 20;
+/// librdkafka's bookkeeping per queued record (beyond the payload `kbytes` counts).
+const PER_QUEUED_RECORD: u64 = 256;
+
+#[test]
+fn memory_limits_cover_the_configured_buffers() {
+    let c = configmap_config();
+    let prop = |name: &str| -> u64 {
+        c.kafka
+            .librdkafka
+            .get(name)
+            .unwrap_or_else(|| panic!("configmap.yaml: [kafka.librdkafka] sets no {name:?}: the memory limits are sized from it"))
+            .parse()
+            .unwrap()
+    };
+    let producer = prop("queue.buffering.max.kbytes") * 1024
+        + prop("queue.buffering.max.messages") * PER_QUEUED_RECORD;
+    let consumer = prop("queued.max.messages.kbytes") * 1024 + prop("fetch.max.bytes");
+    let bodies = (c.ingest.concurrency_limit * c.ingest.body_limit_bytes) as u64;
+    let objects = objects();
+    for role in ROLES {
+        // Each role has one producer; merge and bridge one consumer; ingest holds bodies.
+        let budget = BASE_BYTES
+            + producer
+            + if matches!(role, "merge" | "bridge") {
+                consumer
+            } else {
+                0
+            }
+            + if role == "ingest" { bodies } else { 0 };
+        let resources = &find(&objects, "Deployment", &format!("membersync-{role}"))["spec"]["template"]
+            ["spec"]["containers"][0]["resources"];
+        let limit = quantity(resources["limits"]["memory"].as_str().unwrap());
+        let request = quantity(resources["requests"]["memory"].as_str().unwrap());
+        let mib = |b: u64| b >> 20;
+        assert!(
+            limit >= budget && limit <= budget * 2,
+            "{role}: memory limit {} MiB should cover the {} MiB of buffers and base, without \
+             being more than twice that",
+            mib(limit),
+            mib(budget)
+        );
+        assert!(request <= limit, "{role}: request above the limit");
+    }
+}
+
+#[test]
+fn the_member_api_is_off_or_configured_with_its_audience_and_database() {
+    let c = configmap_config();
+    if !c.api.enabled {
+        return;
+    }
+    assert!(c.api.audience.is_some(), "api.enabled without api.audience");
+    let objects = objects();
+    let ingest = &find(&objects, "Deployment", "membersync-ingest")["spec"]["template"]["spec"]["containers"]
+        [0];
+    assert!(
+        env_value(ingest, "MEMBERSYNC__DATABASE__PASSWORD_FILE").is_some(),
+        "the API reads the database: the ingest pods need its password"
+    );
+}
+
+/// `deploy/kubernetes/prometheusrule.yaml` as generated from `deploy/prometheus/alerts.yml`:
+/// a header, then the rules file's `groups` under `spec`, comments and all.
+fn generated_prometheus_rule() -> String {
+    const HEADER: &str = "\
+# GENERATED from deploy/prometheus/alerts.yml — do not edit here. The Prometheus operator's form
+# of the same rules; tests/it/deploy/ checks that the two are equal and rewrites this file when
+# run with MEMBERSYNC_UPDATE_DEPLOY=1.
+apiVersion: monitoring.coreos.com/v1
+kind: PrometheusRule
+metadata:
+  name: membersync
+  labels:
+    app.kubernetes.io/name: membersync
+spec:
+";
+    let alerts = super::read("deploy/prometheus/alerts.yml");
+    let start = alerts.find("\ngroups:").expect("alerts.yml: groups") + 1;
+    let mut out = HEADER.to_owned();
+    for line in alerts[start..].split_inclusive('\n') {
+        if !line.trim().is_empty() {
+            out.push_str("  ");
+        }
+        out.push_str(line);
+    }
+    out
+}
+
+#[test]
+fn the_prometheus_rule_is_alerts_yml() {
+    const RULE: &str = "deploy/kubernetes/prometheusrule.yaml";
+    let expected = generated_prometheus_rule();
+    if std::env::var_os("MEMBERSYNC_UPDATE_DEPLOY").is_some() {
+        std::fs::write(path(RULE), &expected).unwrap();
+    }
+    assert!(
+        super::read(RULE) == expected,
+        "{RULE} differs from deploy/prometheus/alerts.yml: run this test with MEMBERSYNC_UPDATE_DEPLOY=1"
+    );
+    // And as data: the operator gets exactly the groups promtool tested.
+    let rule = yaml(RULE);
+    assert_eq!(rule["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(
+        rule["spec"]["groups"],
+        yaml("deploy/prometheus/alerts.yml")["groups"]
+    );
+    // The kustomization ships it, with the ServiceMonitor.
+    let kustomization = yaml(&format!("{DIR}/kustomization.yaml"));
+    assert!(
+        kustomization["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r == "prometheusrule.yaml")
+    );
 }

@@ -89,6 +89,8 @@ fn dummy_secret(env_name: &str) -> &'static str {
         "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
     } else if env_name.contains("STRIPE_WEBHOOK") {
         "whsec_test_secret"
+    } else if env_name.ends_with("__URL_FILE") {
+        "https://hook.eu1.make.com/not-a-real-token"
     } else {
         "not-a-real-secret"
     }
