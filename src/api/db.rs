@@ -30,7 +30,7 @@ impl SharedClient {
         if let Some(client) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(Arc::clone(client));
         }
-        let client = Arc::new(db::connect(&self.config, Login::Daemon).await?);
+        let client = Arc::new(db::connect(&self.config, Login::Api).await?);
         *slot = Some(Arc::clone(&client));
         Ok(client)
     }

@@ -80,7 +80,10 @@ impl Bridge {
                 Duration::from_millis(config.kafka.message_timeout_ms),
             )?,
             dlq_topic: topics.bridge_dlq(),
-            metrics: BridgeMetrics::register(metrics.registry())?,
+            metrics: BridgeMetrics::register(
+                metrics.registry(),
+                &b.routes.keys().map(String::as_str).collect::<Vec<_>>(),
+            )?,
             kafka_wait: Duration::from_secs(5),
         });
         let consumer = KeyedConsumer::new(

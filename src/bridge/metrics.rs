@@ -23,7 +23,9 @@ const LATENCY_BUCKETS: [f64; 14] = [
 ];
 
 impl BridgeMetrics {
-    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+    /// The dead-letter counters of every configured route exist from the start, at 0, so that
+    /// the first dead letter is an increase alerts can see.
+    pub fn register(registry: &Registry, routes: &[&str]) -> prometheus::Result<Self> {
         let m = Self {
             deliveries: IntCounterVec::new(
                 Opts::new(
@@ -66,6 +68,17 @@ impl BridgeMetrics {
                 "Outcome records read from Kafka and not yet finished.",
             )?,
         };
+        for route in routes {
+            for kind in [
+                "http_status",
+                "timeout",
+                "transport",
+                "retry_after_too_long",
+            ] {
+                m.dead_letters.with_label_values(&[route, kind]);
+            }
+        }
+        m.dead_letters.with_label_values(&["none", "decode"]);
         registry.register(Box::new(m.deliveries.clone()))?;
         registry.register(Box::new(m.retries.clone()))?;
         registry.register(Box::new(m.dead_letters.clone()))?;

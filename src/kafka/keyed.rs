@@ -124,7 +124,10 @@ impl KeyedConsumer {
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("fetch.wait.max.ms", settings.fetch_wait_max_ms.to_string())
-            .set("session.timeout.ms", settings.session_timeout_ms.to_string());
+            .set(
+                "session.timeout.ms",
+                settings.session_timeout_ms.to_string(),
+            );
         lag::enable_statistics(&mut client_config, kafka.statistics_interval_ms);
         let consumer: StreamConsumer<Context> = client_config.create_with_context(Context {
             revoked: tx,

@@ -177,6 +177,9 @@ impl MergeMetrics {
         };
         for kind in DEAD_LETTER_KINDS {
             m.dead_letters.with_label_values(&[kind]);
+            if kind != "decode" {
+                m.failed_attempts.with_label_values(&[kind]);
+            }
         }
         registry.register(Box::new(m.changes.clone()))?;
         registry.register(Box::new(m.fields.clone()))?;

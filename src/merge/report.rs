@@ -31,7 +31,7 @@ pub async fn connected<'a>(
         *db = None;
     }
     if db.is_none() {
-        *db = Some(db::connect(database, Login::Daemon).await?);
+        *db = Some(db::connect(database, Login::Merge).await?);
     }
     Ok(db.as_mut().expect("connected above"))
 }
