@@ -390,7 +390,9 @@ async fn member_created_in_memberstack_gets_auth_user_row_and_outcome() {
     assert_eq!(
         s.patches(),
         0,
-        "no PATCH for a member created in Memberstack"
+        "no PATCH for a member created in Memberstack: {:?}\n{}",
+        s.ms.calls(),
+        s.history(&id).await
     );
 
     // Everything processed is committed: merge's consumer lag is 0 on every partition of its

@@ -159,7 +159,7 @@ pub fn write(run: &Run) -> PathBuf {
     );
     let _ = writeln!(
         md,
-        "| merge retry budget | `merge.max_attempts = 20`, backoff 250 ms → 2 s (the default, 3 attempts over 6 s, dead-letters any change that meets a longer outage; that is by design, `dlq replay` re-feeds it) |"
+        "| merge retries | `merge.max_attempts = 3` (the default: then reported late, retries go on; only poison and permanent errors are dead-lettered), backoff 250 ms → 5 s with jitter |"
     );
     let _ = writeln!(
         md,

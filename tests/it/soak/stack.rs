@@ -139,12 +139,11 @@ impl Stack {
             ("MEMBERSYNC__POSTHOG__API_KEY", POSTHOG_KEY.into()),
             ("MEMBERSYNC__POSTHOG__FLUSH_INTERVAL_MS", "500".into()),
             ("MEMBERSYNC__MERGE__GROUP_ID", group.clone()),
-            // An outage longer than merge's retry budget dead-letters the change (by design,
-            // then `dlq replay`). The budget here (20 attempts, ≈ 35 s) outlasts every fault
-            // the soak injects, so any dead letter but the poison is a finding.
-            ("MEMBERSYNC__MERGE__MAX_ATTEMPTS", "20".into()),
+            // merge.max_attempts stays at its default (3): an outage longer than that is waited
+            // out and reported late, never dead-lettered, so any dead letter but the poison is
+            // a finding. Backoff capped at 5 s so that recovery is seen within seconds.
             ("MEMBERSYNC__MERGE__BACKOFF_BASE_MS", "250".into()),
-            ("MEMBERSYNC__MERGE__BACKOFF_MAX_MS", "2000".into()),
+            ("MEMBERSYNC__MERGE__BACKOFF_MAX_MS", "5000".into()),
             ("MEMBERSYNC__MERGE__COMMIT_INTERVAL_MS", "200".into()),
             // A SIGKILLed merge instance keeps its partitions until its session expires; 10 s
             // (the minimum an operator would pick for fast fail-over; the default is 45 s)
