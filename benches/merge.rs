@@ -1398,6 +1398,38 @@ fn report(s: &Settings, r: &Results, db: &str, topics: &str) -> String {
 
     let _ = writeln!(o, "## Targets\n");
     let _ = writeln!(o, "| target | figure | verdict |\n|---|---|---|");
+    // Head-of-line blocking: webhooks applied per second while the PATCH backlog lasts
+    // against afterwards (merge v2's target: at least 0.8 of it).
+    {
+        let split = (((r.backlog_to_us - r.backlog_from_us.min(r.backlog_to_us)) / 1_000_000)
+            as usize)
+            .min(r.applied_per_sec_ms.len());
+        let during = median(&r.applied_per_sec_ms[..split]);
+        let after = &r.applied_per_sec_ms[split..];
+        let (figure, met) = if after.len() >= 3 {
+            let ratio = during / median(after).max(1e-9);
+            (
+                format!(
+                    "median {during:.0}/s over {split} s of backlog vs {:.0}/s over {} s after: ratio {ratio:.2}",
+                    median(after),
+                    after.len()
+                ),
+                ratio >= 0.8,
+            )
+        } else {
+            (
+                format!(
+                    "every webhook applied while the {split}-s PATCH backlog lasted (median {during:.0}/s): nothing waited behind it"
+                ),
+                split > 0,
+            )
+        };
+        let _ = writeln!(
+            o,
+            "| webhooks applied/s during the PATCH backlog ≥ 0.8 × after it | {figure} | {} |",
+            if met { "**met**" } else { "**missed**" }
+        );
+    }
     let _ = writeln!(
         o,
         "| Memberstack calls/s under backlog ≥ 95 % of 25/s (≥ 23.75/s) | median {med_rate:.1}/s over {} whole seconds ({:.0} % of 25), mean {mean_rate:.2}/s | {} |",

@@ -1299,3 +1299,64 @@ async fn an_outcome_committed_before_a_kill_is_produced_after_the_restart_as_app
     .await;
     assert!(second.is_err(), "a redelivery announces nothing more");
 }
+
+/// Issue #16, item 1: a dead-lettered Supabase edit (A) replayed after a newer edit (B) was
+/// pushed must not push A over B: the replay resolves against the current state.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replayed_old_edit_never_overwrites_a_newer_one() {
+    let s = Stack::start(&[]).await;
+    let id = s.dashboard_member("replay@example.com", json!({})).await;
+    s.quiescent(Duration::from_millis(500)).await;
+
+    // Edit A: its PATCH is refused for good → dead letter.
+    s.ms.fail_next(1, 422);
+    s.admin
+        .execute(
+            "update public.members set project_data = '{\"v\": \"A\"}' where memberstack_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let letters = support::kafka::consume(&s.kafka, &s.topic("dlq"), 1, WAIT).await;
+    let letter: Value =
+        serde_json::from_slice(rdkafka::Message::payload(&letters[0]).unwrap()).unwrap();
+    assert_eq!(letter["member_id"], id.as_str());
+
+    // Edit B: pushed.
+    s.admin
+        .execute(
+            "update public.members set project_data = '{\"v\": \"B\"}' where memberstack_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    wait_for("B in Memberstack", WAIT, || async {
+        (s.ms_member(&id)["metaData"]["project_data"] == json!({"v": "B"})).then_some(())
+    })
+    .await;
+    s.quiescent(Duration::from_millis(500)).await;
+
+    // The replay of A: both sides keep B.
+    cli(&s.env, &["dlq", "replay", "--all"]);
+    wait_for("the replay processed", WAIT, || async {
+        let n: i64 = s
+            .admin
+            .query_one(
+                "select count(*) from public.webhook_log where event_id like '%#replay:%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n == 1).then_some(())
+    })
+    .await;
+    s.quiescent(Duration::from_secs(1)).await;
+    assert_eq!(
+        s.ms_member(&id)["metaData"]["project_data"],
+        json!({"v": "B"}),
+        "{}",
+        s.history(&id).await
+    );
+    assert_eq!(s.row(&id).await["project_data"], json!({"v": "B"}));
+}

@@ -164,12 +164,30 @@ const RECOVERED_LAG: i64 = 30;
 
 /// Faults of `kinds` in `[0.1 × secs, secs − recovery)`, about one per 10 s (at least one of
 /// each kind, first, in a seeded order), at jittered slots; the rest of the run is for recovery.
-pub fn plan(seed: u64, secs: u64, recovery: u64, kinds: &[Kind]) -> Vec<Planned> {
+pub fn plan(
+    seed: u64,
+    secs: u64,
+    recovery: u64,
+    kinds: &[Kind],
+    full_outages: bool,
+) -> Vec<Planned> {
+    let outage = |full, share| {
+        if full_outages {
+            full
+        } else {
+            outage_secs(secs, full, share)
+        }
+    };
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let start = secs as f64 * 0.1;
     let end = (secs.saturating_sub(recovery)) as f64;
     let window = (end - start).max(6.0);
-    let n = ((window / 10.0) as usize).max(kinds.len());
+    // Full-length outages take most of the window: each kind once.
+    let n = if full_outages {
+        kinds.len()
+    } else {
+        ((window / 10.0) as usize).max(kinds.len())
+    };
     let slot = window / n as f64;
     let mut order = kinds.to_vec();
     order.shuffle(&mut rng);
@@ -196,8 +214,8 @@ pub fn plan(seed: u64, secs: u64, recovery: u64, kinds: &[Kind]) -> Vec<Planned>
                 Kind::Memberstack5xx => rng.random_range(10..40),
                 Kind::Memberstack429 => rng.random_range(20..60),
                 Kind::MemberstackSlow => rng.random_range(300..2500),
-                Kind::PostgresOutage => outage_secs(secs, 60, 12),
-                Kind::MemberstackOutage => outage_secs(secs, 120, 6),
+                Kind::PostgresOutage => outage(60, 12),
+                Kind::MemberstackOutage => outage(120, 6),
             };
             let status = [500, 502, 503][rng.random_range(0..3)];
             Planned {

@@ -62,6 +62,8 @@ pub struct Settings {
     pub faults: Vec<faults::Kind>,
     /// Inject each fault at its planned time even if merge has not recovered from the last.
     pub overlap: bool,
+    /// The long outages at their full length (60 s and 120 s) whatever the run's length.
+    pub full_outages: bool,
 }
 
 impl Settings {
@@ -94,6 +96,7 @@ impl Settings {
             recovery: (secs / 4).max(15),
             quiesce_timeout: Duration::from_secs(240),
             overlap: var("MEMBERSYNC_SOAK_OVERLAP").is_some_and(|v| v == "1"),
+            full_outages: false,
             faults: faults::Kind::parse_list(&var("MEMBERSYNC_SOAK_FAULTS").unwrap_or_default()),
         }
     }
@@ -101,7 +104,28 @@ impl Settings {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mixed_traffic_under_faults_converges_with_exactly_once_effect() {
-    let settings = Settings::from_env();
+    soak(Settings::from_env()).await;
+}
+
+/// Merge waits out long outages instead of dead-lettering (issue #15): Postgres stopped for
+/// 60 s, and separately every Memberstack request answered 503 for 120 s, under the soak's
+/// steady mix of webhooks, SQL edits and Stripe events; then every change is applied in
+/// per-member order, both sides equal, and the DLQ holds only the injected poison.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn long_outages_are_waited_out_without_dead_letters() {
+    let mut settings = Settings::from_env();
+    settings.secs = 300;
+    settings.recovery = 75;
+    settings.faults = vec![
+        faults::Kind::PostgresOutage,
+        faults::Kind::MemberstackOutage,
+    ];
+    settings.full_outages = true;
+    settings.out = support::repo_root().join("target/soak/long-outages.md");
+    soak(settings).await;
+}
+
+async fn soak(settings: Settings) {
     eprintln!(
         "soak: seed {} ({} s); reproduce with MEMBERSYNC_SOAK_SEED={} MEMBERSYNC_SOAK_SECS={}",
         settings.seed, settings.secs, settings.seed, settings.secs
@@ -127,6 +151,7 @@ async fn mixed_traffic_under_faults_converges_with_exactly_once_effect() {
         settings.secs,
         settings.recovery,
         &settings.faults,
+        settings.full_outages,
     );
     let mut rng = rand::rngs::StdRng::seed_from_u64(settings.seed ^ 0x9e37_79b9);
     let poison_at: Vec<f64> = {
