@@ -210,7 +210,11 @@ mod tests {
 
     fn gate(limit: usize) -> Arc<Gate> {
         let shed = IntCounterVec::new(Opts::new("shed", "shed"), &["reason"]).unwrap();
-        Gate::new(limit, shed, IntGauge::new("in_flight", "in flight").unwrap())
+        Gate::new(
+            limit,
+            shed,
+            IntGauge::new("in_flight", "in flight").unwrap(),
+        )
     }
 
     fn shed_count(gate: &Gate, reason: Shed) -> u64 {

@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::conn::{self, ConnLimits};
 use super::envelope::{self, IngestRecord, Source};
-use super::gate::{BodyRead, Gate};
 use super::event::{parse_memberstack, parse_stripe};
+use super::gate::{BodyRead, Gate};
 use super::metrics::IngestMetrics;
 use super::rejection::Rejection;
 use super::verify::stripe::StripeVerifier;
@@ -273,8 +273,14 @@ async fn process(
     }
     // Before the body: a forged or stale delivery costs neither a slot nor a buffer.
     match source {
-        Source::Memberstack => state.svix.as_ref().map(|v| v.check_headers(headers, unix_now())),
-        Source::Stripe => state.stripe.as_ref().map(|v| v.check_headers(headers, unix_now())),
+        Source::Memberstack => state
+            .svix
+            .as_ref()
+            .map(|v| v.check_headers(headers, unix_now())),
+        Source::Stripe => state
+            .stripe
+            .as_ref()
+            .map(|v| v.check_headers(headers, unix_now())),
     }
     .ok_or(Rejection::NotConfigured)??;
     // Held until the answer: the body, the parsed event and the record live in this slot.

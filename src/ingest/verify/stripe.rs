@@ -98,7 +98,11 @@ impl StripeVerifier {
     /// old. Unlike [`StripeVerifier::verify`] (which, as Stripe's SDKs do, checks the
     /// signature first), a stale delivery is refused here whatever its signature, so the
     /// server need not read its body; the status is 401 either way.
-    pub fn check_headers(&self, headers: &HeaderMap, now_unix_secs: i64) -> Result<(), VerifyError> {
+    pub fn check_headers(
+        &self,
+        headers: &HeaderMap,
+        now_unix_secs: i64,
+    ) -> Result<(), VerifyError> {
         let (timestamp, candidates) = read_header(headers)?;
         if is_stale(timestamp, now_unix_secs) {
             return Err(VerifyError::TimestampTooOld);
@@ -267,6 +271,37 @@ mod tests {
             mac.update(payload);
             assert_eq!(hex::encode(mac.finalize().into_bytes()), expected);
         }
+    }
+
+    #[test]
+    fn header_checks_before_the_body_agree_with_verify() {
+        let v = verifier(&[SECRET]);
+        // What verify accepts, the header check lets through (a future `t` included).
+        v.check_headers(&headers(&vector_header()), TS).unwrap();
+        v.check_headers(&headers(&vector_header()), TS - 3600)
+            .unwrap();
+        // Stale: refused without the body, whatever the signature.
+        assert_eq!(
+            v.check_headers(&headers(&vector_header()), TS + 301),
+            Err(VerifyError::TimestampTooOld)
+        );
+        assert_eq!(
+            v.check_headers(&HeaderMap::new(), TS),
+            Err(VerifyError::MissingHeader(SIGNATURE_HEADER))
+        );
+        assert_eq!(
+            v.check_headers(&headers(&format!("v1={SIG}")), TS),
+            Err(VerifyError::MalformedHeader(SIGNATURE_HEADER))
+        );
+        assert_eq!(
+            v.check_headers(&headers(&format!("t={TS},v0={SIG}")), TS),
+            Err(VerifyError::NoSignatures)
+        );
+        // A v1 that cannot be a MAC can never match.
+        assert_eq!(
+            v.check_headers(&headers(&format!("t={TS},v1=zz")), TS),
+            Err(VerifyError::SignatureMismatch)
+        );
     }
 
     #[test]

@@ -90,7 +90,11 @@ impl SvixVerifier {
     /// with the same error (except [`VerifyError::SignatureMismatch`] for a header whose
     /// `v1` entries are all undecodable), so the server may refuse it without reading its
     /// body.
-    pub fn check_headers(&self, headers: &HeaderMap, now_unix_secs: i64) -> Result<(), VerifyError> {
+    pub fn check_headers(
+        &self,
+        headers: &HeaderMap,
+        now_unix_secs: i64,
+    ) -> Result<(), VerifyError> {
         let signed = read_headers(headers, now_unix_secs)?;
         if signed.candidates.is_empty() {
             return Err(VerifyError::SignatureMismatch);
@@ -435,6 +439,56 @@ mod tests {
             v.verify(&h, VECTOR_BODY, i64::MIN),
             Err(VerifyError::TimestampTooNew)
         );
+    }
+
+    #[test]
+    fn header_checks_before_the_body_agree_with_verify() {
+        let v = verifier(&[VECTOR_SECRET]);
+        v.check_headers(&vector_headers(), VECTOR_TS).unwrap();
+        // Whatever the body turns out to be: the signature is not checked here.
+        let forged = headers(
+            "svix",
+            VECTOR_ID,
+            &VECTOR_TS.to_string(),
+            "v1,AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        );
+        v.check_headers(&forged, VECTOR_TS).unwrap();
+        let ts = VECTOR_TS.to_string();
+        for (h, now, expected) in [
+            (
+                vector_headers(),
+                VECTOR_TS + 301,
+                VerifyError::TimestampTooOld,
+            ),
+            (
+                vector_headers(),
+                VECTOR_TS - 301,
+                VerifyError::TimestampTooNew,
+            ),
+            (
+                headers("svix", VECTOR_ID, "soon", VECTOR_SIG),
+                VECTOR_TS,
+                VerifyError::MalformedHeader("svix-timestamp"),
+            ),
+            (
+                headers("svix", VECTOR_ID, &ts, "v2,abc"),
+                VECTOR_TS,
+                VerifyError::NoSignatures,
+            ),
+            (
+                headers("svix", VECTOR_ID, &ts, "v1,!!!"),
+                VECTOR_TS,
+                VerifyError::SignatureMismatch,
+            ),
+            (
+                HeaderMap::new(),
+                VECTOR_TS,
+                VerifyError::MissingHeader("svix-id"),
+            ),
+        ] {
+            assert_eq!(v.check_headers(&h, now), Err(expected));
+            assert_eq!(v.verify(&h, VECTOR_BODY, now), Err(expected));
+        }
     }
 
     #[test]
