@@ -24,7 +24,7 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use prometheus::IntGauge;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -35,6 +35,13 @@ pub const LINGER_TIME: Duration = Duration::from_secs(2);
 /// after an early answer is cut off; bodies above `ingest.body_limit_bytes` are refused
 /// anyway).
 pub const LINGER_BYTES: usize = 1024 * 1024;
+/// Largest read buffer of a connection (hyper's default is about 400 KiB). A request's
+/// headers must fit in it; webhook and API headers are a few KiB. Body bytes pass through it
+/// on their way to the handler's own buffer, so this is memory per reading connection on top
+/// of `ingest.body_limit_bytes`.
+const READ_BUFFER_MAX: usize = 64 * 1024;
+/// Pending connections the kernel holds for the accept loop (capped by `net.core.somaxconn`).
+pub const LISTEN_BACKLOG: u32 = 4096;
 /// Pause after a failed `accept` (out of file descriptors, usually), so the loop does not
 /// spin while nothing can be accepted.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
@@ -89,7 +96,8 @@ pub async fn serve(
             let mut builder = http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout);
+                .header_read_timeout(limits.header_read_timeout)
+                .max_buf_size(READ_BUFFER_MAX);
             let mut conn = pin!(builder.serve_connection(io, service));
             let result = tokio::select! {
                 result = conn.as_mut() => result,
@@ -189,13 +197,49 @@ async fn linger(mut stream: TcpStream, _slot: ConnSlot) {
     // Usually done already by hyper; errors (the peer is gone) end the drain below too.
     let _ = stream.shutdown().await;
     let deadline = tokio::time::Instant::now() + LINGER_TIME;
-    let mut buf = [0u8; 4096];
     let mut drained = 0;
     while drained < LINGER_BYTES {
-        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => drained += n,
-            // End of stream, an error, or the time is up.
-            _ => break,
+        if !matches!(
+            tokio::time::timeout_at(deadline, stream.readable()).await,
+            Ok(Ok(()))
+        ) {
+            return;
+        }
+        match discard_ready(&stream) {
+            Drained::Done => return,
+            Drained::Some(n) => drained += n,
         }
     }
+}
+
+thread_local! {
+    /// Where draining connections read to: the bytes are thrown away, so one buffer per
+    /// runtime thread serves them all (a buffer per connection would cost memory per
+    /// connection, which is what an attacker controls).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; 64 * 1024]);
+}
+
+enum Drained {
+    /// This many bytes; the stream may have more later.
+    Some(usize),
+    /// End of stream or an error: stop.
+    Done,
+}
+
+/// Reads and discards what is ready, without waiting.
+fn discard_ready(stream: &TcpStream) -> Drained {
+    SCRATCH.with_borrow_mut(|buf| {
+        let mut total = 0;
+        loop {
+            match stream.try_read(buf) {
+                Ok(0) => return Drained::Done,
+                Ok(n) => total += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drained::Some(total),
+                Err(_) => return Drained::Done,
+            }
+            if total >= LINGER_BYTES {
+                return Drained::Some(total);
+            }
+        }
+    })
 }

@@ -125,9 +125,7 @@ impl IngestServer {
             config.ingest.kafka_ack_timeout(),
         )?
         .layer(axum::middleware::from_fn_with_state(gate, api_slot));
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| IngestError::Bind { addr, source })?;
+        let listener = listen(addr).map_err(|source| IngestError::Bind { addr, source })?;
         Ok(Self {
             listener,
             router: router(state).merge(api),
@@ -157,6 +155,20 @@ impl IngestServer {
         let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
         Ok(())
     }
+}
+
+/// Like `TcpListener::bind`, with a longer backlog (tokio's is 1,024): connections that
+/// arrive while the accept loop is busy wait in the kernel instead of being dropped and
+/// retried by the client a second or more later.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(conn::LISTEN_BACKLOG)
 }
 
 /// An in-flight slot for an API request, or 503 at once.

@@ -383,6 +383,24 @@ async fn every_bad_delivery_gets_its_status_and_nothing_reaches_kafka() {
         "{streamed:?}"
     );
 
+    // A common client (reqwest: writes the whole body before it reads) posting a body far
+    // beyond the limit: it must see the 413, not a broken pipe or a reset (the server drains
+    // what it does not read before closing).
+    let huge = vec![b' '; 600_000];
+    for _ in 0..3 {
+        let (got, json) = ingest
+            .post(
+                "/webhooks/memberstack",
+                &ingest.svix_headers("msg_huge", ts, &huge),
+                huge.clone(),
+            )
+            .await;
+        assert_eq!(
+            (got, json["error"]["code"].as_str()),
+            (413, Some("payload_too_large"))
+        );
+    }
+
     // The sentinel is the first and only record: nothing rejected was produced before it.
     let sentinel = member_created("mem_sentinel");
     assert_eq!(ingest.memberstack("msg_sentinel", &sentinel).await.0, 200);

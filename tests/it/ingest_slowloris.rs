@@ -139,6 +139,8 @@ struct Genuine {
     statuses: std::collections::BTreeMap<u16, u64>,
     /// First attempt to 200, per delivery.
     latencies: Vec<Duration>,
+    /// Request to answer, per attempt.
+    attempt_times: Vec<Duration>,
     max_attempts: u64,
 }
 
@@ -169,10 +171,12 @@ async fn genuine_sender(ingest: Arc<Ingest>, stop: Arc<AtomicBool>) -> Genuine {
             for (k, v) in &headers {
                 req = req.header(*k, v);
             }
+            let sent = Instant::now();
             let status = match req.send().await {
                 Ok(resp) => resp.status().as_u16(),
                 Err(_) => 0,
             };
+            g.attempt_times.push(sent.elapsed());
             *g.statuses.entry(status).or_default() += 1;
             if status == 200 {
                 g.accepted += 1;
@@ -241,6 +245,7 @@ async fn ingest_slowloris() {
     let body = Arc::new(vec![b' '; defaults.body_limit_bytes - 1]);
     let stop = Arc::new(AtomicBool::new(false));
     let counts = Arc::new(AttackCounts::default());
+    let load_start = loadavg();
     let started = Instant::now();
     let attackers: Vec<_> = (0..lorises)
         .map(|_| {
@@ -304,13 +309,15 @@ async fn ingest_slowloris() {
         .copied()
         .unwrap_or(0.0);
     let conn_max = conn_samples.last().copied().unwrap_or(0.0);
-    let mut lat = genuine.latencies.clone();
-    lat.sort_unstable();
-    let pct = |p: f64| -> Duration {
-        lat.get(((lat.len() as f64 - 1.0) * p).round() as usize)
+    let pct = |v: &[Duration], p: f64| -> Duration {
+        let mut v = v.to_vec();
+        v.sort_unstable();
+        v.get(((v.len() as f64 - 1.0) * p).round() as usize)
             .copied()
             .unwrap_or_default()
     };
+    let lat = &genuine.latencies;
+    let tries = &genuine.attempt_times;
     let deliveries = genuine.accepted;
     let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let mib = |kib: u64| kib as f64 / 1024.0;
@@ -425,9 +432,21 @@ async fn ingest_slowloris() {
     let _ = writeln!(
         o,
         "| genuine first try → 200, p50 / p99 / max | {:?} / {:?} / {:?} |",
-        pct(0.5),
-        pct(0.99),
-        pct(1.0)
+        pct(lat, 0.5),
+        pct(lat, 0.99),
+        pct(lat, 1.0)
+    );
+    let _ = writeln!(
+        o,
+        "| genuine single attempt (request → answer), p50 / p99 / max | {:?} / {:?} / {:?} |",
+        pct(tries, 0.5),
+        pct(tries, 0.99),
+        pct(tries, 1.0)
+    );
+    let _ = writeln!(
+        o,
+        "| load average (1 min) at start / end (the machine is shared) | {load_start} / {} |",
+        loadavg()
     );
     let _ = writeln!(
         o,
@@ -451,5 +470,12 @@ fn git_head() -> String {
         .output()
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
         .unwrap_or_default()
 }
