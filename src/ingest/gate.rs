@@ -26,16 +26,32 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 /// just finished its body.
 const HANDOVER: Duration = Duration::from_secs(1);
 
-/// A held slot; dropping it frees the slot.
+/// A held slot, with the body buffer that comes with it; dropping it frees both.
 pub struct Slot {
     _permit: OwnedSemaphorePermit,
     in_flight: IntGauge,
+    buffer: Vec<u8>,
+    buffers: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+impl Slot {
+    /// This slot's body buffer: empty, with whatever capacity an earlier request left it.
+    pub fn buffer(&mut self) -> &mut Vec<u8> {
+        &mut self.buffer
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.in_flight.dec();
+        let mut buffer = std::mem::take(&mut self.buffer);
+        buffer.clear();
+        lock(&self.buffers).push(buffer);
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Why a request got no slot (the label of `membersync_ingest_shed_total`).
@@ -58,6 +74,12 @@ impl Shed {
 
 pub struct Gate {
     limit: usize,
+    /// Body buffers of free slots. Buffers are kept and reused rather than freed: a slot
+    /// never holds more than one, so they never exceed `limit × body_limit_bytes`, and
+    /// reusing them keeps the allocator from scattering half-free pages over its arenas
+    /// (with fresh 512-KiB buffers for every request under attack, resident memory kept
+    /// growing well past the bodies actually held).
+    buffers: Arc<Mutex<Vec<Vec<u8>>>>,
     permits: Arc<Semaphore>,
     readers: Mutex<Readers>,
     epoch: Instant,
@@ -86,6 +108,7 @@ impl Gate {
         }
         Arc::new(Self {
             limit,
+            buffers: Arc::new(Mutex::new(Vec::with_capacity(limit))),
             permits: Arc::new(Semaphore::new(limit)),
             readers: Mutex::new(Readers::default()),
             epoch: Instant::now(),
@@ -125,12 +148,14 @@ impl Gate {
         Slot {
             _permit: permit,
             in_flight: self.in_flight.clone(),
+            buffer: lock(&self.buffers).pop().unwrap_or_default(),
+            buffers: Arc::clone(&self.buffers),
         }
     }
 
     /// Removes and returns the eviction token of the body read silent longest.
     fn pick_victim(&self) -> Option<CancellationToken> {
-        let mut readers = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut readers = lock(&self.readers);
         let id = readers
             .active
             .iter()
@@ -144,7 +169,7 @@ impl Gate {
     pub fn reading(self: &Arc<Self>) -> BodyRead {
         let last_progress = Arc::new(AtomicU64::new(self.now_ms()));
         let evict = CancellationToken::new();
-        let mut readers = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut readers = lock(&self.readers);
         let id = readers.next_id;
         readers.next_id += 1;
         readers.active.insert(
@@ -198,7 +223,7 @@ impl BodyRead {
 
 impl Drop for BodyRead {
     fn drop(&mut self) {
-        let mut readers = self.gate.readers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut readers = lock(&self.gate.readers);
         readers.active.remove(&self.id);
     }
 }
@@ -219,6 +244,23 @@ mod tests {
 
     fn shed_count(gate: &Gate, reason: Shed) -> u64 {
         gate.shed.with_label_values(&[reason.label()]).get()
+    }
+
+    #[tokio::test]
+    async fn body_buffers_are_reused_and_come_back_empty() {
+        let gate = gate(2);
+        let mut slot = gate.admit().await.unwrap();
+        slot.buffer().extend_from_slice(&[1; 1000]);
+        let ptr = slot.buffer().as_ptr();
+        drop(slot);
+        let mut again = gate.admit().await.unwrap();
+        assert!(again.buffer().is_empty());
+        assert!(again.buffer().capacity() >= 1000);
+        assert_eq!(again.buffer().as_ptr(), ptr);
+        // Never more buffers than slots.
+        let _other = gate.admit().await.unwrap();
+        drop(again);
+        assert!(lock(&gate.buffers).len() <= 2);
     }
 
     #[tokio::test]

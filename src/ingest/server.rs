@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
@@ -296,31 +296,34 @@ async fn process(
     }
     .ok_or(Rejection::NotConfigured)??;
     // Held until the answer: the body, the parsed event and the record live in this slot.
-    let _slot = state.gate.admit().await.ok_or(Rejection::Overloaded)?;
-    let body = read_body(
+    let mut slot = state.gate.admit().await.ok_or(Rejection::Overloaded)?;
+    let buffer = slot.buffer();
+    read_body(
         headers,
         body,
         state.cfg.body_limit_bytes,
         tokio::time::Instant::from_std(started + state.cfg.body_read_timeout()),
         &state.gate.reading(),
+        buffer,
     )
     .await?;
     *body_read = true;
+    let body: &[u8] = buffer;
     let now = unix_now();
     let received_at = chrono::Utc::now();
     let (record, topic) = match source {
         Source::Memberstack => {
             let verifier = state.svix.as_ref().ok_or(Rejection::NotConfigured)?;
-            let delivery = verifier.verify(headers, &body, now)?;
-            let event = parse_memberstack(&body)?;
+            let delivery = verifier.verify(headers, body, now)?;
+            let event = parse_memberstack(body)?;
             let record =
                 envelope::memberstack(&delivery.id, delivery.timestamp, &event, received_at);
             (record, &state.memberstack_topic)
         }
         Source::Stripe => {
             let verifier = state.stripe.as_ref().ok_or(Rejection::NotConfigured)?;
-            let delivery = verifier.verify(headers, &body, now)?;
-            let event = parse_stripe(&body)?;
+            let delivery = verifier.verify(headers, body, now)?;
+            let event = parse_stripe(body)?;
             match envelope::stripe(delivery.timestamp, &event, received_at) {
                 Some(record) => (record, &state.stripe_topic),
                 None => return Ok(Accepted::Ignored(event.id)),
@@ -377,23 +380,26 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
 }
 
-/// Reads at most `limit` bytes by `deadline`; a declared or actual larger body is refused
-/// without reading the rest, and so is one that the gate sheds while it is silent.
+/// Reads the body into `buf` (the slot's buffer): at most `limit` bytes by `deadline`. A
+/// declared or actual larger body is refused without reading the rest, and so is one that
+/// the gate sheds while it is silent.
 async fn read_body(
     headers: &HeaderMap,
     mut body: Body,
     limit: usize,
     deadline: tokio::time::Instant,
     reading: &BodyRead,
-) -> Result<Bytes, Rejection> {
+    buf: &mut Vec<u8>,
+) -> Result<(), Rejection> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(Rejection::TooLarge(limit));
     }
-    // One buffer, never larger than the limit: no doubling past it, no copy at the end.
-    let mut buf: Vec<u8> = Vec::with_capacity(declared.unwrap_or(0) as usize);
+    buf.clear();
+    // Never beyond the limit: no doubling past it.
+    buf.reserve_exact(declared.unwrap_or(0) as usize);
     let read = async {
         while let Some(frame) = body.frame().await {
             let Ok(data) = frame.map_err(|_| Rejection::BodyRead)?.into_data() else {
@@ -413,11 +419,10 @@ async fn read_body(
         Ok(())
     };
     tokio::select! {
-        read = read => read?,
-        () = reading.shed() => return Err(Rejection::SilentBodyShed),
-        () = tokio::time::sleep_until(deadline) => return Err(Rejection::BodyTimeout),
+        read = read => read,
+        () = reading.shed() => Err(Rejection::SilentBodyShed),
+        () = tokio::time::sleep_until(deadline) => Err(Rejection::BodyTimeout),
     }
-    Ok(Bytes::from(buf))
 }
 
 fn unix_now() -> i64 {
