@@ -52,8 +52,6 @@ pub enum IngestError {
     },
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),
-    #[error("ingest server failed: {0}")]
-    Serve(#[source] std::io::Error),
 }
 
 struct IngestState {
@@ -238,7 +236,10 @@ async fn handle(
         ),
         Err(rejection) => {
             let (status, reason) = (rejection.status(), rejection.reason());
-            if status.is_server_error() {
+            // Shedding is counted, not logged: under attack it happens thousands of times a
+            // second.
+            let shed = matches!(rejection, Rejection::Overloaded | Rejection::SilentBodyShed);
+            if status.is_server_error() && !shed {
                 tracing::warn!(source = source.as_str(), reason, "webhook not accepted");
             } else {
                 tracing::debug!(source = source.as_str(), reason, "webhook rejected");
