@@ -322,7 +322,7 @@ impl Default for IngestConfig {
             memory_budget_bytes: 32 * 1024 * 1024,
             body_read_timeout_ms: 5_000,
             header_read_timeout_ms: 10_000,
-            max_connections: 4_096,
+            max_connections: 3_072,
             memberstack_webhook_secrets: None,
             memberstack_webhook_secrets_file: None,
             stripe_webhook_secrets: None,
