@@ -455,6 +455,11 @@ async fn ingest_slowloris() {
     );
     let _ = writeln!(
         o,
+        "| attack traffic offered (connections × body − 1 bytes ÷ {secs} s) | {:.0} MB/s |",
+        c(&counts.connections) as f64 * body.len() as f64 / secs as f64 / 1e6
+    );
+    let _ = writeln!(
+        o,
         "| attacker connect errors | {} |",
         c(&counts.connect_errors)
     );
