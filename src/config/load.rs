@@ -401,6 +401,29 @@ fn validate_ingest(i: &crate::config::IngestConfig) -> Result<(), ConfigError> {
         ));
     }
     at_least_one("ingest.concurrency_limit", i.concurrency_limit as i64)?;
+    // What unauthenticated senders can make the server hold: one body per in-flight slot.
+    let bodies = i.concurrency_limit.saturating_mul(i.body_limit_bytes);
+    if bodies > i.memory_budget_bytes {
+        return Err(ConfigError::new(
+            "ingest.concurrency_limit",
+            format!(
+                "times ingest.body_limit_bytes is {bodies} bytes, above ingest.memory_budget_bytes \
+                 ({}): lower one of them or raise the budget (and the memory limit with it)",
+                i.memory_budget_bytes
+            ),
+        ));
+    }
+    if i.body_read_timeout_ms == 0 || i.body_read_timeout_ms > i.request_timeout_ms {
+        return Err(ConfigError::new(
+            "ingest.body_read_timeout_ms",
+            "must be at least 1 and at most ingest.request_timeout_ms",
+        ));
+    }
+    at_least_one(
+        "ingest.header_read_timeout_ms",
+        i.header_read_timeout_ms as i64,
+    )?;
+    at_least_one("ingest.max_connections", i.max_connections as i64)?;
     for (key, secrets) in [
         (
             "ingest.memberstack_webhook_secrets",
@@ -718,6 +741,21 @@ mod tests {
             (
                 "[ingest]\nconcurrency_limit = 0",
                 "ingest.concurrency_limit",
+                "at least 1",
+            ),
+            (
+                "[ingest]\nconcurrency_limit = 1024",
+                "ingest.concurrency_limit",
+                "above ingest.memory_budget_bytes",
+            ),
+            (
+                "[ingest]\nbody_read_timeout_ms = 20000",
+                "ingest.body_read_timeout_ms",
+                "at most ingest.request_timeout_ms",
+            ),
+            (
+                "[ingest]\nmax_connections = 0",
+                "ingest.max_connections",
                 "at least 1",
             ),
             (

@@ -317,8 +317,25 @@ pub struct IngestConfig {
     /// How long a delivery may wait for Kafka's acknowledgement; then 503 and the sender
     /// retries. Keep it well under Svix's 15 s.
     pub kafka_ack_timeout_ms: u64,
-    /// Requests processed at once; more wait in line (until their timeout).
+    /// Requests in flight at once, across every route of the server (both webhooks and the
+    /// member/admin API). One more is not queued: the body read that has been silent longest
+    /// is shed to make room, or, when none is reading a body, the newcomer is answered 503
+    /// with `Retry-After`. `concurrency_limit × body_limit_bytes` may not exceed
+    /// `memory_budget_bytes`.
     pub concurrency_limit: usize,
+    /// Bytes of request bodies the server may hold at once (`docs/ingest.md`): the
+    /// configuration is refused when `concurrency_limit × body_limit_bytes` exceeds it.
+    pub memory_budget_bytes: usize,
+    /// A webhook body must have arrived in full this long after its headers; then 408 and
+    /// the connection is closed (slow senders cannot hold a slot). At most
+    /// `request_timeout_ms`.
+    pub body_read_timeout_ms: u64,
+    /// A connection must send a request's complete headers this long after it opened or
+    /// after its previous answer; then it is closed.
+    pub header_read_timeout_ms: u64,
+    /// Open connections at most (lingering ones included); at the cap the server stops
+    /// accepting until one closes, and the kernel's backlog holds the newcomers.
+    pub max_connections: usize,
     /// Secret: Svix signing secrets (`whsec_…`), several separated by spaces or commas while
     /// rotating. Only from `MEMBERSYNC__INGEST__MEMBERSTACK_WEBHOOK_SECRETS` or the `_file`.
     /// Unset: the Memberstack route answers 404.
@@ -336,7 +353,11 @@ impl Default for IngestConfig {
             body_limit_bytes: 512 * 1024,
             request_timeout_ms: 10_000,
             kafka_ack_timeout_ms: 5_000,
-            concurrency_limit: 1024,
+            concurrency_limit: 64,
+            memory_budget_bytes: 32 * 1024 * 1024,
+            body_read_timeout_ms: 5_000,
+            header_read_timeout_ms: 10_000,
+            max_connections: 3_072,
             memberstack_webhook_secrets: None,
             memberstack_webhook_secrets_file: None,
             stripe_webhook_secrets: None,
@@ -352,6 +373,14 @@ impl IngestConfig {
 
     pub fn kafka_ack_timeout(&self) -> Duration {
         Duration::from_millis(self.kafka_ack_timeout_ms)
+    }
+
+    pub fn body_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_read_timeout_ms)
+    }
+
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
     }
 }
 

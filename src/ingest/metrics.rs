@@ -1,4 +1,6 @@
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 
 /// Ingest's metric families.
 #[derive(Clone)]
@@ -7,6 +9,12 @@ pub struct IngestMetrics {
     pub request_seconds: HistogramVec,
     pub kafka_ack_seconds: prometheus::Histogram,
     pub unknown_events: IntCounter,
+    /// Requests refused or cut off for want of an in-flight slot, by `reason`.
+    pub shed: IntCounterVec,
+    /// Requests holding an in-flight slot (all routes).
+    pub in_flight: IntGauge,
+    /// Open connections, lingering ones included.
+    pub connections: IntGauge,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -41,7 +49,26 @@ impl IngestMetrics {
             "membersync_ingest_unknown_events_total",
             "Accepted Memberstack events whose name membersync does not know (handled as re-fetch).",
         )?;
+        let shed = IntCounterVec::new(
+            Opts::new(
+                "membersync_ingest_shed_total",
+                "Requests (webhooks and API) answered 503 for want of an in-flight slot: \
+                 `full` (every slot busy) or `silent_body` (a body read cut off to make room).",
+            ),
+            &["reason"],
+        )?;
+        let in_flight = IntGauge::new(
+            "membersync_ingest_in_flight",
+            "Requests holding one of ingest.concurrency_limit slots (webhooks and API).",
+        )?;
+        let connections = IntGauge::new(
+            "membersync_ingest_connections",
+            "Open connections of the ingest server (at most ingest.max_connections).",
+        )?;
         registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(shed.clone()))?;
+        registry.register(Box::new(in_flight.clone()))?;
+        registry.register(Box::new(connections.clone()))?;
         registry.register(Box::new(request_seconds.clone()))?;
         registry.register(Box::new(kafka_ack_seconds.clone()))?;
         registry.register(Box::new(unknown_events.clone()))?;
@@ -50,6 +77,9 @@ impl IngestMetrics {
             request_seconds,
             kafka_ack_seconds,
             unknown_events,
+            shed,
+            in_flight,
+            connections,
         })
     }
 }

@@ -34,6 +34,12 @@ pub enum Rejection {
     KafkaRejected,
     #[error("the request took too long")]
     Timeout,
+    #[error("the body did not arrive in time")]
+    BodyTimeout,
+    #[error("the server is busy; retry later")]
+    Overloaded,
+    #[error("the body arrived too slowly while the server was busy; retry later")]
+    SilentBodyShed,
 }
 
 impl Rejection {
@@ -44,11 +50,13 @@ impl Rejection {
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyRead | Self::Parse(_) => StatusCode::BAD_REQUEST,
             Self::Verify(_) => StatusCode::UNAUTHORIZED,
-            Self::KafkaUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::KafkaUnavailable | Self::Overloaded | Self::SilentBodyShed => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             // Retrying the same bytes cannot help, but a 5xx keeps the sender's copy alive
             // for an operator to fix (e.g. raise the topic's max.message.bytes).
             Self::KafkaRejected => StatusCode::INTERNAL_SERVER_ERROR,
-            Self::Timeout => StatusCode::REQUEST_TIMEOUT,
+            Self::Timeout | Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -65,6 +73,9 @@ impl Rejection {
             Self::KafkaUnavailable => "kafka_unavailable",
             Self::KafkaRejected => "kafka_rejected",
             Self::Timeout => "request_timeout",
+            Self::BodyTimeout => "body_read_timeout",
+            Self::Overloaded => "overloaded",
+            Self::SilentBodyShed => "shed_silent_body",
         }
     }
 

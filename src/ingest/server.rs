@@ -1,28 +1,33 @@
 //! The webhook endpoint: `POST /webhooks/memberstack` (Svix) and `POST /webhooks/stripe`.
 //!
-//! Order of work per request: content type → body (bounded) → signature on the raw bytes →
-//! parse → produce and wait for Kafka's acknowledgement → 200. Anything that fails before the
-//! acknowledgement answers non-2xx, so the sender keeps the event and retries; nothing that
-//! failed verification or parsing is ever produced.
+//! Order of work per request: content type → signature headers (presence, syntax, timestamp
+//! window) → an in-flight slot ([`super::gate`]) → body (bounded in size and in time) →
+//! signature on the raw bytes → parse → produce and wait for Kafka's acknowledgement → 200.
+//! Everything before the body costs no memory, so a request that fails there is answered
+//! without reading its body. Anything that fails before the acknowledgement answers non-2xx,
+//! so the sender keeps the event and retries; nothing that failed verification or parsing is
+//! ever produced. Resource limits: `docs/ingest.md`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tower::limit::ConcurrencyLimitLayer;
 
+use super::conn::{self, ConnLimits};
 use super::envelope::{self, IngestRecord, Source};
 use super::event::{parse_memberstack, parse_stripe};
+use super::gate::{BodyRead, Gate};
 use super::metrics::IngestMetrics;
 use super::rejection::Rejection;
 use super::verify::stripe::StripeVerifier;
@@ -47,8 +52,6 @@ pub enum IngestError {
     },
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),
-    #[error("ingest server failed: {0}")]
-    Serve(#[source] std::io::Error),
 }
 
 struct IngestState {
@@ -58,6 +61,7 @@ struct IngestState {
     memberstack_topic: String,
     stripe_topic: String,
     metrics: IngestMetrics,
+    gate: Arc<Gate>,
     cfg: IngestConfig,
 }
 
@@ -66,6 +70,8 @@ pub struct IngestServer {
     listener: TcpListener,
     router: Router,
     producer: Producer,
+    limits: ConnLimits,
+    connections: prometheus::IntGauge,
 }
 
 impl IngestServer {
@@ -87,29 +93,43 @@ impl IngestServer {
         let producer = Producer::new(&config.kafka, cfg.kafka_ack_timeout())?;
         let topics = Topics::new(&config.kafka.topic_prefix);
         let addr = cfg.listen_addr;
+        let ingest_metrics = IngestMetrics::register(metrics.registry())?;
+        let gate = Gate::new(
+            cfg.concurrency_limit,
+            ingest_metrics.shed.clone(),
+            ingest_metrics.in_flight.clone(),
+        );
+        let limits = ConnLimits {
+            max_connections: cfg.max_connections,
+            header_read_timeout: cfg.header_read_timeout(),
+        };
+        let connections = ingest_metrics.connections.clone();
         let state = Arc::new(IngestState {
             svix,
             stripe,
             producer: producer.clone(),
             memberstack_topic: topics.memberstack(),
             stripe_topic: topics.stripe(),
-            metrics: IngestMetrics::register(metrics.registry())?,
+            metrics: ingest_metrics,
+            gate: Arc::clone(&gate),
             cfg,
         });
         // The member and admin API shares the listener and the producer (DESIGN.md §5).
+        // Its requests take slots of the same in-flight limit as the webhooks.
         let api = crate::api::router(
             config,
             metrics,
             producer.clone(),
             config.ingest.kafka_ack_timeout(),
-        )?;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| IngestError::Bind { addr, source })?;
+        )?
+        .layer(axum::middleware::from_fn_with_state(gate, api_slot));
+        let listener = listen(addr).map_err(|source| IngestError::Bind { addr, source })?;
         Ok(Self {
             listener,
             router: router(state).merge(api),
             producer,
+            limits,
+            connections,
         })
     }
 
@@ -119,23 +139,49 @@ impl IngestServer {
 
     /// Serves until `shutdown`, lets in-flight requests finish, then flushes the producer.
     pub async fn serve(self, shutdown: CancellationToken) -> Result<(), IngestError> {
-        let result = axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
+        conn::serve(
+            self.listener,
+            self.router,
+            self.limits,
+            self.connections,
+            shutdown,
+        )
+        .await;
         let producer = self.producer;
         // Every 2xx already waited for its ack; this only drains records of requests that
         // timed out and were answered 503 (their senders retry; merge deduplicates).
         let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
-        result.map_err(IngestError::Serve)
+        Ok(())
+    }
+}
+
+/// Like `TcpListener::bind`, with a longer backlog (tokio's is 1,024): connections that
+/// arrive while the accept loop is busy wait in the kernel instead of being dropped and
+/// retried by the client a second or more later.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(conn::LISTEN_BACKLOG)
+}
+
+/// An in-flight slot for an API request, or 503 at once.
+async fn api_slot(State(gate): State<Arc<Gate>>, request: Request, next: Next) -> Response {
+    match gate.admit().await {
+        Some(_slot) => next.run(request).await,
+        None => crate::api::Problem::unavailable("overloaded", "the server is busy; retry later")
+            .into_response(),
     }
 }
 
 fn router(state: Arc<IngestState>) -> Router {
-    let limit = state.cfg.concurrency_limit;
     Router::new()
         .route("/webhooks/memberstack", post(memberstack))
         .route("/webhooks/stripe", post(stripe))
-        .layer(ConcurrencyLimitLayer::new(limit))
         .with_state(state)
         .fallback(|| async {
             (
@@ -171,9 +217,10 @@ async fn handle(
     body: Body,
 ) -> Response {
     let started = Instant::now();
+    let mut body_read = false;
     let outcome = tokio::time::timeout(
         state.cfg.request_timeout(),
-        process(&state, source, &headers, body),
+        process(&state, source, &headers, body, started, &mut body_read),
     )
     .await
     .unwrap_or(Err(Rejection::Timeout));
@@ -189,12 +236,23 @@ async fn handle(
         ),
         Err(rejection) => {
             let (status, reason) = (rejection.status(), rejection.reason());
-            if status.is_server_error() {
+            // Shedding is counted, not logged: under attack it happens thousands of times a
+            // second.
+            let shed = matches!(rejection, Rejection::Overloaded | Rejection::SilentBodyShed);
+            if status.is_server_error() && !shed {
                 tracing::warn!(source = source.as_str(), reason, "webhook not accepted");
             } else {
                 tracing::debug!(source = source.as_str(), reason, "webhook rejected");
             }
-            (rejection.into_response(), status, reason)
+            let mut response = rejection.into_response();
+            if !body_read {
+                // The rest of the body is not wanted: say so (the connection closes after
+                // the answer, lingering so that the answer reaches the client).
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            (response, status, reason)
         }
     };
     let m = &state.metrics;
@@ -207,11 +265,14 @@ async fn handle(
     response
 }
 
+/// `body_read` is set once the body has been read to its end.
 async fn process(
     state: &IngestState,
     source: Source,
     headers: &HeaderMap,
     body: Body,
+    started: Instant,
+    body_read: &mut bool,
 ) -> Result<Accepted, Rejection> {
     let configured = match source {
         Source::Memberstack => state.svix.is_some(),
@@ -223,22 +284,47 @@ async fn process(
     if !is_json(headers) {
         return Err(Rejection::UnsupportedMediaType);
     }
-    let body = read_body(headers, body, state.cfg.body_limit_bytes).await?;
+    // Before the body: a forged or stale delivery costs neither a slot nor a buffer.
+    match source {
+        Source::Memberstack => state
+            .svix
+            .as_ref()
+            .map(|v| v.check_headers(headers, unix_now())),
+        Source::Stripe => state
+            .stripe
+            .as_ref()
+            .map(|v| v.check_headers(headers, unix_now())),
+    }
+    .ok_or(Rejection::NotConfigured)??;
+    // Held until the answer: the body, the parsed event and the record live in this slot.
+    let mut slot = state.gate.admit().await.ok_or(Rejection::Overloaded)?;
+    let buffer = slot.buffer();
+    read_body(
+        headers,
+        body,
+        state.cfg.body_limit_bytes,
+        tokio::time::Instant::from_std(started + state.cfg.body_read_timeout()),
+        &state.gate.reading(),
+        buffer,
+    )
+    .await?;
+    *body_read = true;
+    let body: &[u8] = buffer;
     let now = unix_now();
     let received_at = chrono::Utc::now();
     let (record, topic) = match source {
         Source::Memberstack => {
             let verifier = state.svix.as_ref().ok_or(Rejection::NotConfigured)?;
-            let delivery = verifier.verify(headers, &body, now)?;
-            let event = parse_memberstack(&body)?;
+            let delivery = verifier.verify(headers, body, now)?;
+            let event = parse_memberstack(body)?;
             let record =
                 envelope::memberstack(&delivery.id, delivery.timestamp, &event, received_at);
             (record, &state.memberstack_topic)
         }
         Source::Stripe => {
             let verifier = state.stripe.as_ref().ok_or(Rejection::NotConfigured)?;
-            let delivery = verifier.verify(headers, &body, now)?;
-            let event = parse_stripe(&body)?;
+            let delivery = verifier.verify(headers, body, now)?;
+            let event = parse_stripe(body)?;
             match envelope::stripe(delivery.timestamp, &event, received_at) {
                 Some(record) => (record, &state.stripe_topic),
                 None => return Ok(Accepted::Ignored(event.id)),
@@ -295,23 +381,48 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
 }
 
-/// Reads at most `limit` bytes; a declared or actual larger body is refused without reading
-/// the rest.
+/// Reads the body into `buf` (the slot's buffer): at most `limit` bytes by `deadline`. A
+/// declared or actual larger body is refused without reading the rest, and so is one that
+/// the gate sheds while it is silent.
 async fn read_body(
     headers: &HeaderMap,
-    body: Body,
+    mut body: Body,
     limit: usize,
-) -> Result<axum::body::Bytes, Rejection> {
+    deadline: tokio::time::Instant,
+    reading: &BodyRead,
+    buf: &mut Vec<u8>,
+) -> Result<(), Rejection> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(Rejection::TooLarge(limit));
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(Rejection::TooLarge(limit)),
-        Err(_) => Err(Rejection::BodyRead),
+    buf.clear();
+    // Never beyond the limit: no doubling past it.
+    buf.reserve_exact(declared.unwrap_or(0) as usize);
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame.map_err(|_| Rejection::BodyRead)?.into_data() else {
+                continue;
+            };
+            reading.progressed();
+            let needed = buf.len() + data.len();
+            if needed > limit {
+                return Err(Rejection::TooLarge(limit));
+            }
+            if needed > buf.capacity() {
+                let target = (buf.capacity() * 2).clamp(needed, limit);
+                buf.reserve_exact(target - buf.len());
+            }
+            buf.extend_from_slice(&data);
+        }
+        Ok(())
+    };
+    tokio::select! {
+        read = read => read,
+        () = reading.shed() => Err(Rejection::SilentBodyShed),
+        () = tokio::time::sleep_until(deadline) => Err(Rejection::BodyTimeout),
     }
 }
 

@@ -35,9 +35,9 @@ fn rand_byte() -> u8 {
 
 /// A running `membersync ingest` with its own topics (1 partition: total order, so "the
 /// sentinel is the first record" proves nothing before it was produced).
-struct Ingest {
-    daemon: Daemon,
-    kafka: KafkaConfig,
+pub(crate) struct Ingest {
+    pub(crate) daemon: Daemon,
+    pub(crate) kafka: KafkaConfig,
     svix: SvixVerifier,
     svix_secret: String,
     stripe: StripeVerifier,
@@ -46,7 +46,7 @@ struct Ingest {
 
 impl Ingest {
     /// `extra` overrides the defaults; a pair with an empty value removes that variable.
-    async fn start_with(kafka: KafkaConfig, extra: Vec<(String, String)>) -> Ingest {
+    pub(crate) async fn start_with(kafka: KafkaConfig, extra: Vec<(String, String)>) -> Ingest {
         let svix_secret = random_secret();
         let stripe_secret = random_secret();
         let mut env = vec![
@@ -93,6 +93,11 @@ impl Ingest {
         Self::start_with(support::kafka::config(), vec![]).await
     }
 
+    /// `127.0.0.1:<port>` of the ingest server.
+    pub(crate) fn addr(&self) -> String {
+        self.daemon.ingest.trim_start_matches("http://").to_owned()
+    }
+
     fn memberstack_topic(&self) -> String {
         format!("{}.memberstack", self.kafka.topic_prefix)
     }
@@ -124,7 +129,12 @@ impl Ingest {
         )
     }
 
-    fn svix_headers(&self, id: &str, ts: i64, body: &[u8]) -> Vec<(&'static str, String)> {
+    pub(crate) fn svix_headers(
+        &self,
+        id: &str,
+        ts: i64,
+        body: &[u8],
+    ) -> Vec<(&'static str, String)> {
         vec![
             ("content-type", "application/json".into()),
             ("svix-id", id.into()),
@@ -338,35 +348,58 @@ async fn every_bad_delivery_gets_its_status_and_nothing_reaches_kafka() {
         );
         assert!(!message.contains("v1,"), "{what}: signature echoed");
     }
-    // Oversized, both declared and streamed without a length.
+    // Oversized, both declared and streamed without a length. The server answers 413 as
+    // soon as it knows and stops reading, so these go over a raw connection that reads the
+    // answer even if its own write fails (reqwest reports a broken pipe instead of the answer).
     let big = vec![b' '; 70_000];
-    let (got, json) = ingest
-        .post(
-            "/webhooks/memberstack",
-            &ingest.svix_headers("msg_big", ts, &big),
-            big.clone(),
-        )
-        .await;
+    let signed = ingest.svix_headers("msg_big", ts, &big);
+    let declared = raw_exchange(
+        &ingest.addr(),
+        &request_head("/webhooks/memberstack", &signed, Some(big.len())),
+        &big,
+    )
+    .await;
     assert_eq!(
-        (got, json["error"]["code"].as_str()),
-        (413, Some("payload_too_large"))
+        (declared.status, declared.json["error"]["code"].as_str()),
+        (413, Some("payload_too_large")),
+        "{declared:?}"
     );
-    let stream = reqwest::Body::wrap_stream(futures::stream::iter(
-        big.chunks(8192)
-            .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
-            .collect::<Vec<_>>(),
-    ));
-    let (got, json) = ingest
-        .post(
-            "/webhooks/memberstack",
-            &ingest.svix_headers("msg_big", ts, &big),
-            stream,
-        )
-        .await;
+    let mut chunked = Vec::new();
+    for chunk in big.chunks(8192) {
+        chunked.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        chunked.extend_from_slice(chunk);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let streamed = raw_exchange(
+        &ingest.addr(),
+        &request_head("/webhooks/memberstack", &signed, None),
+        &chunked,
+    )
+    .await;
     assert_eq!(
-        (got, json["error"]["code"].as_str()),
-        (413, Some("payload_too_large"))
+        (streamed.status, streamed.json["error"]["code"].as_str()),
+        (413, Some("payload_too_large")),
+        "{streamed:?}"
     );
+
+    // A common client (reqwest: writes the whole body before it reads) posting a body far
+    // beyond the limit: it must see the 413, not a broken pipe or a reset (the server drains
+    // what it does not read before closing).
+    let huge = vec![b' '; 600_000];
+    for _ in 0..3 {
+        let (got, json) = ingest
+            .post(
+                "/webhooks/memberstack",
+                &ingest.svix_headers("msg_huge", ts, &huge),
+                huge.clone(),
+            )
+            .await;
+        assert_eq!(
+            (got, json["error"]["code"].as_str()),
+            (413, Some("payload_too_large"))
+        );
+    }
 
     // The sentinel is the first and only record: nothing rejected was produced before it.
     let sentinel = member_created("mem_sentinel");
@@ -669,4 +702,474 @@ fn to_headermap(headers: &[(&'static str, String)]) -> reqwest::header::HeaderMa
             )
         })
         .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Raw HTTP/1.1, for the answers a server gives before it has read the whole request
+// ---------------------------------------------------------------------------------------
+
+/// An answer read off a raw connection.
+#[derive(Debug)]
+pub(crate) struct RawAnswer {
+    pub(crate) status: u16,
+    /// The head, header names lowercased.
+    pub(crate) head: String,
+    pub(crate) json: Value,
+}
+
+impl RawAnswer {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.eq_ignore_ascii_case(name)).then(|| v.trim())
+        })
+    }
+}
+
+/// A POST head: `headers`, then `Content-Length: <len>` or, with `None`, chunked encoding.
+pub(crate) fn request_head(path: &str, headers: &[(&str, String)], len: Option<usize>) -> Vec<u8> {
+    let mut head = format!("POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    match len {
+        Some(len) => head.push_str(&format!("Content-Length: {len}\r\n")),
+        None => head.push_str("Transfer-Encoding: chunked\r\n"),
+    }
+    head.push_str("\r\n");
+    head.into_bytes()
+}
+
+/// Writes `head` and `body` on a new connection, carrying on if the write fails (the server
+/// may answer early and stop reading), then reads the answer until the server closes the
+/// connection. Panics when no answer comes within 10 s.
+pub(crate) async fn raw_exchange(addr: &str, head: &[u8], body: &[u8]) -> RawAnswer {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let _ = write_all_tolerant(&mut stream, head).await;
+    let _ = write_all_tolerant(&mut stream, body).await;
+    read_answer(&mut stream, Duration::from_secs(10))
+        .await
+        .expect("an answer")
+}
+
+/// `Err` when the peer stopped taking bytes (reset, broken pipe).
+pub(crate) async fn write_all_tolerant(
+    stream: &mut tokio::net::TcpStream,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    stream.write_all(bytes).await
+}
+
+/// Reads one answer until the server closes the connection; `None` when nothing complete
+/// arrived within `timeout`. A reset after the answer is tolerated.
+pub(crate) async fn read_answer(
+    stream: &mut tokio::net::TcpStream,
+    timeout: Duration,
+) -> Option<RawAnswer> {
+    use tokio::io::AsyncReadExt;
+    let mut bytes = Vec::new();
+    let _ = tokio::time::timeout(timeout, async {
+        let mut buf = [0u8; 8192];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => bytes.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    parse_answer(&bytes)
+}
+
+pub(crate) fn parse_answer(bytes: &[u8]) -> Option<RawAnswer> {
+    let text = String::from_utf8_lossy(bytes);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some(RawAnswer {
+        status,
+        head: head.to_owned(),
+        json: serde_json::from_str(body).unwrap_or(Value::String(body.to_owned())),
+    })
+}
+
+/// Svix headers that pass every check that does not need the body (fresh timestamp, a
+/// well-formed `v1` entry) but cannot verify: what a forger can send.
+fn forged_svix_headers(id: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("content-type", "application/json".into()),
+        ("svix-id", id.into()),
+        ("svix-timestamp", now().to_string()),
+        (
+            "svix-signature",
+            format!(
+                "v1,{}",
+                base64::engine::general_purpose::STANDARD.encode([7u8; 32])
+            ),
+        ),
+    ]
+}
+
+/// Opens a connection that sends `head` and `partial` bytes of its body, then stays silent.
+async fn stalled(addr: &str, head: &[u8], partial: &[u8]) -> tokio::net::TcpStream {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    write_all_tolerant(&mut stream, head).await.unwrap();
+    write_all_tolerant(&mut stream, partial).await.unwrap();
+    stream
+}
+
+#[tokio::test]
+async fn bad_signature_headers_are_answered_before_the_body_is_sent() {
+    let ingest = Ingest::start().await;
+    let addr = ingest.addr();
+    let body = member_created("mem_early");
+    let ts = now();
+    let good = ingest.svix_headers("msg_early", ts, &body);
+    let without = |name: &str| -> Vec<(&'static str, String)> {
+        good.iter().filter(|(k, _)| *k != name).cloned().collect()
+    };
+    let with = |name: &str, value: String| -> Vec<(&'static str, String)> {
+        good.iter()
+            .map(|(k, v)| (*k, if *k == name { value.clone() } else { v.clone() }))
+            .collect()
+    };
+    let stripe_body = subscription_event("evt_early", json!({}));
+    let stripe_stale = ingest.stripe.signature_header(ts - 301, &stripe_body);
+    // (what, path, headers, expected code). Each declares a body within the limit (so the
+    // length alone refuses nothing) and sends only 100 bytes of it: an answer proves the
+    // server did not wait for the rest.
+    type Case<'a> = (&'a str, &'a str, Vec<(&'static str, String)>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "no signature",
+            "/webhooks/memberstack",
+            without("svix-signature"),
+            "missing_header",
+        ),
+        (
+            "no id",
+            "/webhooks/memberstack",
+            without("svix-id"),
+            "missing_header",
+        ),
+        (
+            "timestamp not a number",
+            "/webhooks/memberstack",
+            with("svix-timestamp", "soon".into()),
+            "malformed_header",
+        ),
+        (
+            "stale",
+            "/webhooks/memberstack",
+            with("svix-timestamp", (ts - 301).to_string()),
+            "stale_timestamp",
+        ),
+        (
+            "future",
+            "/webhooks/memberstack",
+            with("svix-timestamp", (ts + 301).to_string()),
+            "future_timestamp",
+        ),
+        (
+            "no v1 entry",
+            "/webhooks/memberstack",
+            with("svix-signature", "v2,abc".into()),
+            "no_signatures",
+        ),
+        (
+            "undecodable v1",
+            "/webhooks/memberstack",
+            with("svix-signature", "v1,!!!".into()),
+            "bad_signature",
+        ),
+        (
+            "no Stripe-Signature",
+            "/webhooks/stripe",
+            vec![("content-type", "application/json".into())],
+            "missing_header",
+        ),
+        (
+            "Stripe-Signature without t",
+            "/webhooks/stripe",
+            vec![
+                ("content-type", "application/json".into()),
+                ("stripe-signature", format!("v1={}", "0".repeat(64))),
+            ],
+            "malformed_header",
+        ),
+        (
+            "stale Stripe timestamp",
+            "/webhooks/stripe",
+            vec![
+                ("content-type", "application/json".into()),
+                ("stripe-signature", stripe_stale),
+            ],
+            "stale_timestamp",
+        ),
+    ];
+    for (what, path, headers, code) in cases {
+        let mut stream = stalled(
+            &addr,
+            &request_head(path, &headers, Some(60_000)),
+            &[b' '; 100],
+        )
+        .await;
+        let started = std::time::Instant::now();
+        let answer = read_answer(&mut stream, Duration::from_secs(3))
+            .await
+            .unwrap_or_else(|| panic!("{what}: no answer while the body was still owed"));
+        assert_eq!(
+            (answer.status, answer.json["error"]["code"].as_str()),
+            (401, Some(code)),
+            "{what}: {answer:?}"
+        );
+        assert_eq!(answer.header("connection"), Some("close"), "{what}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{what}: answered late"
+        );
+    }
+    // A client that writes its whole body before reading (reqwest) gets the early answer too,
+    // not a broken pipe: the server drains what it did not read before closing.
+    for _ in 0..3 {
+        let (status, json) = ingest
+            .post(
+                "/webhooks/memberstack",
+                &without("svix-signature"),
+                vec![b' '; 60_000],
+            )
+            .await;
+        assert_eq!(
+            (status, json["error"]["code"].as_str()),
+            (401, Some("missing_header"))
+        );
+    }
+    assert_eq!(
+        ingest
+            .daemon
+            .metric("membersync_ingest_shed_total{reason=\"full\"}")
+            .await,
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn a_body_that_stops_arriving_gets_408_at_the_body_deadline_and_the_connection_closes() {
+    let ingest = Ingest::start_with(
+        support::kafka::config(),
+        vec![(
+            "MEMBERSYNC__INGEST__BODY_READ_TIMEOUT_MS".into(),
+            "1000".into(),
+        )],
+    )
+    .await;
+    let body = member_created("mem_slow");
+    let headers = ingest.svix_headers("msg_slow", now(), &body);
+    let head = request_head("/webhooks/memberstack", &headers, Some(body.len()));
+    let started = std::time::Instant::now();
+    let mut stream = stalled(&ingest.addr(), &head, &body[..body.len() - 1]).await;
+    let answer = read_answer(&mut stream, Duration::from_secs(5))
+        .await
+        .expect("an answer");
+    let took = started.elapsed();
+    assert_eq!(
+        (answer.status, answer.json["error"]["code"].as_str()),
+        (408, Some("body_read_timeout")),
+        "{answer:?}"
+    );
+    assert_eq!(answer.header("connection"), Some("close"));
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "answered after {took:?}"
+    );
+    // `read_answer` returned because the server closed the connection, not at its timeout.
+    assert!(took < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_no_complete_headers_is_closed() {
+    let ingest = Ingest::start_with(
+        support::kafka::config(),
+        vec![(
+            "MEMBERSYNC__INGEST__HEADER_READ_TIMEOUT_MS".into(),
+            "500".into(),
+        )],
+    )
+    .await;
+    for partial in [
+        &b""[..],
+        b"POST /webhooks/memberstack HTTP/1.1\r\nHost: x\r\n",
+    ] {
+        let started = std::time::Instant::now();
+        let mut stream = stalled(&ingest.addr(), partial, b"").await;
+        // Whatever the server sends (nothing, or an error answer), it then closes.
+        let mut rest = Vec::new();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut rest),
+        )
+        .await
+        .expect("the server closes the connection")
+        .ok();
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "closed after {:?}",
+            started.elapsed()
+        );
+    }
+    // Both are gone once their drain saw this side close.
+    wait_for("no open connections", Duration::from_secs(5), || async {
+        (ingest.daemon.metric("membersync_ingest_connections").await == 0.0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_valid_delivery_takes_the_slot_of_a_silent_body_when_every_slot_is_taken() {
+    let ingest = Ingest::start_with(
+        support::kafka::config(),
+        vec![("MEMBERSYNC__INGEST__CONCURRENCY_LIMIT".into(), "2".into())],
+    )
+    .await;
+    let addr = ingest.addr();
+    // Two forgers send all but the last byte of their bodies and stop: both slots taken.
+    let head = request_head(
+        "/webhooks/memberstack",
+        &forged_svix_headers("msg_loris"),
+        Some(1000),
+    );
+    let mut lorises = Vec::new();
+    for _ in 0..2 {
+        lorises.push(stalled(&addr, &head, &[b' '; 999]).await);
+    }
+    wait_for("both slots taken", Duration::from_secs(10), || async {
+        (ingest.daemon.metric("membersync_ingest_in_flight").await == 2.0).then_some(())
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let (status, json) = ingest
+        .memberstack("msg_through", &member_created("mem_through"))
+        .await;
+    assert_eq!(status, 200, "{json}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "accepted after {:?}",
+        started.elapsed()
+    );
+    // One forger (the one silent longest; both went quiet in the same millisecond, maybe)
+    // got 503 with Retry-After and a closed connection; the other still waits for its body.
+    let (a, b) = lorises.split_at_mut(1);
+    let (a, b) = tokio::join!(
+        read_answer(&mut a[0], Duration::from_secs(2)),
+        read_answer(&mut b[0], Duration::from_secs(2))
+    );
+    let mut answers: Vec<RawAnswer> = a.into_iter().chain(b).collect();
+    assert_eq!(answers.len(), 1, "exactly one forger is shed: {answers:?}");
+    let shed = answers.pop().unwrap();
+    assert_eq!(
+        (shed.status, shed.json["error"]["code"].as_str()),
+        (503, Some("shed_silent_body")),
+        "{shed:?}"
+    );
+    assert_eq!(shed.header("retry-after"), Some("5"));
+    assert_eq!(
+        ingest
+            .daemon
+            .metric("membersync_ingest_shed_total{reason=\"silent_body\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn beyond_the_in_flight_limit_webhooks_and_the_api_get_503_with_retry_after_at_once() {
+    use rdkafka::mocking::MockCluster;
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let mut kafka = support::kafka::config();
+    kafka.brokers = mock.bootstrap_servers();
+    let topic = format!("{}.memberstack", kafka.topic_prefix);
+    mock.create_topic(&topic, 1, 1).unwrap();
+    let ingest = Ingest::start_with(
+        kafka,
+        vec![
+            ("MEMBERSYNC__KAFKA__CREATE_TOPICS".into(), "false".into()),
+            (
+                "MEMBERSYNC__INGEST__KAFKA_ACK_TIMEOUT_MS".into(),
+                "6000".into(),
+            ),
+            ("MEMBERSYNC__INGEST__CONCURRENCY_LIMIT".into(), "2".into()),
+        ],
+    )
+    .await;
+    // Two genuine deliveries wait for a broker that is down: both slots busy with real work.
+    mock.broker_down(1).unwrap();
+    let ingest = std::sync::Arc::new(ingest);
+    let waiting: Vec<_> = (0..2)
+        .map(|i| {
+            let ingest = std::sync::Arc::clone(&ingest);
+            tokio::spawn(async move {
+                ingest
+                    .memberstack(&format!("msg_wait{i}"), &member_created("mem_w"))
+                    .await
+                    .0
+            })
+        })
+        .collect();
+    wait_for("both slots taken", Duration::from_secs(10), || async {
+        (ingest.daemon.metric("membersync_ingest_in_flight").await == 2.0).then_some(())
+    })
+    .await;
+
+    let started = std::time::Instant::now();
+    let resp = ingest
+        .http
+        .post(format!("{}/webhooks/memberstack", ingest.daemon.ingest))
+        .headers(to_headermap(&ingest.svix_headers(
+            "msg_more",
+            now(),
+            &member_created("mem_m"),
+        )))
+        .body(member_created("mem_m"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    assert_eq!(resp.headers().get("retry-after").unwrap(), "5");
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["error"]["code"],
+        "overloaded"
+    );
+    let api = ingest
+        .http
+        .get(format!("{}/v1/members/me/sync", ingest.daemon.ingest))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(api.status().as_u16(), 503);
+    assert_eq!(api.headers().get("retry-after").unwrap(), "5");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "shed after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        ingest
+            .daemon
+            .metric("membersync_ingest_shed_total{reason=\"full\"}")
+            .await,
+        2.0
+    );
+
+    // Once the broker is back the waiting ones finish, and new requests get slots again.
+    mock.broker_up(1).unwrap();
+    for w in waiting {
+        let _ = w.await.unwrap();
+    }
+    let api = ingest
+        .http
+        .get(format!("{}/v1/members/me/sync", ingest.daemon.ingest))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(api.status().as_u16(), 503);
 }

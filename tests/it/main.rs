@@ -9,6 +9,7 @@ mod check;
 mod config;
 mod deploy;
 mod ingest;
+mod ingest_slowloris;
 mod kafka;
 mod merge;
 mod migrations;

@@ -93,6 +93,26 @@ impl StripeVerifier {
         })
     }
 
+    /// Everything that can be checked before the body is read: the header present and well
+    /// formed with at least one `v1` element that could be a MAC, and the timestamp not too
+    /// old. Unlike [`StripeVerifier::verify`] (which, as Stripe's SDKs do, checks the
+    /// signature first), a stale delivery is refused here whatever its signature, so the
+    /// server need not read its body; the status is 401 either way.
+    pub fn check_headers(
+        &self,
+        headers: &HeaderMap,
+        now_unix_secs: i64,
+    ) -> Result<(), VerifyError> {
+        let (timestamp, candidates) = read_header(headers)?;
+        if is_stale(timestamp, now_unix_secs) {
+            return Err(VerifyError::TimestampTooOld);
+        }
+        if candidates.is_empty() {
+            return Err(VerifyError::SignatureMismatch);
+        }
+        Ok(())
+    }
+
     /// Verifies one delivery. `body` must be the raw request bytes; `now_unix_secs` is the
     /// receiver's clock. See the module docs for the (Stripe-identical) timestamp rule.
     pub fn verify(
@@ -101,49 +121,7 @@ impl StripeVerifier {
         body: &[u8],
         now_unix_secs: i64,
     ) -> Result<StripeDelivery, VerifyError> {
-        let header = single_header(headers, SIGNATURE_HEADER, MAX_SIGNATURE_HEADER_LEN)?
-            .ok_or(VerifyError::MissingHeader(SIGNATURE_HEADER))?;
-
-        let mut timestamp = None;
-        let mut any_v1 = false;
-        let mut candidates: Vec<[u8; MAC_LEN]> = Vec::new();
-        for element in header.split(',') {
-            let (key, value) = match element.split_once('=') {
-                Some(kv) => kv,
-                // stripe-python fails on a bare `t`; other bare words are ignored.
-                None if element == "t" => {
-                    return Err(VerifyError::MalformedHeader(SIGNATURE_HEADER));
-                }
-                None => continue,
-            };
-            match key {
-                "t" => {
-                    if timestamp.is_some() {
-                        return Err(VerifyError::MalformedHeader(SIGNATURE_HEADER));
-                    }
-                    timestamp = Some(
-                        parse_unix_seconds(value, SIGNATURE_HEADER)
-                            .map_err(|_| VerifyError::MalformedHeader(SIGNATURE_HEADER))?,
-                    );
-                }
-                EXPECTED_SCHEME => {
-                    any_v1 = true;
-                    // Not 64 hex digits: cannot match; skip, like a wrong signature.
-                    let mut mac = [0u8; MAC_LEN];
-                    if hex::decode_to_slice(value, &mut mac).is_ok() {
-                        candidates.push(mac);
-                    }
-                }
-                // `v0` (test-mode fake signature) and unknown schemes: ignored, to prevent
-                // downgrade attacks.
-                _ => {}
-            }
-        }
-        let timestamp = timestamp.ok_or(VerifyError::MalformedHeader(SIGNATURE_HEADER))?;
-        if !any_v1 {
-            return Err(VerifyError::NoSignatures);
-        }
-
+        let (timestamp, candidates) = read_header(headers)?;
         let matched = self.secrets.iter().any(|secret| {
             let expected = compute_mac(secret.expose_secret().as_bytes(), timestamp, body);
             candidates
@@ -155,7 +133,7 @@ impl StripeVerifier {
         }
 
         // Stripe's rule, after the signature check: only too-old is rejected.
-        if i128::from(timestamp) < i128::from(now_unix_secs) - i128::from(TOLERANCE_SECS) {
+        if is_stale(timestamp, now_unix_secs) {
             return Err(VerifyError::TimestampTooOld);
         }
         Ok(StripeDelivery { timestamp })
@@ -172,6 +150,59 @@ impl StripeVerifier {
         }
         header
     }
+}
+
+/// `Stripe-Signature` parsed: the timestamp and every `v1` value that decodes to a MAC's
+/// length.
+fn read_header(headers: &HeaderMap) -> Result<(i64, Vec<[u8; MAC_LEN]>), VerifyError> {
+    let header = single_header(headers, SIGNATURE_HEADER, MAX_SIGNATURE_HEADER_LEN)?
+        .ok_or(VerifyError::MissingHeader(SIGNATURE_HEADER))?;
+
+    let mut timestamp = None;
+    let mut any_v1 = false;
+    let mut candidates: Vec<[u8; MAC_LEN]> = Vec::new();
+    for element in header.split(',') {
+        let (key, value) = match element.split_once('=') {
+            Some(kv) => kv,
+            // stripe-python fails on a bare `t`; other bare words are ignored.
+            None if element == "t" => {
+                return Err(VerifyError::MalformedHeader(SIGNATURE_HEADER));
+            }
+            None => continue,
+        };
+        match key {
+            "t" => {
+                if timestamp.is_some() {
+                    return Err(VerifyError::MalformedHeader(SIGNATURE_HEADER));
+                }
+                timestamp = Some(
+                    parse_unix_seconds(value, SIGNATURE_HEADER)
+                        .map_err(|_| VerifyError::MalformedHeader(SIGNATURE_HEADER))?,
+                );
+            }
+            EXPECTED_SCHEME => {
+                any_v1 = true;
+                // Not 64 hex digits: cannot match; skip, like a wrong signature.
+                let mut mac = [0u8; MAC_LEN];
+                if hex::decode_to_slice(value, &mut mac).is_ok() {
+                    candidates.push(mac);
+                }
+            }
+            // `v0` (test-mode fake signature) and unknown schemes: ignored, to prevent
+            // downgrade attacks.
+            _ => {}
+        }
+    }
+    let timestamp = timestamp.ok_or(VerifyError::MalformedHeader(SIGNATURE_HEADER))?;
+    if !any_v1 {
+        return Err(VerifyError::NoSignatures);
+    }
+    Ok((timestamp, candidates))
+}
+
+/// More than the tolerance before now (Stripe never rejects a future timestamp).
+fn is_stale(timestamp: i64, now_unix_secs: i64) -> bool {
+    i128::from(timestamp) < i128::from(now_unix_secs) - i128::from(TOLERANCE_SECS)
 }
 
 /// HMAC-SHA256 over `{timestamp}.{body}`, timestamp in canonical decimal (stripe-python
@@ -240,6 +271,37 @@ mod tests {
             mac.update(payload);
             assert_eq!(hex::encode(mac.finalize().into_bytes()), expected);
         }
+    }
+
+    #[test]
+    fn header_checks_before_the_body_agree_with_verify() {
+        let v = verifier(&[SECRET]);
+        // What verify accepts, the header check lets through (a future `t` included).
+        v.check_headers(&headers(&vector_header()), TS).unwrap();
+        v.check_headers(&headers(&vector_header()), TS - 3600)
+            .unwrap();
+        // Stale: refused without the body, whatever the signature.
+        assert_eq!(
+            v.check_headers(&headers(&vector_header()), TS + 301),
+            Err(VerifyError::TimestampTooOld)
+        );
+        assert_eq!(
+            v.check_headers(&HeaderMap::new(), TS),
+            Err(VerifyError::MissingHeader(SIGNATURE_HEADER))
+        );
+        assert_eq!(
+            v.check_headers(&headers(&format!("v1={SIG}")), TS),
+            Err(VerifyError::MalformedHeader(SIGNATURE_HEADER))
+        );
+        assert_eq!(
+            v.check_headers(&headers(&format!("t={TS},v0={SIG}")), TS),
+            Err(VerifyError::NoSignatures)
+        );
+        // A v1 that cannot be a MAC can never match.
+        assert_eq!(
+            v.check_headers(&headers(&format!("t={TS},v1=zz")), TS),
+            Err(VerifyError::SignatureMismatch)
+        );
     }
 
     #[test]

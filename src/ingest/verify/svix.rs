@@ -84,6 +84,24 @@ impl SvixVerifier {
         Ok(Self { keys })
     }
 
+    /// Everything that can be checked before the body is read: the three headers present
+    /// and well formed, the timestamp within the tolerance, and at least one `v1` entry
+    /// that could be a MAC. A delivery that fails here fails [`SvixVerifier::verify`] too,
+    /// with the same error (except [`VerifyError::SignatureMismatch`] for a header whose
+    /// `v1` entries are all undecodable), so the server may refuse it without reading its
+    /// body.
+    pub fn check_headers(
+        &self,
+        headers: &HeaderMap,
+        now_unix_secs: i64,
+    ) -> Result<(), VerifyError> {
+        let signed = read_headers(headers, now_unix_secs)?;
+        if signed.candidates.is_empty() {
+            return Err(VerifyError::SignatureMismatch);
+        }
+        Ok(())
+    }
+
     /// Verifies one delivery. `body` must be the raw request bytes; `now_unix_secs` is the
     /// receiver's clock.
     pub fn verify(
@@ -92,38 +110,11 @@ impl SvixVerifier {
         body: &[u8],
         now_unix_secs: i64,
     ) -> Result<SvixDelivery, VerifyError> {
-        let (id_name, id) = branded_or_unbranded(headers, ID_HEADERS, MAX_ID_LEN)?;
-        if id.bytes().any(|b| b.is_ascii_whitespace()) {
-            return Err(VerifyError::MalformedHeader(id_name));
-        }
-        let (ts_name, ts_text) =
-            branded_or_unbranded(headers, TIMESTAMP_HEADERS, MAX_TIMESTAMP_LEN)?;
-        let timestamp = parse_unix_seconds(ts_text, ts_name)?;
-        let (_, signatures) =
-            branded_or_unbranded(headers, SIGNATURE_HEADERS, MAX_SIGNATURE_HEADER_LEN)?;
-
-        check_timestamp(timestamp, now_unix_secs)?;
-
-        let mut any_v1 = false;
-        let mut candidates: Vec<[u8; MAC_LEN]> = Vec::new();
-        for entry in signatures.split(' ').filter(|e| !e.is_empty()) {
-            let Some((version, encoded)) = entry.split_once(',') else {
-                continue;
-            };
-            if version != "v1" {
-                continue;
-            }
-            any_v1 = true;
-            // A v1 entry that is not base64 of exactly 32 bytes cannot match; skip it rather
-            // than fail, so that one garbled entry does not hide a valid one.
-            if let Some(mac) = decode_mac(encoded) {
-                candidates.push(mac);
-            }
-        }
-        if !any_v1 {
-            return Err(VerifyError::NoSignatures);
-        }
-
+        let SignedHeaders {
+            id,
+            timestamp,
+            candidates,
+        } = read_headers(headers, now_unix_secs)?;
         for key in &self.keys {
             let expected = compute_mac(key.expose_secret(), id, timestamp, body);
             if candidates
@@ -152,6 +143,52 @@ impl SvixVerifier {
             .collect::<Vec<_>>()
             .join(" ")
     }
+}
+
+/// What the three headers say, parsed; the timestamp already checked.
+struct SignedHeaders<'a> {
+    id: &'a str,
+    timestamp: i64,
+    /// Every `v1` entry that decodes to a MAC's length.
+    candidates: Vec<[u8; MAC_LEN]>,
+}
+
+fn read_headers(headers: &HeaderMap, now_unix_secs: i64) -> Result<SignedHeaders<'_>, VerifyError> {
+    let (id_name, id) = branded_or_unbranded(headers, ID_HEADERS, MAX_ID_LEN)?;
+    if id.bytes().any(|b| b.is_ascii_whitespace()) {
+        return Err(VerifyError::MalformedHeader(id_name));
+    }
+    let (ts_name, ts_text) = branded_or_unbranded(headers, TIMESTAMP_HEADERS, MAX_TIMESTAMP_LEN)?;
+    let timestamp = parse_unix_seconds(ts_text, ts_name)?;
+    let (_, signatures) =
+        branded_or_unbranded(headers, SIGNATURE_HEADERS, MAX_SIGNATURE_HEADER_LEN)?;
+
+    check_timestamp(timestamp, now_unix_secs)?;
+
+    let mut any_v1 = false;
+    let mut candidates: Vec<[u8; MAC_LEN]> = Vec::new();
+    for entry in signatures.split(' ').filter(|e| !e.is_empty()) {
+        let Some((version, encoded)) = entry.split_once(',') else {
+            continue;
+        };
+        if version != "v1" {
+            continue;
+        }
+        any_v1 = true;
+        // A v1 entry that is not base64 of exactly 32 bytes cannot match; skip it rather
+        // than fail, so that one garbled entry does not hide a valid one.
+        if let Some(mac) = decode_mac(encoded) {
+            candidates.push(mac);
+        }
+    }
+    if !any_v1 {
+        return Err(VerifyError::NoSignatures);
+    }
+    Ok(SignedHeaders {
+        id,
+        timestamp,
+        candidates,
+    })
 }
 
 fn decode_key(index: usize, secret: &str) -> Result<SecretSlice<u8>, KeyError> {
@@ -402,6 +439,56 @@ mod tests {
             v.verify(&h, VECTOR_BODY, i64::MIN),
             Err(VerifyError::TimestampTooNew)
         );
+    }
+
+    #[test]
+    fn header_checks_before_the_body_agree_with_verify() {
+        let v = verifier(&[VECTOR_SECRET]);
+        v.check_headers(&vector_headers(), VECTOR_TS).unwrap();
+        // Whatever the body turns out to be: the signature is not checked here.
+        let forged = headers(
+            "svix",
+            VECTOR_ID,
+            &VECTOR_TS.to_string(),
+            "v1,AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        );
+        v.check_headers(&forged, VECTOR_TS).unwrap();
+        let ts = VECTOR_TS.to_string();
+        for (h, now, expected) in [
+            (
+                vector_headers(),
+                VECTOR_TS + 301,
+                VerifyError::TimestampTooOld,
+            ),
+            (
+                vector_headers(),
+                VECTOR_TS - 301,
+                VerifyError::TimestampTooNew,
+            ),
+            (
+                headers("svix", VECTOR_ID, "soon", VECTOR_SIG),
+                VECTOR_TS,
+                VerifyError::MalformedHeader("svix-timestamp"),
+            ),
+            (
+                headers("svix", VECTOR_ID, &ts, "v2,abc"),
+                VECTOR_TS,
+                VerifyError::NoSignatures,
+            ),
+            (
+                headers("svix", VECTOR_ID, &ts, "v1,!!!"),
+                VECTOR_TS,
+                VerifyError::SignatureMismatch,
+            ),
+            (
+                HeaderMap::new(),
+                VECTOR_TS,
+                VerifyError::MissingHeader("svix-id"),
+            ),
+        ] {
+            assert_eq!(v.check_headers(&h, now), Err(expected));
+            assert_eq!(v.verify(&h, VECTOR_BODY, now), Err(expected));
+        }
     }
 
     #[test]
