@@ -34,7 +34,7 @@ impl Topics {
         format!("{}.sync", self.prefix)
     }
 
-    /// Changes that exhausted their retries.
+    /// Merge's dead letters: poison records and changes or pushes that failed permanently.
     pub fn dlq(&self) -> String {
         format!("{}.dlq", self.prefix)
     }

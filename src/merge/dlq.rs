@@ -1,7 +1,8 @@
-//! The dead-letter topic (`<prefix>.dlq`, schema `schemas/kafka/dlq.json`): a change that
-//! exhausted its attempts, or could not be decoded, is written there whole (key, value,
-//! headers) with the error and where it came from, so `membersync dlq replay` can re-feed it
-//! to its topic unchanged.
+//! The dead-letter topic (`<prefix>.dlq`, schema `schemas/kafka/dlq.json`): a record that
+//! could not be decoded, or a change (or its push) that failed permanently — a 4xx, a
+//! constraint it violates, never an outage — is written there whole (key, value, headers)
+//! with the error and where it came from, so `membersync dlq replay` can re-feed it to its
+//! topic unchanged.
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -1,6 +1,7 @@
 //! Merge: consumes the Memberstack, Stripe and CDC topics as one consumer group, reconciles
 //! each member's changes by field authority and `last_synced_at`, and writes the result to
-//! Supabase (one transaction per change) and Memberstack (Admin REST API). See docs/merge.md.
+//! Supabase (one short transaction per change) and, through the outbox, Supabase Auth and
+//! Memberstack (Admin REST API). See docs/merge.md.
 //!
 //! Data flow: [`consumer`] reads and routes records by member → [`worker`] retries and
 //! dead-letters → [`change`] decodes → [`apply`] locks the member, [`resolve`]s each field and

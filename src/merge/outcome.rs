@@ -22,11 +22,12 @@ pub enum Status {
     Applied,
     /// Processed; both sides already agreed (echoes, stale and equal values).
     Unchanged,
-    /// Already processed earlier (same event id): nothing done again.
+    /// Already processed earlier (same event id): nothing done again, and nothing announced
+    /// (counted in metrics only; kept in the schema for records of earlier versions).
     Duplicate,
     /// Not applicable (no member id, a Stripe customer without member, a truncate, …).
     Skipped,
-    /// Exhausted its attempts or could not be decoded: it is on the dead-letter topic.
+    /// Failed permanently or could not be decoded: it is on the dead-letter topic.
     Failed,
 }
 
