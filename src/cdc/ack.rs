@@ -34,6 +34,19 @@ struct State {
     queue: VecDeque<InFlight>,
     /// The first delivery failure since the last reset; the stream restarts on it.
     failure: Option<String>,
+    /// Records the broker refused as too large, waiting to be replaced (their transaction
+    /// still counts them as outstanding).
+    refused: Vec<Refused>,
+}
+
+/// A record the broker refused as too large after it was queued.
+#[derive(Debug, Clone)]
+pub struct Refused {
+    pub seq: u64,
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub error: String,
 }
 
 /// What [`AckTracker::take_confirmed`] found.
@@ -162,6 +175,22 @@ impl AckTracker {
             .sum()
     }
 
+    /// A record of `seq` was refused as too large: it stays outstanding (its transaction is
+    /// not confirmed) until `CdcSink::resend_refused` queued its replacement and released it.
+    pub fn refused(&self, refused: Refused) {
+        let mut s = self.state.lock().expect("ack state");
+        if !s.queue.iter().any(|t| t.seq == refused.seq) {
+            return;
+        }
+        s.refused.push(refused);
+        drop(s);
+        self.notify.notify_one();
+    }
+
+    pub fn take_refused(&self) -> Vec<Refused> {
+        std::mem::take(&mut self.state.lock().expect("ack state").refused)
+    }
+
     pub fn take_failure(&self) -> Option<String> {
         self.state.lock().expect("ack state").failure.take()
     }
@@ -172,6 +201,7 @@ impl AckTracker {
         let mut s = self.state.lock().expect("ack state");
         s.queue.clear();
         s.failure = None;
+        s.refused.clear();
     }
 
     /// Resolves when a delivery or commit happened since the last call.
@@ -194,6 +224,17 @@ impl ProducerContext for CdcProducerContext {
     fn delivery(&self, result: &DeliveryResult<'_>, seq: usize) {
         let outcome = match result {
             Ok(_) => Ok(()),
+            Err((e, message)) if super::sink::is_too_large(e) => {
+                use rdkafka::Message as _;
+                self.tracker.refused(Refused {
+                    seq: seq as u64,
+                    topic: message.topic().to_owned(),
+                    key: message.key().map(<[u8]>::to_vec),
+                    payload: message.payload().unwrap_or_default().to_vec(),
+                    error: e.to_string(),
+                });
+                return;
+            }
             Err((e, _)) => Err(e.to_string()),
         };
         self.tracker.delivered(seq as u64, outcome);

@@ -63,6 +63,7 @@ pub async fn run(
     let mut snapshots = Driver::new(ctx);
     loop {
         confirm(ctx, repl);
+        ctx.sink.resend_refused().await?;
         if let Some(e) = ctx.tracker.take_failure() {
             return Err(CdcError::Delivery(e));
         }
