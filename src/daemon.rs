@@ -346,12 +346,32 @@ pub async fn run(config: Config, roles: &[Role]) -> Result<(), DaemonError> {
         });
     }
 
+    #[cfg(debug_assertions)]
+    spawn_test_panic();
+
     started.store(true, Ordering::Release);
     tracing::info!(
         version = crate::telemetry::BUILD_VERSION,
         "membersync running"
     );
     supervisor.run(config.shutdown.drain_timeout()).await
+}
+
+/// Debug builds only (the integration tests run them): `MEMBERSYNC_TEST_PANIC_AFTER_MS`
+/// makes a detached task panic after that long, the way a worker a role spawned would — its
+/// `JoinHandle` kept by nobody — to test that any panic fails the process.
+#[cfg(debug_assertions)]
+fn spawn_test_panic() {
+    let Some(ms) = std::env::var("MEMBERSYNC_TEST_PANIC_AFTER_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        panic!("MEMBERSYNC_TEST_PANIC_AFTER_MS: a worker task panics");
+    });
 }
 
 /// Creates the missing topics, retrying with capped backoff until Kafka answers (or shutdown).
@@ -491,5 +511,51 @@ impl Probe for KafkaProbe {
                 .map_err(|e| e.to_string())
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_role_fails_readiness_and_the_run() {
+        let shutdown = CancellationToken::new();
+        let health = Health::default();
+        let mut supervisor = Supervisor::new(shutdown.clone(), health.clone());
+        let token = shutdown.clone();
+        supervisor.spawn("ops", async move {
+            token.cancelled().await;
+            Ok(())
+        });
+        supervisor.spawn("merge", async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            panic!("a worker bug")
+        });
+        assert!(health.check().await.is_ok());
+        let err = supervisor.run(Duration::from_secs(5)).await.unwrap_err();
+        assert!(
+            matches!(&err, DaemonError::Role { role: "merge", message } if message == "panicked"),
+            "{err}"
+        );
+        assert!(shutdown.is_cancelled(), "the other roles are stopped");
+        let reason = health.check().await.unwrap_err();
+        assert!(reason.contains("merge"), "{reason}");
+    }
+
+    #[tokio::test]
+    async fn a_stopped_cdc_stream_fails_readiness_until_it_streams_again() {
+        let health = Health::default();
+        let status = crate::cdc::CdcStatus::default();
+        *health.cdc.lock().unwrap() = Some(status.clone());
+        assert!(health.check().await.is_ok());
+        status.set(Some("replication slot s is lost".into()));
+        let reason = health.check().await.unwrap_err();
+        assert!(
+            reason.contains("CDC stopped") && reason.contains("lost"),
+            "{reason}"
+        );
+        status.set(None);
+        assert!(health.check().await.is_ok());
     }
 }

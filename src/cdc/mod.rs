@@ -140,7 +140,7 @@ impl CdcStatus {
         self.stopped.lock().expect("cdc status").clone()
     }
 
-    fn set(&self, reason: Option<String>) {
+    pub(crate) fn set(&self, reason: Option<String>) {
         *self.stopped.lock().expect("cdc status") = reason;
     }
 }
