@@ -1927,6 +1927,17 @@ async fn a_change_too_large_for_kafka_is_replaced_and_the_stream_moves_on() {
     assert_eq!(letter["value"]["after"]["id"], 1);
     assert_eq!(letter["value"]["truncated"], true);
     assert!(letter.to_string().len() < 1_000_000);
+    // Both follow their published schemas.
+    for (name, record) in [("cdc", v), ("dlq", letter)] {
+        let path = support::repo_root().join(format!("schemas/kafka/{name}.json"));
+        let schema: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let validator = jsonschema::validator_for(&schema).unwrap();
+        let errors: Vec<String> = validator
+            .iter_errors(record)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{name}: {errors:?}\n{record}");
+    }
 
     assert_eq!(
         daemon
