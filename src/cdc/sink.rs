@@ -256,3 +256,73 @@ fn dlq_id(payload: &[u8]) -> Option<String> {
         .as_str()
         .map(str::to_owned)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    use serde_json::json;
+
+    use super::*;
+
+    /// The broker's refusal arrives in a delivery report, after `send` returned: the record is
+    /// replaced then, and its transaction is confirmed once the replacements are acknowledged.
+    #[tokio::test]
+    async fn a_record_the_broker_refuses_as_too_large_is_replaced_and_its_transaction_confirmed() {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        let cfg = KafkaConfig {
+            brokers: mock.bootstrap_servers(),
+            topic_prefix: "t".into(),
+            ..KafkaConfig::default()
+        };
+        let topic = "t.cdc.public.members";
+        mock.create_topic(topic, 1, 1).unwrap();
+        mock.create_topic("t.dlq", 1, 1).unwrap();
+        let counter = IntCounterVec::new(prometheus::Opts::new("c", "c"), &["table"]).unwrap();
+        let tracker = AckTracker::new();
+        let policy = OversizePolicy {
+            counter: Some(counter.clone()),
+            ..OversizePolicy::defaults("t")
+        };
+        let sink = CdcSink::with_policy(&cfg, tracker.clone(), policy).unwrap();
+        mock.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+        );
+        let payload = serde_json::to_vec(&json!({
+            "before": null,
+            "after": {"id": 1, "memberstack_id": "mem_1", "project_data": {"x": "y".repeat(50_000)}},
+            "source": {"schema": "public", "table": "members", "lsn": 100},
+            "op": "u",
+            "transaction": {"id": "1:100", "total_order": 1, "data_collection_order": 1},
+        }))
+        .unwrap();
+        let seq = tracker.begin();
+        sink.send(seq, topic, Some(b"mem_1"), &payload)
+            .await
+            .unwrap();
+        tracker.commit(seq, 100, Instant::now());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let confirmed = loop {
+            sink.resend_refused().await.unwrap();
+            assert_eq!(
+                tracker.take_failure(),
+                None,
+                "not a failure of the transaction"
+            );
+            if let Some(c) = tracker.take_confirmed() {
+                break c;
+            }
+            assert!(Instant::now() < deadline, "never confirmed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(confirmed.lsn, 100);
+        assert_eq!(
+            counter.with_label_values(&["public.members"]).get(),
+            1,
+            "replaced once"
+        );
+    }
+}
