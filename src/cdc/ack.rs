@@ -34,6 +34,9 @@ struct State {
     queue: VecDeque<InFlight>,
     /// The first delivery failure since the last reset; the stream restarts on it.
     failure: Option<String>,
+    /// That failure can never pass by retrying (an authorisation or topic error): CDC stops
+    /// for an operator instead of reconnecting in a loop.
+    permanent: bool,
     /// Records the broker refused as too large, waiting to be replaced (their transaction
     /// still counts them as outstanding).
     refused: Vec<Refused>,
@@ -192,7 +195,28 @@ impl AckTracker {
     }
 
     pub fn take_failure(&self) -> Option<String> {
-        self.state.lock().expect("ack state").failure.take()
+        let mut s = self.state.lock().expect("ack state");
+        s.permanent = false;
+        s.failure.take()
+    }
+
+    /// The first delivery failure, and whether it is permanent.
+    pub fn take_failure_kind(&self) -> Option<(String, bool)> {
+        let mut s = self.state.lock().expect("ack state");
+        let permanent = std::mem::take(&mut s.permanent);
+        s.failure.take().map(|f| (f, permanent))
+    }
+
+    /// A delivery failed for good with an error no retry can fix.
+    pub fn delivered_permanent_failure(&self, seq: u64, error: String) {
+        let first = {
+            let s = self.state.lock().expect("ack state");
+            s.failure.is_none()
+        };
+        self.delivered(seq, Err(error));
+        if first {
+            self.state.lock().expect("ack state").permanent = true;
+        }
     }
 
     /// Forgets everything in flight (after a reconnect the stream restarts from the confirmed
@@ -201,6 +225,7 @@ impl AckTracker {
         let mut s = self.state.lock().expect("ack state");
         s.queue.clear();
         s.failure = None;
+        s.permanent = false;
         s.refused.clear();
     }
 
@@ -235,10 +260,29 @@ impl ProducerContext for CdcProducerContext {
                 });
                 return;
             }
+            Err((e, _)) if is_permanent(e) => {
+                self.tracker
+                    .delivered_permanent_failure(seq as u64, e.to_string());
+                return;
+            }
             Err((e, _)) => Err(e.to_string()),
         };
         self.tracker.delivered(seq as u64, outcome);
     }
+}
+
+/// Delivery errors no reconnect can fix: Kafka refuses this client the topic or the cluster.
+fn is_permanent(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::error::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::TopicAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::InvalidTopic
+                | C::InvalidMessageSize
+        )
+    )
 }
 
 #[cfg(test)]
@@ -307,5 +351,25 @@ mod tests {
         assert_eq!(t.take_failure(), None);
         t.reset();
         assert!(t.is_idle());
+    }
+
+    #[test]
+    fn a_permanent_delivery_failure_is_told_apart() {
+        let t = AckTracker::new();
+        let a = t.begin();
+        t.produced(a);
+        t.produced(a);
+        t.delivered(a, Err("broker gone".into()));
+        t.delivered_permanent_failure(a, "not authorised".into());
+        assert_eq!(
+            t.take_failure_kind(),
+            Some(("broker gone".into(), false)),
+            "the first failure decides"
+        );
+        let b = t.begin();
+        t.produced(b);
+        t.delivered_permanent_failure(b, "not authorised".into());
+        assert_eq!(t.take_failure_kind(), Some(("not authorised".into(), true)));
+        assert_eq!(t.take_failure_kind(), None);
     }
 }

@@ -55,6 +55,9 @@ pub enum CdcError {
     Incremental(#[from] incremental::IncrementalError),
     #[error("Kafka did not acknowledge a change event: {0}")]
     Delivery(String),
+    /// A delivery failed with an error no retry fixes (authorisation, invalid topic).
+    #[error("Kafka refused a change event for good: {0}")]
+    Rejected(String),
     #[error("lost leadership of the slot (lock connection closed)")]
     LeadershipLost,
     #[error("cannot create the slot: {0}")]
@@ -77,11 +80,12 @@ impl CdcError {
         }
         matches!(
             self,
-            CdcError::Slot(
-                SlotError::Lost(_)
-                    | SlotError::WrongPlugin { .. }
-                    | SlotError::NoPublication { .. }
-            )
+            CdcError::Rejected(_)
+                | CdcError::Slot(
+                    SlotError::Lost(_)
+                        | SlotError::WrongPlugin { .. }
+                        | SlotError::NoPublication { .. }
+                )
         )
     }
 }

@@ -325,4 +325,34 @@ mod tests {
             "replaced once"
         );
     }
+
+    /// An authorisation error in a delivery report is permanent: CDC stops for an operator
+    /// (loudly) instead of reconnecting forever.
+    #[tokio::test]
+    async fn a_topic_authorisation_failure_is_a_permanent_delivery_failure() {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        let cfg = KafkaConfig {
+            brokers: mock.bootstrap_servers(),
+            topic_prefix: "t".into(),
+            ..KafkaConfig::default()
+        };
+        mock.create_topic("t.x", 1, 1).unwrap();
+        let tracker = AckTracker::new();
+        let sink = CdcSink::new(&cfg, tracker.clone()).unwrap();
+        mock.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
+        );
+        let seq = tracker.begin();
+        sink.send(seq, "t.x", Some(b"k"), b"{}").await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let (error, permanent) = loop {
+            if let Some(f) = tracker.take_failure_kind() {
+                break f;
+            }
+            assert!(Instant::now() < deadline, "no delivery report");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(permanent, "{error}");
+    }
 }

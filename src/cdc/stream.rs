@@ -64,8 +64,12 @@ pub async fn run(
     loop {
         confirm(ctx, repl);
         ctx.sink.resend_refused().await?;
-        if let Some(e) = ctx.tracker.take_failure() {
-            return Err(CdcError::Delivery(e));
+        if let Some((e, permanent)) = ctx.tracker.take_failure_kind() {
+            return Err(if permanent {
+                CdcError::Rejected(e)
+            } else {
+                CdcError::Delivery(e)
+            });
         }
         snapshots.persist(ctx, leader.client()).await?;
         tokio::select! {
