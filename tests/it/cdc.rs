@@ -1535,6 +1535,145 @@ async fn a_hung_leader_is_replaced_within_30_s_after_sigstop() {
     assert_eq!(hung.metric("membersync_cdc_leader").await, 0.0);
 }
 
+/// A TCP relay to Postgres that can be cut without closing anything: a partition as both ends
+/// see it (no FIN, no RST; whatever is sent is never answered).
+struct Partition {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Partition {
+    async fn to_postgres() -> Partition {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let services = support::Services::get();
+        let target = format!("{}:{}", services.pg_host(), services.pg_port());
+        let flag = cut.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(relay(client_read, server_write, flag.clone()));
+                tokio::spawn(relay(server_read, client_write, flag.clone()));
+            }
+        });
+        Partition { port, cut }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+async fn relay(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let is_cut = || cut.load(std::sync::atomic::Ordering::SeqCst);
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if is_cut() {
+            // Hold both sockets open and move nothing, for good.
+            std::future::pending::<()>().await;
+        }
+        let n = match tokio::time::timeout(Duration::from_millis(100), from.read(&mut buf)).await {
+            Err(_) => continue,
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(n)) => n,
+        };
+        if is_cut() {
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A leader cut off from Postgres without its connections closing (a partition, a node that
+/// vanished): the server keeps its session and lock, but the lease goes stale, so the standby
+/// terminates that session and streams within 30 s; the cut-off leader gives up by itself.
+#[tokio::test]
+async fn a_partitioned_leader_is_replaced_within_30_s() {
+    let s = Setup::new().await;
+    let partition = Partition::to_postgres().await;
+    let port = partition.port.to_string();
+    let leader = Daemon::start(
+        "cdc",
+        s.env_with(&[
+            ("MEMBERSYNC__DATABASE__PORT", port.as_str()),
+            ("MEMBERSYNC__DATABASE__CONNECT_TIMEOUT_SECS", "2"),
+        ]),
+    )
+    .await;
+    wait_for(
+        "the relayed daemon to lead",
+        Duration::from_secs(30),
+        || {
+            let d = &leader;
+            async move { (d.metric("membersync_cdc_leader").await == 1.0).then_some(()) }
+        },
+    )
+    .await;
+    let standby = s.start().await;
+    s.snapshot_done().await;
+    s.sql("insert into public.cdc_t (id, memberstack_id) values (1, 'mem_1')")
+        .await;
+    let mut reader = s.reader("cdc_t");
+    reader.count(1, Duration::from_secs(30)).await;
+    assert_eq!(standby.metric("membersync_cdc_leader").await, 0.0);
+
+    partition.cut();
+    let cut = Instant::now();
+    for id in 2..=6 {
+        s.sql(&format!(
+            "insert into public.cdc_t (id, memberstack_id) values ({id}, 'mem_{id}')"
+        ))
+        .await;
+    }
+    let takeover = wait_for("the standby to take over", Duration::from_secs(30), || {
+        let d = &standby;
+        async move { (d.metric("membersync_cdc_leader").await == 1.0).then(|| cut.elapsed()) }
+    })
+    .await;
+    for id in 7..=11 {
+        s.sql(&format!(
+            "insert into public.cdc_t (id, memberstack_id) values ({id}, 'mem_{id}')"
+        ))
+        .await;
+    }
+    let ids: BTreeSet<i64> = (2..=11).collect();
+    let events = reader
+        .all_ids("c", &ids, Duration::from_secs(30))
+        .await
+        .to_vec();
+    let streaming = cut.elapsed();
+    eprintln!(
+        "partitioned leader: standby leader {:.1} s after the cut; changes made after it in Kafka {:.1} s after it",
+        takeover.as_secs_f64(),
+        streaming.as_secs_f64()
+    );
+    assert!(streaming <= Duration::from_secs(30), "took {streaming:?}");
+    let (_, duplicates) = count_ids(&events, "c", &ids);
+    assert_eq!(duplicates, 0, "changes after the cut were sent twice");
+    // Its ops port still answers: the cut-off leader stopped leading on its own.
+    wait_for(
+        "the cut-off leader to give up",
+        Duration::from_secs(30),
+        || {
+            let d = &leader;
+            async move { (d.metric("membersync_cdc_leader").await == 0.0).then_some(()) }
+        },
+    )
+    .await;
+}
+
 // ------------------------------------------------------------------------------------------
 // 11. An interrupted initial snapshot starts over
 // ------------------------------------------------------------------------------------------
