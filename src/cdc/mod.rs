@@ -8,6 +8,7 @@
 pub mod ack;
 pub mod envelope;
 pub mod incremental;
+pub mod leader;
 pub mod metrics;
 pub mod oversize;
 pub mod pgoutput;
