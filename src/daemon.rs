@@ -1,19 +1,21 @@
 //! `membersync run`: the process frame every role runs in — the ops server, the roles as
 //! supervised tasks, and a graceful shutdown bounded by `shutdown.drain_timeout_secs`.
 
-use std::future::Future;
+mod health;
+mod supervisor;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
-use futures::FutureExt;
-use futures::future::BoxFuture;
-use tokio::task::JoinSet;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use self::health::{Health, StartupProbe, TopicsProbe, probes};
+use self::supervisor::Supervisor;
 use crate::config::Config;
-use crate::db::{self, Login};
-use crate::http::ops::{self, OpsServer, Probe};
+use crate::http::ops::{self, OpsServer};
 use crate::kafka::admin::KafkaAdmin;
 use crate::telemetry::Metrics;
 
@@ -30,81 +32,6 @@ pub enum DaemonError {
     Role { role: &'static str, message: String },
     #[error("{0}")]
     Setup(String),
-}
-
-/// A role's task: runs until its token is cancelled, then drains and returns.
-type RoleResult = Result<(), String>;
-
-/// Named tasks that share one shutdown token. The first task to fail cancels the rest.
-struct Supervisor {
-    tasks: JoinSet<(&'static str, RoleResult)>,
-    shutdown: CancellationToken,
-}
-
-impl Supervisor {
-    fn new(shutdown: CancellationToken) -> Self {
-        Self {
-            tasks: JoinSet::new(),
-            shutdown,
-        }
-    }
-
-    fn spawn<F>(&mut self, role: &'static str, task: F)
-    where
-        F: Future<Output = RoleResult> + Send + 'static,
-    {
-        self.tasks.spawn(task.map(move |r| (role, r)));
-    }
-
-    /// Waits for shutdown (or the first failure), then for the drain, bounded by `drain`.
-    async fn run(mut self, drain: std::time::Duration) -> Result<(), DaemonError> {
-        let mut failure = None;
-        tokio::select! {
-            _ = self.shutdown.cancelled() => {}
-            Some(joined) = self.tasks.join_next() => {
-                failure = outcome(joined);
-                if failure.is_none() {
-                    tracing::warn!("a role stopped on its own; shutting down");
-                }
-                self.shutdown.cancel();
-            }
-        }
-        let drained = tokio::time::timeout(drain, async {
-            while let Some(joined) = self.tasks.join_next().await {
-                if let Some(e) = outcome(joined) {
-                    failure.get_or_insert(e);
-                }
-            }
-        })
-        .await;
-        if drained.is_err() {
-            tracing::error!(
-                timeout_secs = drain.as_secs(),
-                "drain timed out; aborting the remaining tasks"
-            );
-            self.tasks.abort_all();
-        }
-        failure.map_or(Ok(()), Err)
-    }
-}
-
-fn outcome(
-    joined: Result<(&'static str, RoleResult), tokio::task::JoinError>,
-) -> Option<DaemonError> {
-    match joined {
-        Ok((role, Ok(()))) => {
-            tracing::info!(role, "role stopped");
-            None
-        }
-        Ok((role, Err(message))) => {
-            tracing::error!(role, error = %message, "role failed");
-            Some(DaemonError::Role { role, message })
-        }
-        Err(e) => Some(DaemonError::Role {
-            role: "task",
-            message: e.to_string(),
-        }),
-    }
 }
 
 /// A role the process can run; `membersync run` runs all of them, `membersync <role>` one.
@@ -143,7 +70,10 @@ pub async fn run(config: Config, roles: &[Role]) -> Result<(), DaemonError> {
     let shutdown = CancellationToken::new();
     crate::shutdown::install(shutdown.clone()).map_err(DaemonError::Signals)?;
     let metrics = Metrics::new();
+    let health = Health::default();
+    health.install_panic_hook(shutdown.clone());
     let started = Arc::new(AtomicBool::new(false));
+    let (topics_ready, topics_rx) = watch::channel(!config.kafka.create_topics);
     let mut probes = probes(&config, roles)?;
     probes.insert(
         0,
@@ -151,6 +81,10 @@ pub async fn run(config: Config, roles: &[Role]) -> Result<(), DaemonError> {
             started: Arc::clone(&started),
         }),
     );
+    probes.push(Box::new(TopicsProbe {
+        ready: topics_rx.clone(),
+    }));
+    probes.push(Box::new(health.clone()));
     let addr = config.telemetry.metrics_addr;
     let server = OpsServer::bind(addr, ops::router(metrics.clone(), probes))
         .await
@@ -158,30 +92,48 @@ pub async fn run(config: Config, roles: &[Role]) -> Result<(), DaemonError> {
     tracing::info!(addr = %server.local_addr().unwrap_or(addr), "ops server listening (/metrics, /healthz, /readyz)");
 
     // Liveness and metrics answer from here on, while the roles start.
-    let mut supervisor = Supervisor::new(shutdown.clone());
+    let mut supervisor = Supervisor::new(shutdown.clone(), health.clone());
     let token = shutdown.clone();
     supervisor.spawn("ops", async move {
         server.serve(token).await.map_err(|e| e.to_string())
     });
 
     if config.kafka.create_topics {
+        // Kafka away at start is an outage to wait out, not a reason to exit: ingest starts
+        // at once (and answers 503 + Retry-After until Kafka is back); the roles that read or
+        // write the topics start once they exist.
         let admin =
             KafkaAdmin::new(&config.kafka).map_err(|e| DaemonError::Setup(e.to_string()))?;
         let topics = crate::kafka::topics::Topics::new(&config.kafka.topic_prefix).all(&config);
-        let created = admin
-            .ensure_topics(&topics)
-            .await
-            .map_err(|e| DaemonError::Setup(e.to_string()))?;
-        if !created.is_empty() {
-            tracing::info!(?created, "created missing topics");
+        match admin.ensure_topics(&topics).await {
+            Ok(created) => {
+                if !created.is_empty() {
+                    tracing::info!(?created, "created missing topics");
+                }
+                let _ = topics_ready.send(true);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot ensure the Kafka topics at start; starting anyway and retrying");
+                let token = shutdown.clone();
+                let max_backoff = Duration::from_secs(config.cdc.reconnect_max_backoff_secs.max(1));
+                tokio::spawn(async move {
+                    ensure_topics(&admin, &topics, &token, max_backoff).await;
+                    let _ = topics_ready.send(true);
+                });
+            }
         }
     }
 
     if roles.contains(&Role::Cdc) {
         let cdc = crate::cdc::Cdc::new(&config, &metrics)
             .map_err(|e| DaemonError::Setup(e.to_string()))?;
+        *health.cdc.lock().expect("health") = Some(cdc.status());
         let token = shutdown.clone();
+        let ready = topics_rx.clone();
         supervisor.spawn("cdc", async move {
+            if !topics_created(ready, &token).await {
+                return Ok(());
+            }
             cdc.run(token).await.map_err(|e| e.to_string())
         });
     }
@@ -202,7 +154,11 @@ pub async fn run(config: Config, roles: &[Role]) -> Result<(), DaemonError> {
         let merge = crate::merge::Merge::new(&config, &metrics)
             .map_err(|e| DaemonError::Setup(e.to_string()))?;
         let token = shutdown.clone();
+        let ready = topics_rx.clone();
         supervisor.spawn("merge", async move {
+            if !topics_created(ready, &token).await {
+                return Ok(());
+            }
             merge.run(token).await.map_err(|e| e.to_string())
         });
     }
@@ -211,10 +167,17 @@ pub async fn run(config: Config, roles: &[Role]) -> Result<(), DaemonError> {
         let bridge = crate::bridge::Bridge::new(&config, &metrics)
             .map_err(|e| DaemonError::Setup(e.to_string()))?;
         let token = shutdown.clone();
+        let ready = topics_rx.clone();
         supervisor.spawn("bridge", async move {
+            if !topics_created(ready, &token).await {
+                return Ok(());
+            }
             bridge.run(token).await.map_err(|e| e.to_string())
         });
     }
+
+    #[cfg(debug_assertions)]
+    spawn_test_panic();
 
     started.store(true, Ordering::Release);
     tracing::info!(
@@ -224,82 +187,55 @@ pub async fn run(config: Config, roles: &[Role]) -> Result<(), DaemonError> {
     supervisor.run(config.shutdown.drain_timeout()).await
 }
 
-/// Readiness covers what the selected roles depend on; Kafka is needed by every role, and
-/// the full daemon (`run`) also streams from Postgres.
-fn probes(config: &Config, roles: &[Role]) -> Result<Vec<Box<dyn Probe>>, DaemonError> {
-    let admin = KafkaAdmin::new(&config.kafka).map_err(|e| DaemonError::Setup(e.to_string()))?;
-    let mut probes: Vec<Box<dyn Probe>> = vec![Box::new(KafkaProbe { admin })];
-    if roles == Role::ALL || roles.iter().any(|r| r.needs_postgres()) {
-        let config = config.database.clone();
-        probes.insert(0, Box::new(PostgresProbe { config }));
-    }
-    Ok(probes)
+/// Debug builds only (the integration tests run them): `MEMBERSYNC_TEST_PANIC_AFTER_MS`
+/// makes a detached task panic after that long, the way a worker a role spawned would — its
+/// `JoinHandle` kept by nobody — to test that any panic fails the process.
+#[cfg(debug_assertions)]
+fn spawn_test_panic() {
+    let Some(ms) = std::env::var("MEMBERSYNC_TEST_PANIC_AFTER_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        panic!("MEMBERSYNC_TEST_PANIC_AFTER_MS: a worker task panics");
+    });
 }
 
-/// Not ready until every role of this process has started (listeners bound, topics ready).
-struct StartupProbe {
-    started: Arc<AtomicBool>,
-}
-
-impl Probe for StartupProbe {
-    fn name(&self) -> &'static str {
-        "startup"
-    }
-
-    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
-        let started = self.started.load(Ordering::Acquire);
-        async move {
-            if started {
-                Ok(())
-            } else {
-                Err("roles are starting".to_owned())
+/// Creates the missing topics, retrying with capped backoff until Kafka answers (or shutdown).
+async fn ensure_topics(
+    admin: &KafkaAdmin,
+    topics: &[String],
+    shutdown: &CancellationToken,
+    max_backoff: Duration,
+) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match admin.ensure_topics(topics).await {
+            Ok(created) => {
+                if !created.is_empty() {
+                    tracing::info!(?created, "created missing topics");
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, backoff_secs = backoff.as_secs(), "cannot ensure the Kafka topics; retrying");
             }
         }
-        .boxed()
-    }
-}
-
-struct PostgresProbe {
-    config: crate::config::DatabaseConfig,
-}
-
-impl Probe for PostgresProbe {
-    fn name(&self) -> &'static str {
-        "postgres"
-    }
-
-    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
-        async move {
-            let client = db::connect(&self.config, Login::Daemon)
-                .await
-                .map_err(|e| e.to_string())?;
-            client
-                .simple_query("select 1")
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(())
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
         }
-        .boxed()
+        backoff = (backoff * 2).min(max_backoff);
     }
 }
 
-struct KafkaProbe {
-    admin: KafkaAdmin,
-}
-
-impl Probe for KafkaProbe {
-    fn name(&self) -> &'static str {
-        "kafka"
-    }
-
-    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
-        async move {
-            self.admin
-                .cluster_info()
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        }
-        .boxed()
+/// Waits until the topics exist; `false` if shutdown came first.
+async fn topics_created(mut ready: watch::Receiver<bool>, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        r = ready.wait_for(|created| *created) => r.is_ok(),
+        _ = shutdown.cancelled() => false,
     }
 }

@@ -34,6 +34,22 @@ struct State {
     queue: VecDeque<InFlight>,
     /// The first delivery failure since the last reset; the stream restarts on it.
     failure: Option<String>,
+    /// That failure can never pass by retrying (an authorisation or topic error): CDC stops
+    /// for an operator instead of reconnecting in a loop.
+    permanent: bool,
+    /// Records the broker refused as too large, waiting to be replaced (their transaction
+    /// still counts them as outstanding).
+    refused: Vec<Refused>,
+}
+
+/// A record the broker refused as too large after it was queued.
+#[derive(Debug, Clone)]
+pub struct Refused {
+    pub seq: u64,
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub error: String,
 }
 
 /// What [`AckTracker::take_confirmed`] found.
@@ -162,8 +178,45 @@ impl AckTracker {
             .sum()
     }
 
+    /// A record of `seq` was refused as too large: it stays outstanding (its transaction is
+    /// not confirmed) until `CdcSink::resend_refused` queued its replacement and released it.
+    pub fn refused(&self, refused: Refused) {
+        let mut s = self.state.lock().expect("ack state");
+        if !s.queue.iter().any(|t| t.seq == refused.seq) {
+            return;
+        }
+        s.refused.push(refused);
+        drop(s);
+        self.notify.notify_one();
+    }
+
+    pub fn take_refused(&self) -> Vec<Refused> {
+        std::mem::take(&mut self.state.lock().expect("ack state").refused)
+    }
+
     pub fn take_failure(&self) -> Option<String> {
-        self.state.lock().expect("ack state").failure.take()
+        let mut s = self.state.lock().expect("ack state");
+        s.permanent = false;
+        s.failure.take()
+    }
+
+    /// The first delivery failure, and whether it is permanent.
+    pub fn take_failure_kind(&self) -> Option<(String, bool)> {
+        let mut s = self.state.lock().expect("ack state");
+        let permanent = std::mem::take(&mut s.permanent);
+        s.failure.take().map(|f| (f, permanent))
+    }
+
+    /// A delivery failed for good with an error no retry can fix.
+    pub fn delivered_permanent_failure(&self, seq: u64, error: String) {
+        let first = {
+            let s = self.state.lock().expect("ack state");
+            s.failure.is_none()
+        };
+        self.delivered(seq, Err(error));
+        if first {
+            self.state.lock().expect("ack state").permanent = true;
+        }
     }
 
     /// Forgets everything in flight (after a reconnect the stream restarts from the confirmed
@@ -172,6 +225,8 @@ impl AckTracker {
         let mut s = self.state.lock().expect("ack state");
         s.queue.clear();
         s.failure = None;
+        s.permanent = false;
+        s.refused.clear();
     }
 
     /// Resolves when a delivery or commit happened since the last call.
@@ -194,10 +249,40 @@ impl ProducerContext for CdcProducerContext {
     fn delivery(&self, result: &DeliveryResult<'_>, seq: usize) {
         let outcome = match result {
             Ok(_) => Ok(()),
+            Err((e, message)) if super::sink::is_too_large(e) => {
+                use rdkafka::Message as _;
+                self.tracker.refused(Refused {
+                    seq: seq as u64,
+                    topic: message.topic().to_owned(),
+                    key: message.key().map(<[u8]>::to_vec),
+                    payload: message.payload().unwrap_or_default().to_vec(),
+                    error: e.to_string(),
+                });
+                return;
+            }
+            Err((e, _)) if is_permanent(e) => {
+                self.tracker
+                    .delivered_permanent_failure(seq as u64, e.to_string());
+                return;
+            }
             Err((e, _)) => Err(e.to_string()),
         };
         self.tracker.delivered(seq as u64, outcome);
     }
+}
+
+/// Delivery errors no reconnect can fix: Kafka refuses this client the topic or the cluster.
+fn is_permanent(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::error::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::TopicAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::InvalidTopic
+                | C::InvalidMessageSize
+        )
+    )
 }
 
 #[cfg(test)]
@@ -266,5 +351,25 @@ mod tests {
         assert_eq!(t.take_failure(), None);
         t.reset();
         assert!(t.is_idle());
+    }
+
+    #[test]
+    fn a_permanent_delivery_failure_is_told_apart() {
+        let t = AckTracker::new();
+        let a = t.begin();
+        t.produced(a);
+        t.produced(a);
+        t.delivered(a, Err("broker gone".into()));
+        t.delivered_permanent_failure(a, "not authorised".into());
+        assert_eq!(
+            t.take_failure_kind(),
+            Some(("broker gone".into(), false)),
+            "the first failure decides"
+        );
+        let b = t.begin();
+        t.produced(b);
+        t.delivered_permanent_failure(b, "not authorised".into());
+        assert_eq!(t.take_failure_kind(), Some(("not authorised".into(), true)));
+        assert_eq!(t.take_failure_kind(), None);
     }
 }

@@ -12,6 +12,8 @@ pub struct CdcMetrics {
     pub slot_lost: IntGauge,
     pub reconnects: IntCounter,
     pub backpressure_waits: IntCounter,
+    pub oversized: IntCounterVec,
+    pub stopped: IntGauge,
     pub incremental_rows: IntCounterVec,
     pub incremental_skipped: IntCounterVec,
     pub incremental_chunks: IntCounterVec,
@@ -59,6 +61,17 @@ impl CdcMetrics {
                 "membersync_cdc_backpressure_waits_total",
                 "Events that waited for room in the full producer queue.",
             )?,
+            oversized: IntCounterVec::new(
+                Opts::new(
+                    "membersync_cdc_oversized_records_total",
+                    "Change events too large for Kafka, replaced by a reference record and a dead letter, by table.",
+                ),
+                &["table"],
+            )?,
+            stopped: IntGauge::new(
+                "membersync_cdc_stopped",
+                "1 while CDC is stopped on an error an operator must fix (the slot does not advance).",
+            )?,
             incremental_rows: IntCounterVec::new(
                 Opts::new(
                     "membersync_cdc_incremental_snapshot_rows_total",
@@ -105,6 +118,8 @@ impl CdcMetrics {
         registry.register(Box::new(m.slot_lost.clone()))?;
         registry.register(Box::new(m.reconnects.clone()))?;
         registry.register(Box::new(m.backpressure_waits.clone()))?;
+        registry.register(Box::new(m.oversized.clone()))?;
+        registry.register(Box::new(m.stopped.clone()))?;
         registry.register(Box::new(m.incremental_rows.clone()))?;
         registry.register(Box::new(m.incremental_skipped.clone()))?;
         registry.register(Box::new(m.incremental_chunks.clone()))?;

@@ -8,7 +8,9 @@
 pub mod ack;
 pub mod envelope;
 pub mod incremental;
+pub mod leader;
 pub mod metrics;
+pub mod oversize;
 pub mod pgoutput;
 pub mod relation;
 pub mod sink;
@@ -17,7 +19,7 @@ pub mod snapshot;
 pub mod stream;
 pub mod value;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use secrecy::ExposeSecret;
@@ -25,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::ack::AckTracker;
 use self::metrics::CdcMetrics;
-use self::sink::CdcSink;
+use self::sink::{CdcSink, OversizePolicy};
 use self::slot::{Leader, SlotError, SlotState};
 use crate::config::{Config, SnapshotMode};
 use crate::db::{self, Login};
@@ -54,6 +56,9 @@ pub enum CdcError {
     Incremental(#[from] incremental::IncrementalError),
     #[error("Kafka did not acknowledge a change event: {0}")]
     Delivery(String),
+    /// A delivery failed with an error no retry fixes (authorisation, invalid topic).
+    #[error("Kafka refused a change event for good: {0}")]
+    Rejected(String),
     #[error("lost leadership of the slot (lock connection closed)")]
     LeadershipLost,
     #[error("cannot create the slot: {0}")]
@@ -61,30 +66,27 @@ pub enum CdcError {
 }
 
 impl CdcError {
-    /// Errors that reconnecting cannot fix; an operator has to act.
+    /// Errors that reconnecting cannot fix; an operator has to act. (A record too large for
+    /// Kafka is not one: the sink replaces it, see `oversize`.)
     fn needs_operator(&self) -> bool {
         if let CdcError::Sink(sink::SinkError::Produce(e)) = self {
-            // Retrying the same change cannot help (e.g. a row larger than the topic allows).
+            // Retrying the same change cannot help.
             use rdkafka::error::RDKafkaErrorCode as C;
             if matches!(
                 e.rdkafka_error_code(),
-                Some(
-                    C::MessageSizeTooLarge
-                        | C::InvalidMessageSize
-                        | C::TopicAuthorizationFailed
-                        | C::InvalidTopic
-                )
+                Some(C::InvalidMessageSize | C::TopicAuthorizationFailed | C::InvalidTopic)
             ) {
                 return true;
             }
         }
         matches!(
             self,
-            CdcError::Slot(
-                SlotError::Lost(_)
-                    | SlotError::WrongPlugin { .. }
-                    | SlotError::NoPublication { .. }
-            )
+            CdcError::Rejected(_)
+                | CdcError::Slot(
+                    SlotError::Lost(_)
+                        | SlotError::WrongPlugin { .. }
+                        | SlotError::NoPublication { .. }
+                )
         )
     }
 }
@@ -112,6 +114,7 @@ impl StreamContext {
     /// Waits until everything produced is acknowledged; a delivery failure is an error.
     pub async fn wait_until_idle(&self) -> Result<(), snapshot::SnapshotError> {
         loop {
+            self.sink.resend_refused().await?;
             if let Some(c) = self.tracker.take_confirmed() {
                 self.metrics.confirmed_lsn.set(c.lsn as i64);
             }
@@ -129,17 +132,46 @@ impl StreamContext {
     }
 }
 
+/// Whether CDC is stopped on an error an operator must fix: readiness fails while it is
+/// (`/readyz` 503), so that a wedged stream is not reported as healthy.
+#[derive(Debug, Clone, Default)]
+pub struct CdcStatus {
+    stopped: Arc<Mutex<Option<String>>>,
+}
+
+impl CdcStatus {
+    /// `Some(reason)` while stopped.
+    pub fn stopped(&self) -> Option<String> {
+        self.stopped.lock().expect("cdc status").clone()
+    }
+
+    pub(crate) fn set(&self, reason: Option<String>) {
+        *self.stopped.lock().expect("cdc status") = reason;
+    }
+}
+
 pub struct Cdc {
     ctx: Arc<StreamContext>,
+    status: CdcStatus,
 }
 
 impl Cdc {
     pub fn new(config: &Config, metrics: &crate::telemetry::Metrics) -> Result<Self, CdcError> {
         let tracker = AckTracker::new();
-        let sink = CdcSink::new(&config.kafka, tracker.clone())?;
         let metrics = CdcMetrics::register(metrics.registry())
             .map_err(|e| CdcError::CreateSlot(format!("metrics: {e}")))?;
+        // Present at 0 from the start, so that an alert on its increase sees the first one.
+        for table in &config.cdc.tables {
+            metrics.oversized.with_label_values(&[table]);
+        }
+        let policy = OversizePolicy {
+            max_record_bytes: config.cdc.max_record_bytes.max(1024),
+            counter: Some(metrics.oversized.clone()),
+            ..OversizePolicy::defaults(&config.kafka.topic_prefix)
+        };
+        let sink = CdcSink::with_policy(&config.kafka, tracker.clone(), policy)?;
         Ok(Self {
+            status: CdcStatus::default(),
             ctx: Arc::new(StreamContext {
                 config: config.clone(),
                 topics: Topics::new(&config.kafka.topic_prefix),
@@ -148,6 +180,11 @@ impl Cdc {
                 metrics,
             }),
         })
+    }
+
+    /// The handle readiness reads.
+    pub fn status(&self) -> CdcStatus {
+        self.status.clone()
     }
 
     /// Runs until `shutdown`. Errors an operator must fix (a lost slot) stop CDC loudly but
@@ -162,7 +199,7 @@ impl Cdc {
             }
             let leader = match Leader::acquire(
                 &ctx.config.database,
-                &ctx.config.cdc.slot,
+                &ctx.config.cdc,
                 Duration::from_secs(1),
                 &shutdown,
             )
@@ -180,7 +217,7 @@ impl Cdc {
             ctx.metrics.leader.set(1);
             tracing::info!(slot = ctx.config.cdc.slot, "CDC leadership acquired");
             let outcome = tokio::select! {
-                r = lead(ctx, &leader, &shutdown) => r,
+                r = lead(ctx, &leader, &shutdown, &self.status) => r,
                 _ = leader.lost() => Err(CdcError::LeadershipLost),
             };
             ctx.metrics.leader.set(0);
@@ -191,9 +228,11 @@ impl Cdc {
                     ctx.metrics
                         .slot_lost
                         .set(matches!(e, CdcError::Slot(SlotError::Lost(_))) as i64);
+                    ctx.metrics.stopped.set(1);
+                    self.status.set(Some(e.to_string()));
                     tracing::error!(error = %e, "CDC stopped: operator action needed");
                     drop(leader);
-                    sleep_or_cancel(&shutdown, Duration::from_secs(60)).await;
+                    watch_while_stopped(ctx, &shutdown, Duration::from_secs(60)).await;
                 }
                 Err(e) => {
                     ctx.metrics.reconnects.inc();
@@ -204,6 +243,28 @@ impl Cdc {
                 }
             }
         }
+    }
+}
+
+/// Sleeps `d` while stopped, polling the slot's lag meanwhile: the WAL a stopped stream makes
+/// Postgres keep must show in `membersync_cdc_slot_lag_bytes`, not a stale value.
+async fn watch_while_stopped(ctx: &StreamContext, shutdown: &CancellationToken, d: Duration) {
+    let until = tokio::time::Instant::now() + d;
+    let every = Duration::from_secs(ctx.config.cdc.slot_poll_interval_secs.max(1));
+    let mut client = None;
+    while tokio::time::Instant::now() < until && !shutdown.is_cancelled() {
+        if client.is_none() {
+            client = db::connect(&ctx.config.database, Login::Daemon).await.ok();
+        }
+        if let Some(c) = &client {
+            match slot::health(c, &ctx.config.cdc.slot).await {
+                Ok(Some(h)) => ctx.metrics.slot_lag_bytes.set(h.lag_bytes),
+                Ok(None) => {}
+                Err(_) => client = None,
+            }
+        }
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        sleep_or_cancel(shutdown, every.min(left)).await;
     }
 }
 
@@ -219,6 +280,7 @@ async fn lead(
     ctx: &StreamContext,
     leader: &Leader,
     shutdown: &CancellationToken,
+    status: &CdcStatus,
 ) -> Result<(), CdcError> {
     let slot = &ctx.config.cdc.slot;
     let state = slot::inspect(leader.client(), &ctx.config).await?;
@@ -233,6 +295,8 @@ async fn lead(
     replication.start().await?;
     replication.wait_started().await?;
     tracing::info!(slot, "streaming changes");
+    ctx.metrics.stopped.set(0);
+    status.set(None);
     stream::run(ctx, &mut replication, leader, shutdown).await
 }
 

@@ -1,13 +1,12 @@
-//! The control plane around the replication slot: single-active leadership through an
-//! advisory lock, the slot's health and lag, and the snapshot bookkeeping that makes an
-//! interrupted initial snapshot restart cleanly.
-
-use std::time::Duration;
+//! The control plane around the replication slot: the slot's state, health and lag, and the
+//! snapshot bookkeeping that makes an interrupted initial snapshot restart cleanly. Leadership
+//! (who streams it) is in `super::leader`.
 
 use tokio_postgres::Client;
 
-use crate::config::{Config, DatabaseConfig};
-use crate::db::{self, DbError, Login};
+pub use super::leader::Leader;
+use crate::config::Config;
+use crate::db::DbError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SlotError {
@@ -35,73 +34,6 @@ pub enum SlotError {
         missing: String,
         role: String,
     },
-}
-
-/// The advisory lock key of a slot: every membersync instance that would stream this slot
-/// computes the same key, and only the holder streams.
-fn lock_key(slot: &str) -> String {
-    format!("membersync.cdc.{slot}")
-}
-
-/// Leadership over one slot, held for as long as this connection lives.
-pub struct Leader {
-    client: Client,
-}
-
-impl Leader {
-    /// Waits (hot standby) until this process holds the lock, polling every `poll`.
-    /// Returns `None` if `cancel` fires first.
-    pub async fn acquire(
-        cfg: &DatabaseConfig,
-        slot: &str,
-        poll: Duration,
-        cancel: &tokio_util::sync::CancellationToken,
-    ) -> Result<Option<Leader>, SlotError> {
-        let client = db::connect(cfg, Login::Daemon).await?;
-        let key = lock_key(slot);
-        let mut logged = false;
-        loop {
-            let got: bool = client
-                .query_one(
-                    "select pg_try_advisory_lock(hashtextextended($1, 0))",
-                    &[&key],
-                )
-                .await?
-                .get(0);
-            if got {
-                return Ok(Some(Leader { client }));
-            }
-            if !logged {
-                tracing::info!(
-                    slot,
-                    "another instance streams this slot; waiting as hot standby"
-                );
-                logged = true;
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return Ok(None),
-                _ = tokio::time::sleep(poll) => {}
-            }
-        }
-    }
-
-    /// Resolves when the lock connection is gone (leadership lost).
-    pub async fn lost(&self) {
-        loop {
-            if self.client.is_closed() {
-                return;
-            }
-            if self.client.simple_query("select 1").await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    }
-
-    /// The leader's own connection, for control-plane queries.
-    pub fn client(&self) -> &Client {
-        &self.client
-    }
 }
 
 /// What the slot looks like right now.

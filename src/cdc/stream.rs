@@ -63,8 +63,13 @@ pub async fn run(
     let mut snapshots = Driver::new(ctx);
     loop {
         confirm(ctx, repl);
-        if let Some(e) = ctx.tracker.take_failure() {
-            return Err(CdcError::Delivery(e));
+        ctx.sink.resend_refused().await?;
+        if let Some((e, permanent)) = ctx.tracker.take_failure_kind() {
+            return Err(if permanent {
+                CdcError::Rejected(e)
+            } else {
+                CdcError::Delivery(e)
+            });
         }
         snapshots.persist(ctx, leader.client()).await?;
         tokio::select! {

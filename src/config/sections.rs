@@ -278,6 +278,16 @@ pub struct CdcConfig {
     pub slot_poll_interval_secs: u64,
     /// Upper bound of the reconnect backoff after a Postgres or Kafka error.
     pub reconnect_max_backoff_secs: u64,
+    /// A change event whose record (key + value) is larger is replaced by a reference record
+    /// and a dead letter instead of being produced (Kafka would refuse it for good). Keep it
+    /// at or below the topics' `max.message.bytes`.
+    pub max_record_bytes: usize,
+    /// How often the leader renews its liveness lease (`membersync_meta.cdc_leaders`).
+    pub leader_heartbeat_interval_ms: u64,
+    /// A standby terminates the leader's lock session when its lease is older than this
+    /// (a hung leader, or one whose connection is gone without the server noticing), and
+    /// takes over. Also the TCP keepalive and user timeout budget of the lock session.
+    pub leader_lease_timeout_secs: u64,
 }
 
 impl Default for CdcConfig {
@@ -300,6 +310,9 @@ impl Default for CdcConfig {
             status_interval_ms: 1_000,
             slot_poll_interval_secs: 10,
             reconnect_max_backoff_secs: 30,
+            max_record_bytes: 1_000_000,
+            leader_heartbeat_interval_ms: 2_000,
+            leader_lease_timeout_secs: 15,
         }
     }
 }

@@ -1450,6 +1450,230 @@ async fn a_hot_standby_takes_over_within_seconds_after_kill_9() {
     );
 }
 
+/// A leader that hangs with its connections up (SIGSTOP: the kernel keeps its sockets, so
+/// Postgres keeps its session and the lock) is replaced once its lease is stale: the standby
+/// terminates its sessions and streams, with the default settings, within 30 s.
+#[tokio::test]
+async fn a_hung_leader_is_replaced_within_30_s_after_sigstop() {
+    let s = Setup::new().await;
+    let daemons = [s.start().await, s.start().await];
+    let leader = wait_for("exactly one leader", Duration::from_secs(30), || {
+        let d = &daemons;
+        async move {
+            let (a, b) = (
+                d[0].metric("membersync_cdc_leader").await,
+                d[1].metric("membersync_cdc_leader").await,
+            );
+            assert!(a + b <= 1.0, "two leaders at once");
+            (a + b == 1.0).then_some(if a == 1.0 { 0 } else { 1 })
+        }
+    })
+    .await;
+    s.snapshot_done().await;
+    s.sql("insert into public.cdc_t (id, memberstack_id) values (1, 'mem_1')")
+        .await;
+    let mut reader = s.reader("cdc_t");
+    reader.count(1, Duration::from_secs(30)).await;
+    let [first, second] = daemons;
+    let (hung, standby) = if leader == 0 {
+        (first, second)
+    } else {
+        (second, first)
+    };
+
+    hung.signal("STOP");
+    let stopped = Instant::now();
+    for id in 2..=6 {
+        s.sql(&format!(
+            "insert into public.cdc_t (id, memberstack_id) values ({id}, 'mem_{id}')"
+        ))
+        .await;
+    }
+    let takeover = wait_for("the standby to take over", Duration::from_secs(30), || {
+        let d = &standby;
+        async move { (d.metric("membersync_cdc_leader").await == 1.0).then(|| stopped.elapsed()) }
+    })
+    .await;
+    for id in 7..=11 {
+        s.sql(&format!(
+            "insert into public.cdc_t (id, memberstack_id) values ({id}, 'mem_{id}')"
+        ))
+        .await;
+    }
+    let ids: BTreeSet<i64> = (2..=11).collect();
+    let events = reader
+        .all_ids("c", &ids, Duration::from_secs(30))
+        .await
+        .to_vec();
+    let streaming = stopped.elapsed();
+    eprintln!(
+        "hung leader: standby leader {:.1} s after SIGSTOP; changes made after it in Kafka {:.1} s after it",
+        takeover.as_secs_f64(),
+        streaming.as_secs_f64()
+    );
+    assert!(streaming <= Duration::from_secs(30), "took {streaming:?}");
+    let (_, duplicates) = count_ids(&events, "c", &ids);
+    assert_eq!(duplicates, 0, "changes after the hang were sent twice");
+
+    // Resumed, the old leader finds its sessions gone and does not stream beside the new one.
+    hung.signal("CONT");
+    wait_for(
+        "the resumed leader to stand by",
+        Duration::from_secs(30),
+        || {
+            let d = &hung;
+            async move { (d.metric("membersync_cdc_leader").await == 0.0).then_some(()) }
+        },
+    )
+    .await;
+    s.sql("insert into public.cdc_t (id, memberstack_id) values (12, 'mem_12')")
+        .await;
+    reader
+        .all_ids("c", &BTreeSet::from([12]), Duration::from_secs(30))
+        .await;
+    assert_eq!(standby.metric("membersync_cdc_leader").await, 1.0);
+    assert_eq!(hung.metric("membersync_cdc_leader").await, 0.0);
+}
+
+/// A TCP relay to Postgres that can be cut without closing anything: a partition as both ends
+/// see it (no FIN, no RST; whatever is sent is never answered).
+struct Partition {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Partition {
+    async fn to_postgres() -> Partition {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let services = support::Services::get();
+        let target = format!("{}:{}", services.pg_host(), services.pg_port());
+        let flag = cut.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(relay(client_read, server_write, flag.clone()));
+                tokio::spawn(relay(server_read, client_write, flag.clone()));
+            }
+        });
+        Partition { port, cut }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+async fn relay(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let is_cut = || cut.load(std::sync::atomic::Ordering::SeqCst);
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if is_cut() {
+            // Hold both sockets open and move nothing, for good.
+            std::future::pending::<()>().await;
+        }
+        let n = match tokio::time::timeout(Duration::from_millis(100), from.read(&mut buf)).await {
+            Err(_) => continue,
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(n)) => n,
+        };
+        if is_cut() {
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A leader cut off from Postgres without its connections closing (a partition, a node that
+/// vanished): the server keeps its session and lock, but the lease goes stale, so the standby
+/// terminates that session and streams within 30 s; the cut-off leader gives up by itself.
+#[tokio::test]
+async fn a_partitioned_leader_is_replaced_within_30_s() {
+    let s = Setup::new().await;
+    let partition = Partition::to_postgres().await;
+    let port = partition.port.to_string();
+    let leader = Daemon::start(
+        "cdc",
+        s.env_with(&[
+            ("MEMBERSYNC__DATABASE__PORT", port.as_str()),
+            ("MEMBERSYNC__DATABASE__CONNECT_TIMEOUT_SECS", "2"),
+        ]),
+    )
+    .await;
+    wait_for(
+        "the relayed daemon to lead",
+        Duration::from_secs(30),
+        || {
+            let d = &leader;
+            async move { (d.metric("membersync_cdc_leader").await == 1.0).then_some(()) }
+        },
+    )
+    .await;
+    let standby = s.start().await;
+    s.snapshot_done().await;
+    s.sql("insert into public.cdc_t (id, memberstack_id) values (1, 'mem_1')")
+        .await;
+    let mut reader = s.reader("cdc_t");
+    reader.count(1, Duration::from_secs(30)).await;
+    assert_eq!(standby.metric("membersync_cdc_leader").await, 0.0);
+
+    partition.cut();
+    let cut = Instant::now();
+    for id in 2..=6 {
+        s.sql(&format!(
+            "insert into public.cdc_t (id, memberstack_id) values ({id}, 'mem_{id}')"
+        ))
+        .await;
+    }
+    let takeover = wait_for("the standby to take over", Duration::from_secs(30), || {
+        let d = &standby;
+        async move { (d.metric("membersync_cdc_leader").await == 1.0).then(|| cut.elapsed()) }
+    })
+    .await;
+    for id in 7..=11 {
+        s.sql(&format!(
+            "insert into public.cdc_t (id, memberstack_id) values ({id}, 'mem_{id}')"
+        ))
+        .await;
+    }
+    let ids: BTreeSet<i64> = (2..=11).collect();
+    let events = reader
+        .all_ids("c", &ids, Duration::from_secs(30))
+        .await
+        .to_vec();
+    let streaming = cut.elapsed();
+    eprintln!(
+        "partitioned leader: standby leader {:.1} s after the cut; changes made after it in Kafka {:.1} s after it",
+        takeover.as_secs_f64(),
+        streaming.as_secs_f64()
+    );
+    assert!(streaming <= Duration::from_secs(30), "took {streaming:?}");
+    let (_, duplicates) = count_ids(&events, "c", &ids);
+    assert_eq!(duplicates, 0, "changes after the cut were sent twice");
+    // Its ops port still answers: the cut-off leader stopped leading on its own.
+    wait_for(
+        "the cut-off leader to give up",
+        Duration::from_secs(30),
+        || {
+            let d = &leader;
+            async move { (d.metric("membersync_cdc_leader").await == 0.0).then_some(()) }
+        },
+    )
+    .await;
+}
+
 // ------------------------------------------------------------------------------------------
 // 11. An interrupted initial snapshot starts over
 // ------------------------------------------------------------------------------------------
@@ -1735,6 +1959,20 @@ async fn a_lost_slot_is_reported_and_not_recreated() {
         0.0,
         "CDC stopped"
     );
+    // Loud: the stop shows in readiness and its own gauge, and the WAL it pins in the lag.
+    assert_eq!(daemon.metric("membersync_cdc_stopped").await, 1.0);
+    let (status, body) = daemon.get("/readyz").await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("CDC stopped"), "{body}");
+    wait_for(
+        "the lag of the stopped slot",
+        Duration::from_secs(10),
+        || {
+            let d = &daemon;
+            async move { (d.metric("membersync_cdc_slot_lag_bytes").await > 0.0).then_some(()) }
+        },
+    )
+    .await;
     let (status, again): (String, String) = {
         let r = admin
             .query_one(
@@ -1748,6 +1986,107 @@ async fn a_lost_slot_is_reported_and_not_recreated() {
     };
     assert_eq!(status, "lost", "the slot was not re-created");
     assert_eq!(again, started_at, "no new snapshot was started");
+}
+
+// ------------------------------------------------------------------------------------------
+// 13. A change too large for Kafka never wedges the stream
+// ------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_change_too_large_for_kafka_is_replaced_and_the_stream_moves_on() {
+    let s = Setup::new().await;
+    let daemon = s.start().await;
+    s.snapshot_done().await;
+    s.sql("insert into public.cdc_t (id, memberstack_id, name) values (1, 'mem_1', 'small')")
+        .await;
+    // cdc_t has no size limit (members has, V13): 1.3 MB, over Kafka's default 1 MB record.
+    s.sql("update public.cdc_t set big = repeat('x', 1300000), name = 'grown' where id = 1")
+        .await;
+    s.sql("insert into public.cdc_t (id, memberstack_id, name) values (2, 'mem_2', 'after')")
+        .await;
+
+    let mut reader = s.reader("cdc_t");
+    let events = reader
+        .until(
+            "the change after the oversized one",
+            Duration::from_secs(60),
+            |e| e.iter().any(|e| e.op() == "c" && e.id() == Some(2)),
+        )
+        .await
+        .to_vec();
+    let reference = events
+        .iter()
+        .find(|e| e.op() == "u" && e.id() == Some(1))
+        .expect("the reference record of the oversized update");
+    let v = &reference.value;
+    assert_eq!(v["truncated"], true, "{v}");
+    assert_eq!(v["source"]["truncated_columns"], json!(["big"]), "{v}");
+    assert_eq!(v["source"]["table"], "cdc_t");
+    assert!(v["source"]["lsn"].as_u64().unwrap() > 0);
+    assert_eq!(v["after"]["name"], "grown", "small columns are kept");
+    assert!(
+        v["after"].get("big").is_none(),
+        "the cut column is left out"
+    );
+    assert_eq!(reference.key.as_deref(), Some("1"));
+    // In commit order: the reference sits where the change was.
+    let pos = |id: i64, op: &str| {
+        events
+            .iter()
+            .position(|e| e.op() == op && e.id() == Some(id))
+    };
+    assert!(pos(1, "c") < pos(1, "u") && pos(1, "u") < pos(2, "c"));
+
+    // The slot moved past the change after it: nothing is stuck.
+    let after = events
+        .iter()
+        .find(|e| e.id() == Some(2))
+        .unwrap()
+        .commit_lsn();
+    let admin = &s.admin;
+    let slot = s.db.slot();
+    wait_for(
+        "the slot to confirm past the later change",
+        Duration::from_secs(30),
+        || {
+            let slot = slot.clone();
+            async move { (slot_confirmed(admin, &slot).await? >= after).then_some(()) }
+        },
+    )
+    .await;
+
+    // The dead letter names the row (key = its primary key) and carries the reference.
+    let mut dlq = Reader::new(&s.kafka, &format!("{}.dlq", s.kafka.topic_prefix));
+    let letters = dlq.count(1, Duration::from_secs(30)).await;
+    let letter = &letters[0].value;
+    assert_eq!(letter["error"]["kind"], "cdc_record_too_large", "{letter}");
+    assert_eq!(letter["error"]["retryable"], false);
+    assert_eq!(letter["key"], "1");
+    assert_eq!(letter["origin"]["topic"], s.topic("cdc_t"));
+    assert_eq!(letter["value"]["after"]["id"], 1);
+    assert_eq!(letter["value"]["truncated"], true);
+    assert!(letter.to_string().len() < 1_000_000);
+    // Both follow their published schemas.
+    for (name, record) in [("cdc", v), ("dlq", letter)] {
+        let path = support::repo_root().join(format!("schemas/kafka/{name}.json"));
+        let schema: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let validator = jsonschema::validator_for(&schema).unwrap();
+        let errors: Vec<String> = validator
+            .iter_errors(record)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{name}: {errors:?}\n{record}");
+    }
+
+    assert_eq!(
+        daemon
+            .metric("membersync_cdc_oversized_records_total{table=\"public.cdc_t\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(daemon.metric("membersync_cdc_stopped").await, 0.0);
+    let (status, body) = daemon.get("/readyz").await.unwrap();
+    assert_eq!(status, 200, "{body}");
 }
 
 #[path = "incremental.rs"]

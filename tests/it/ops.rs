@@ -1,9 +1,11 @@
 //! The daemon's process frame, end to end: the ops server answers, readiness follows the
 //! dependencies, topics are created at start, SIGTERM drains and exits 0.
 
+use std::time::Duration;
+
 use membersync::kafka::admin::KafkaAdmin;
 
-use crate::support::{self, TestDb, daemon::Daemon};
+use crate::support::{self, TestDb, broker::Broker, daemon::Daemon, wait_for};
 
 fn env_for(db: &TestDb, prefix: &str) -> Vec<(String, String)> {
     let mut env = db.env();
@@ -90,4 +92,120 @@ async fn readiness_reports_an_unreachable_database() {
             .contains("cannot connect"),
         "{body}"
     );
+}
+
+/// Kafka away when the process starts is an outage, not a fatal error: ingest starts, answers
+/// webhooks 503 with Retry-After (readiness 503) while Kafka is gone, and 200 once it is back
+/// (the topics are created then).
+#[tokio::test]
+async fn ingest_starts_while_kafka_is_down_and_answers_503_until_it_is_back() {
+    use membersync::ingest::verify::svix::SvixVerifier;
+    use secrecy::SecretString;
+
+    let mut broker = Broker::start().await;
+    broker.stop().await;
+    let mut kafka = support::kafka::config();
+    kafka.brokers = broker.addr();
+    let secret = format!(
+        "whsec_{}",
+        base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            uuid::Uuid::new_v4().as_bytes()
+        )
+    );
+    let env: Vec<(String, String)> = [
+        ("MEMBERSYNC__KAFKA__BROKERS", kafka.brokers.clone()),
+        (
+            "MEMBERSYNC__KAFKA__TOPIC_PREFIX",
+            kafka.topic_prefix.clone(),
+        ),
+        ("MEMBERSYNC__KAFKA__TOPIC_PARTITIONS", "1".into()),
+        (
+            "MEMBERSYNC__INGEST__MEMBERSTACK_WEBHOOK_SECRETS",
+            secret.clone(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let daemon = Daemon::start("ingest", env).await;
+
+    let (status, body) = daemon.get("/readyz").await.unwrap();
+    assert_eq!(status, 503, "{body}");
+
+    let svix = SvixVerifier::new(&[SecretString::from(secret)]).unwrap();
+    let http = reqwest::Client::new();
+    let post = |id: &'static str| {
+        let body =
+            serde_json::json!({"event": "member.created", "timestamp": 1_700_000_000_123_i64,
+            "payload": {"id": "mem_kafka_down", "auth": {"email": "k@example.com"}}})
+            .to_string();
+        let ts = chrono::Utc::now().timestamp();
+        http.post(format!("{}/webhooks/memberstack", daemon.ingest))
+            .header("content-type", "application/json")
+            .header("svix-id", id)
+            .header("svix-timestamp", ts.to_string())
+            .header("svix-signature", svix.sign(id, ts, body.as_bytes()))
+            .body(body)
+            .send()
+    };
+    let resp = post("msg_kafka_down").await.expect("ingest answers");
+    assert_eq!(resp.status().as_u16(), 503);
+    assert!(
+        resp.headers().get("retry-after").is_some(),
+        "503 without Retry-After"
+    );
+    assert!(daemon.child.id() > 0);
+
+    broker.restart().await;
+    wait_for(
+        "a webhook accepted once Kafka is back",
+        Duration::from_secs(60),
+        || {
+            let sent = post("msg_kafka_back");
+            async move { (sent.await.ok()?.status().as_u16() == 200).then_some(()) }
+        },
+    )
+    .await;
+    wait_for(
+        "readiness once Kafka is back",
+        Duration::from_secs(60),
+        || {
+            let d = &daemon;
+            async move { (d.get("/readyz").await?.0 == 200).then_some(()) }
+        },
+    )
+    .await;
+}
+
+/// A panic in any task — here a detached one, like a worker whose role only logs its end —
+/// fails the process: readiness turns 503 and it exits non-zero for its supervisor.
+#[tokio::test]
+async fn a_panicking_task_fails_readiness_and_the_process_exits_non_zero() {
+    let db = TestDb::migrated().await;
+    let kafka = support::kafka::config();
+    let mut env = env_for(&db, &kafka.topic_prefix);
+    env.push(("MEMBERSYNC_TEST_PANIC_AFTER_MS".into(), "3000".into()));
+    let mut daemon = Daemon::start("run", env).await;
+    // The panic comes 3 s after the start; the drain after it takes a moment, during which
+    // readiness must say why.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut saw_503 = false;
+    let status = loop {
+        if let Some(status) = daemon.child.try_wait().unwrap() {
+            break status;
+        }
+        if let Some((503, body)) = daemon.get("/readyz").await
+            && body.contains("panicked")
+        {
+            saw_503 = true;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the process did not exit after the panic"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(!status.success(), "exit status {status:?}");
+    eprintln!("readiness 503 seen before the exit: {saw_503}");
 }

@@ -903,3 +903,44 @@ async fn daemon_login_is_least_privileged() {
         .get(0);
     assert_eq!(owned, 0);
 }
+
+/// V13: a signed-in user cannot store a value that would make its row's change event too
+/// large for Kafka (one user could otherwise stall CDC for everyone); a value under the limit
+/// still goes through, and so does the daemon's own write of a Memberstack-sized value.
+#[tokio::test]
+async fn authenticated_cannot_store_oversized_application_values() {
+    let mut f = Fixture::new().await;
+    for column in APP_COLUMNS {
+        let huge = format!(
+            "update public.members set {column} = jsonb_build_object('blob', repeat('x', 1300000))
+             where memberstack_id = 'mem_a'"
+        );
+        match f.run(As::User(USER_A), &huge).await {
+            Ok(n) => panic!("A stored a 1.3 MB {column} ({n} rows)"),
+            Err(e) => {
+                let db = e.as_db_error().expect("a server error");
+                assert_eq!(
+                    db.code(),
+                    &SqlState::CHECK_VIOLATION,
+                    "{column}: {}",
+                    db.message()
+                );
+                assert_eq!(
+                    db.constraint(),
+                    Some(format!("members_{column}_size").as_str())
+                );
+            }
+        }
+        // Just under the limit (65,536 bytes of JSON text): allowed.
+        let fits = format!(
+            "update public.members set {column} = jsonb_build_object('blob', repeat('x', 65500))
+             where memberstack_id = 'mem_a'"
+        );
+        assert_eq!(f.allowed(As::User(USER_A), &fits).await, 1, "{column}");
+        let daemon = format!(
+            "update public.members set {column} = jsonb_build_object('plan', repeat('y', 20000))
+             where memberstack_id = 'mem_b'"
+        );
+        assert_eq!(f.allowed(As::Daemon, &daemon).await, 1, "{column}");
+    }
+}
