@@ -112,6 +112,23 @@ impl Stack {
         for command in &commands[1..] {
             more.push(Daemon::start(command, env.clone()).await);
         }
+        if commands.iter().any(|c| *c == "run" || *c == "cdc") {
+            // CDC's initial snapshot reads every row that exists while it runs, as changes
+            // from Supabase (op `r`): a member created meanwhile would be seen twice, which
+            // tests of exact effects must not depend on.
+            wait_for("CDC's initial snapshot completed", WAIT, || async {
+                let done: i64 = admin
+                    .query_one(
+                        "select count(*) from membersync_meta.cdc_snapshots where slot_name = $1 and completed_at is not null",
+                        &[&db.slot()],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                (done == 1).then_some(())
+            })
+            .await;
+        }
         Stack {
             _more: more,
             db,
