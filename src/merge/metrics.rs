@@ -14,6 +14,7 @@ pub struct MergeMetrics {
     pub apply_seconds: HistogramVec,
     pub change_to_applied: Histogram,
     pub in_flight: IntGauge,
+    pub refused_records: IntCounterVec,
     pub outbox: OutboxMetrics,
 }
 
@@ -173,6 +174,13 @@ impl MergeMetrics {
                 .buckets(LATENCY_BUCKETS.to_vec()),
             )?,
             in_flight: IntGauge::new("membersync_merge_in_flight", "Records read from Kafka and not yet finished.")?,
+            refused_records: IntCounterVec::new(
+                Opts::new(
+                    "membersync_merge_refused_records_total",
+                    "Records Kafka refused for good (too large), by topic and what was done: shrunk (sent without their largest values) or dropped.",
+                ),
+                &["topic", "action"],
+            )?,
             outbox: OutboxMetrics::register(registry)?,
         };
         for kind in DEAD_LETTER_KINDS {
@@ -189,6 +197,7 @@ impl MergeMetrics {
         registry.register(Box::new(m.apply_seconds.clone()))?;
         registry.register(Box::new(m.change_to_applied.clone()))?;
         registry.register(Box::new(m.in_flight.clone()))?;
+        registry.register(Box::new(m.refused_records.clone()))?;
         Ok(m)
     }
 }

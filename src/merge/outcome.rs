@@ -75,6 +75,9 @@ pub struct Outcome {
     pub attempts: u32,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub error: Option<String>,
+    /// The record was too large for Kafka: field and conflict values were left out (`null`).
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub truncated: bool,
 }
 
 fn rfc3339(t: DateTime<Utc>) -> String {
@@ -103,7 +106,26 @@ impl Outcome {
             processed_at: rfc3339(Utc::now()),
             attempts: 1,
             error: None,
+            truncated: false,
         }
+    }
+
+    /// An outcome record Kafka refused as too large, without its values (a member's
+    /// `project_data` can be large): the same outcome, its field and conflict values `null`.
+    pub fn shrink(payload: &[u8]) -> Option<Vec<u8>> {
+        let mut o: Outcome = serde_json::from_slice(payload).ok()?;
+        if o.truncated {
+            return None;
+        }
+        for f in &mut o.fields {
+            f.value = Value::Null;
+        }
+        for c in &mut o.conflicts {
+            c.winning = Value::Null;
+            c.losing = Value::Null;
+        }
+        o.truncated = true;
+        serde_json::to_vec(&o).ok()
     }
 
     pub fn with_reason(mut self, reason: impl Into<String>) -> Self {
@@ -218,5 +240,64 @@ fn props(v: Value) -> Map<String, Value> {
     match v {
         Value::Object(m) => m,
         _ => Map::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_outcome_is_sent_without_its_values_once() {
+        let big = json!({"blob": "x".repeat(2_000_000)});
+        let mut o: Outcome = serde_json::from_value(json!({
+            "schema_version": 1, "id": "i", "event_id": "e", "member_id": "mem_1", "user_id": null,
+            "source": "supabase", "event_type": "u", "status": "applied", "fields": [],
+            "conflicts": [], "created": false, "deleted": false,
+            "origin": {"topic": "t", "partition": 0, "offset": 1},
+            "occurred_at": "2026-01-01T00:00:00.000Z", "processed_at": "2026-01-01T00:00:00.000Z",
+            "attempts": 1
+        }))
+        .unwrap();
+        o.record_field("project_data", Verdict::Applied, &big, true, true);
+        o.conflicts.push(ConflictOutcome {
+            field: "project_data".into(),
+            winner: Side::Supabase,
+            winning: big.clone(),
+            losing: big,
+        });
+        let shrunk = Outcome::shrink(&serde_json::to_vec(&o).unwrap()).unwrap();
+        assert!(shrunk.len() < 2_000);
+        let back: Value = serde_json::from_slice(&shrunk).unwrap();
+        assert_eq!(back["truncated"], true);
+        assert_eq!(back["fields"][0]["value"], Value::Null);
+        assert_eq!(back["fields"][0]["field"], "project_data");
+        assert_eq!(back["conflicts"][0]["winning"], Value::Null);
+        assert_eq!(back["status"], "applied");
+        assert_eq!(Outcome::shrink(&shrunk), None, "nothing more to cut");
+        // Without `truncated` the record is unchanged in shape.
+        let plain = serde_json::to_value(Outcome::new(&sample_change(), Status::Unchanged)).unwrap();
+        assert!(plain.get("truncated").is_none());
+    }
+
+    fn sample_change() -> Change {
+        Change {
+            event_id: "e".into(),
+            member_id: Some("mem_1".into()),
+            side: Side::Supabase,
+            source: "supabase",
+            kind: super::super::change::ChangeKind::Cdc {
+                op: "u".into(),
+                own: false,
+            },
+            occurred_at: Utc::now(),
+            payload: Value::Null,
+            position: Position {
+                topic: "t".into(),
+                partition: 0,
+                offset: 1,
+            },
+            replayed: false,
+        }
     }
 }

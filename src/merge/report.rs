@@ -48,16 +48,37 @@ pub fn jittered(base: Duration, max: Duration, attempt: u32) -> Duration {
         .mul_f64(rand::rng().random::<f64>())
 }
 
-/// Produces until Kafka acknowledges, backing off while it is away. `false`: stopped first.
+/// Produces until Kafka acknowledges, backing off while it is away. A record Kafka refuses for
+/// good (too large for its record limit) is replaced by `shrink`'s smaller version, or dropped
+/// — logged and counted — when there is none: it is never retried forever, which would stop
+/// the worker or the relay. `false`: stopped first.
 pub async fn send_until_acknowledged(
     shared: &Shared,
     record: &Record<'_>,
     stop: &CancellationToken,
+    shrink: fn(&[u8]) -> Option<Vec<u8>>,
 ) -> bool {
     let mut attempt = 0;
+    let mut smaller: Option<Vec<u8>> = None;
     loop {
-        match shared.producer.send(record, shared.kafka_wait).await {
+        let current = Record {
+            payload: smaller.as_deref().unwrap_or(record.payload),
+            ..record.clone()
+        };
+        match shared.producer.send(&current, shared.kafka_wait).await {
             Ok(_) => return true,
+            Err(e) if !e.is_retryable() => match shrink(current.payload) {
+                Some(s) if s.len() < current.payload.len() => {
+                    tracing::warn!(topic = record.topic, bytes = current.payload.len(), error = %e, "Kafka refused the record; sending it without its largest values");
+                    shared.metrics.refused_records.with_label_values(&[record.topic, "shrunk"]).inc();
+                    smaller = Some(s);
+                }
+                _ => {
+                    tracing::error!(topic = record.topic, bytes = current.payload.len(), error = %e, "Kafka refused the record and it cannot be made smaller: dropped");
+                    shared.metrics.refused_records.with_label_values(&[record.topic, "dropped"]).inc();
+                    return true;
+                }
+            },
             Err(e) => {
                 attempt += 1;
                 let wait = jittered(Duration::from_millis(200), Duration::from_secs(10), attempt);
@@ -85,7 +106,9 @@ pub async fn publish_dead_letter(
         payload: &payload,
         headers: &[("membersync-dlq-id", letter.id.as_bytes())],
     };
-    if !send_until_acknowledged(shared, &record, stop).await {
+    if !send_until_acknowledged(shared, &record, stop, crate::cdc::oversize::shrink_dead_letter)
+        .await
+    {
         return false;
     }
     shared

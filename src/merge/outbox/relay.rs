@@ -163,7 +163,7 @@ async fn send_member(shared: &Shared, list: Vec<Claimed>, stop: &CancellationTok
             payload: &payload,
             headers: &headers,
         };
-        if !report::send_until_acknowledged(shared, &record, stop).await {
+        if !report::send_until_acknowledged(shared, &record, stop, Outcome::shrink).await {
             break;
         }
         if let (Some(ph), Some(o)) = (&shared.posthog, &outcome) {
