@@ -147,7 +147,7 @@ impl Default for MergeConfig {
             on_member_deleted: DeleteMode::Soft,
             create_auth_users: true,
             push_lanes: 4,
-            auth_lanes: 2,
+            auth_lanes: 8,
             member_push_interval_ms: 2_000,
             claim_lease_secs: 600,
             poll_interval_ms: 500,
