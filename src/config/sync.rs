@@ -146,7 +146,7 @@ impl Default for MergeConfig {
             echo_window_secs: 600,
             on_member_deleted: DeleteMode::Soft,
             create_auth_users: true,
-            push_lanes: 4,
+            push_lanes: 8,
             auth_lanes: 8,
             member_push_interval_ms: 2_000,
             claim_lease_secs: 600,
