@@ -192,7 +192,7 @@ impl Outcome {
                 props(json!({ "user_id": self.user_id })),
             ));
         }
-        let subscription: Map<String, Value> = self
+        let mut subscription: Map<String, Value> = self
             .fields
             .iter()
             .filter(|f| {
@@ -201,6 +201,14 @@ impl Outcome {
             .map(|f| (f.field.clone(), f.value.clone()))
             .collect();
         if !subscription.is_empty() {
+            // The sync rules' properties: the new status and the member's auth user.
+            // (The field's value is Memberstack's raw status; `new_status` is the sync rules'
+            // enum, as in `members.subscription_status`.)
+            if let Some(raw) = subscription.get("subscription_status") {
+                let status = super::normalize::plan_status(raw);
+                subscription.insert("new_status".into(), json!(status));
+            }
+            subscription.insert("user_id".into(), json!(self.user_id));
             out.push(event("subscription_changed", &self.event_id, subscription));
         }
         for c in &self.conflicts {

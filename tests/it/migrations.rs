@@ -564,7 +564,8 @@ async fn api_roles_are_least_privileged() {
     expected.extend(tables.iter().map(|t| format!("service_role:{t}:{all}")));
     assert_eq!(privileges, expected);
 
-    // Column-level privileges beyond those: authenticated may update three columns of members.
+    // Column-level privileges beyond those: authenticated may update two columns of members
+    // (usage_stats no longer since V15).
     let columns = strings(
         &admin,
         "select r.role || ':' || c.relname || '.' || a.attname || ':' || p.privilege_type
@@ -583,7 +584,6 @@ async fn api_roles_are_least_privileged() {
         [
             "authenticated:members.custom_fields:UPDATE",
             "authenticated:members.project_data:UPDATE",
-            "authenticated:members.usage_stats:UPDATE",
         ]
     );
 
