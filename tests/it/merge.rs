@@ -1729,3 +1729,38 @@ async fn an_orphan_row_is_reported_once_and_not_pushed_again() {
     assert!(!skipped.is_empty(), "{}", s.history(id).await);
     assert!(skipped[0].contains("does not exist in Memberstack"));
 }
+
+/// Issue #16, item 9: `members.last_synced_at` (docs/api.md) is when membersync last brought
+/// the two sides together: written with every row merge writes and every push that landed.
+#[tokio::test(flavor = "multi_thread")]
+async fn last_synced_at_follows_merges_writes_and_pushes() {
+    let s = Stack::start(&[]).await;
+    let id = s.dashboard_member("synced@example.com", json!({})).await;
+    let row = s.row(&id).await;
+    assert!(
+        row["last_synced_at"].is_string(),
+        "written with the row merge created: {row}"
+    );
+    s.quiescent(Duration::from_millis(500)).await;
+    let before = s.row(&id).await["last_synced_at"].clone();
+
+    // A Supabase edit, pushed to Memberstack: the push moves it.
+    s.admin
+        .execute(
+            "update public.members set project_data = '{\"p\": 1}' where memberstack_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    wait_for("the push landed", WAIT, || async {
+        (s.ms_member(&id)["metaData"]["project_data"] == json!({"p": 1})).then_some(())
+    })
+    .await;
+    let row = s
+        .row_where(
+            &id,
+            &format!("last_synced_at > '{}'", before.as_str().unwrap()),
+        )
+        .await;
+    assert_eq!(row["project_data"], json!({"p": 1}));
+}
