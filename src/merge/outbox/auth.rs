@@ -299,7 +299,7 @@ impl AuthApplier {
             "email": plan.email,
             "since": Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         });
-        let retry = std::time::Duration::from_secs(self.cfg.conflict_retry_secs);
+        let retry = std::time::Duration::from_secs(self.cfg.conflict_retry_secs.max(1));
         let fresh = super::hold(tx, intent, &applied, &conflict, retry).await?;
         let user_id = match done.user_id {
             Some(id) => Some(id),
