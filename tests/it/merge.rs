@@ -1501,6 +1501,7 @@ async fn an_unconfirmed_auth_user_with_the_members_email_is_never_linked() {
     let outcome: Value =
         serde_json::from_slice(rdkafka::Message::payload(&outcomes[0]).unwrap()).unwrap();
     assert_eq!(outcome["member_id"], id.as_str());
+    crate::schemas::assert_valid("sync", &outcome, "outcome");
     assert_eq!(outcome["auth_user"], "conflict");
     assert!(outcome["user_id"].is_null());
     assert_eq!(
@@ -1728,6 +1729,58 @@ async fn an_orphan_row_is_reported_once_and_not_pushed_again() {
         .collect();
     assert!(!skipped.is_empty(), "{}", s.history(id).await);
     assert!(skipped[0].contains("does not exist in Memberstack"));
+
+    // Memberstack shows the member (a snapshot, as backfill or resync publish it): pushing
+    // resumes for it.
+    let member = json!({
+        "id": id, "auth": {"email": "orphan@example.com"}, "verified": false,
+        "customFields": {}, "metaData": {}, "json": {}, "planConnections": [],
+    });
+    let record = membersync::ingest::envelope::member_snapshot(
+        "resync_orphan_1",
+        &member,
+        id,
+        chrono::Utc::now(),
+    );
+    let headers: Vec<(&str, &[u8])> = record
+        .headers
+        .iter()
+        .map(|(k, v)| (*k, v.as_bytes()))
+        .collect();
+    let producer =
+        membersync::kafka::producer::Producer::new(&s.kafka, Duration::from_secs(10)).unwrap();
+    producer
+        .send(
+            &membersync::kafka::producer::Record {
+                topic: &s.topic("memberstack"),
+                key: record.key.as_bytes(),
+                payload: &record.value,
+                headers: &headers,
+            },
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    wait_for("the snapshot processed", WAIT, || async {
+        s.admin
+            .query_opt(
+                "select 1 from public.webhook_log where event_id = 'resync_orphan_1'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .map(|_| ())
+    })
+    .await;
+    wait_for("a push for the member again", WAIT, || async {
+        let pushes =
+            s.ms.calls()
+                .iter()
+                .filter(|c| c.method == "PATCH" && c.path.contains(id))
+                .count();
+        (pushes > 1).then_some(())
+    })
+    .await;
 }
 
 /// Issue #16, item 9: `members.last_synced_at` (docs/api.md) is when membersync last brought

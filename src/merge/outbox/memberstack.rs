@@ -228,6 +228,23 @@ impl Pusher {
         tx: &Transaction<'_>,
         intent: &Intent,
     ) -> Result<(), tokio_postgres::Error> {
+        // The echoes recorded for this push will never come back: forget them, or a later
+        // Memberstack value equal to one would be taken for our own write.
+        let states = store::field_states(tx, &intent.member_id).await?;
+        for (name, value) in &intent.desired {
+            let Some(field) = self.field(name) else {
+                continue;
+            };
+            if let Some(state) = states.get(name) {
+                let mut after = state.clone();
+                after
+                    .echoes
+                    .retain(|e| !same(field.mapping.normalize, &e.value, value));
+                if after != *state {
+                    store::save_field_state(tx, &intent.member_id, name, &after).await?;
+                }
+            }
+        }
         if !super::mark_orphan(tx, &intent.member_id).await? {
             return Ok(());
         }
