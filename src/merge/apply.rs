@@ -494,9 +494,14 @@ impl Applier {
             "subscription_status": after.get("subscription_status").cloned().unwrap_or(json!("free")),
         });
         let email = after.get("email").and_then(Value::as_str);
-        // Memberstack's `verified`: whether the member confirmed its (current) email.
-        let verified = matches!(change.kind, ChangeKind::Memberstack { .. })
-            && change.payload.get("verified").and_then(Value::as_bool) == Some(true);
+        // Memberstack's `verified`: whether the member confirmed its (current) email; `None`:
+        // the change does not say (webhooks need not carry it; the applier then asks).
+        let verified = match change.kind {
+            ChangeKind::Memberstack { .. } => {
+                change.payload.get("verified").and_then(Value::as_bool)
+            }
+            _ => None,
+        };
         let reason = conflict
             .and_then(|c| c.get("reason"))
             .and_then(Value::as_str);
@@ -520,7 +525,7 @@ impl Applier {
                     })
                 };
                 let email_changed = wrote("email");
-                let now_verified = reason == Some("email_unverified") && verified;
+                let now_verified = reason == Some("email_unverified") && verified == Some(true);
                 let touched = email_changed
                     || now_verified
                     || wrote("subscription_status")

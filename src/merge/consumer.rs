@@ -141,6 +141,7 @@ impl Merge {
                 Arc::clone(&cfg),
                 a,
                 merge_metrics.outbox.sync_conflicts.clone(),
+                memberstack.clone(),
             )
         });
         let shared = Arc::new(Shared {

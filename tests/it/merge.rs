@@ -1817,3 +1817,57 @@ async fn last_synced_at_follows_merges_writes_and_pushes() {
         .await;
     assert_eq!(row["project_data"], json!({"p": 1}));
 }
+
+/// Issue #16, item 5: a change that does not say whether the new email is verified (webhooks
+/// need not carry `verified`) makes the Auth applier ask Memberstack: verified there, the
+/// auth user follows.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_email_change_without_verified_is_checked_in_memberstack() {
+    let s = Stack::start(&[]).await;
+    let id = s.dashboard_member("before@example.com", json!({})).await;
+    let user = s.row(&id).await["user_id"].as_str().unwrap().to_owned();
+    s.quiescent(Duration::from_millis(500)).await;
+
+    // Memberstack has the new, verified email; merge learns of the change from a record that
+    // does not carry `verified`.
+    s.ms.pause_webhooks();
+    s.dashboard_update(&id, json!({"email": "after@example.com", "verified": true}));
+    let member = json!({
+        "id": id, "auth": {"email": "after@example.com"},
+        "customFields": {}, "metaData": {}, "json": {},
+        "planConnections": [{"id": "con_1", "active": true, "status": "ACTIVE", "planId": "pln_free", "type": "FREE"}],
+    });
+    let record = membersync::ingest::envelope::member_snapshot(
+        "resync_verified_1",
+        &member,
+        &id,
+        chrono::Utc::now(),
+    );
+    let headers: Vec<(&str, &[u8])> = record
+        .headers
+        .iter()
+        .map(|(k, v)| (*k, v.as_bytes()))
+        .collect();
+    let producer =
+        membersync::kafka::producer::Producer::new(&s.kafka, Duration::from_secs(10)).unwrap();
+    producer
+        .send(
+            &membersync::kafka::producer::Record {
+                topic: &s.topic("memberstack"),
+                key: record.key.as_bytes(),
+                payload: &record.value,
+                headers: &headers,
+            },
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    s.row_where(&id, "email = 'after@example.com'").await;
+    wait_for("the verified email in the auth user", WAIT, || async {
+        (s.auth_email(&user).await == "after@example.com").then_some(())
+    })
+    .await;
+    assert!(s.conflicts(&id).await.is_empty());
+    s.ms.resume_webhooks();
+    s.quiescent(Duration::from_millis(500)).await;
+}

@@ -9,7 +9,9 @@
 //!   references is linked (`membersync_meta.linkable_auth_user`); otherwise nothing is created
 //!   or linked and the member's auth intent waits as a **conflict**;
 //! - an email change is sent to the auth user only when Memberstack reports the new email
-//!   verified (or `merge.sync_unverified_emails`); until then it waits as a conflict;
+//!   verified (or `merge.sync_unverified_emails`): the change's own `verified`, else the
+//!   member re-read from the Admin API (webhooks do not always carry it); until then it waits
+//!   as a conflict, re-checked at every retry;
 //! - an email another auth user has is a conflict too: the rest (user_metadata) is applied,
 //!   the email waits.
 //!
@@ -28,21 +30,24 @@ use super::lanes::{Failure, IntentApplier};
 use super::{Intent, Target};
 use crate::config::MergeConfig;
 use crate::merge::store;
+use crate::sinks::memberstack::MemberstackClient;
 use crate::sinks::supabase_auth::{AuthError, CreateUser, SupabaseAuthClient};
 
 pub struct AuthApplier {
     cfg: Arc<MergeConfig>,
     client: SupabaseAuthClient,
     conflicts: prometheus::IntCounterVec,
+    /// Re-reads a member whose new email the change did not report verified.
+    memberstack: Option<MemberstackClient>,
 }
 
 pub struct AuthPlan {
     member_id: String,
     user_id: Option<Uuid>,
     email: Option<String>,
-    /// The email is not sent to the existing auth user: Memberstack does not report it
-    /// verified.
-    hold_email: bool,
+    /// The email goes to an existing auth user and the change did not report it verified:
+    /// Memberstack is asked first.
+    verify_email: bool,
     metadata: Value,
 }
 
@@ -60,19 +65,44 @@ impl AuthApplier {
         cfg: Arc<MergeConfig>,
         client: SupabaseAuthClient,
         conflicts: prometheus::IntCounterVec,
+        memberstack: Option<MemberstackClient>,
     ) -> Self {
         Self {
             cfg,
             client,
             conflicts,
+            memberstack,
+        }
+    }
+
+    /// Whether Memberstack reports `email` as the member's verified email (re-read now).
+    async fn verified_in_memberstack(&self, member_id: &str, email: &str) -> Result<bool, Failure> {
+        let Some(ms) = &self.memberstack else {
+            return Ok(false);
+        };
+        match ms.get_member(member_id).await {
+            Ok(Some(m)) => Ok(m.raw.get("verified").and_then(Value::as_bool) == Some(true)
+                && m.raw
+                    .pointer("/auth/email")
+                    .and_then(Value::as_str)
+                    .is_some_and(|e| e.eq_ignore_ascii_case(email))),
+            Ok(None) => Ok(false),
+            Err(e) if e.is_retryable() => Err(Failure::Retry {
+                kind: "memberstack",
+                message: format!("Memberstack: {e}"),
+            }),
+            Err(_) => Ok(false),
         }
     }
 }
 
 /// The desired state merge writes for a member (`merge_intents.desired` of target `auth`):
 /// the email (only when it is to be set: a new auth user, or a changed email) with whether
-/// Memberstack reports it verified, and the user_metadata.
-pub fn desired(email: Option<(&str, bool)>, metadata: Value) -> serde_json::Map<String, Value> {
+/// the change reported it verified (`null`: it did not say), and the user_metadata.
+pub fn desired(
+    email: Option<(&str, Option<bool>)>,
+    metadata: Value,
+) -> serde_json::Map<String, Value> {
     let mut m = serde_json::Map::new();
     if let Some((email, verified)) = email {
         m.insert("email".into(), json!(email));
@@ -136,7 +166,7 @@ impl IntentApplier for AuthApplier {
         Ok(Some(AuthPlan {
             member_id: intent.member_id.clone(),
             user_id,
-            hold_email: user_id.is_some()
+            verify_email: user_id.is_some()
                 && email.is_some()
                 && !verified
                 && !self.cfg.sync_unverified_emails,
@@ -152,7 +182,15 @@ impl IntentApplier for AuthApplier {
     async fn apply(&self, db: &Client, plan: &AuthPlan) -> Result<AuthDone, Failure> {
         if let Some(id) = plan.user_id {
             let metadata_only = json!({ "user_metadata": plan.metadata });
-            let email = plan.email.as_ref().filter(|_| !plan.hold_email);
+            let mut held = false;
+            let mut email = plan.email.as_ref();
+            if let Some(e) = email
+                && plan.verify_email
+                && !self.verified_in_memberstack(&plan.member_id, e).await?
+            {
+                held = true;
+                email = None;
+            }
             let Some(email) = email else {
                 self.client
                     .update_user(id, &metadata_only)
@@ -161,7 +199,7 @@ impl IntentApplier for AuthApplier {
                 return Ok(AuthDone {
                     user_id: Some(id),
                     how: "updated",
-                    conflict: plan.hold_email.then_some("email_unverified"),
+                    conflict: held.then_some("email_unverified"),
                 });
             };
             let mut body = metadata_only.clone();
