@@ -164,6 +164,27 @@ impl Outcome {
             e
         };
         let mut out = Vec::new();
+        if self.status != Status::Duplicate {
+            // The sync rules' `sync_operation`: every change merge decided, how long it took
+            // from the change on its side to the decision, and whether it succeeded.
+            let duration_ms = match (
+                DateTime::parse_from_rfc3339(&self.occurred_at),
+                DateTime::parse_from_rfc3339(&self.processed_at),
+            ) {
+                (Ok(a), Ok(b)) => (b - a).num_milliseconds().max(0),
+                _ => 0,
+            };
+            out.push(event(
+                "sync_operation",
+                &format!("{}:operation", self.event_id),
+                props(json!({
+                    "operation_type": format!("{}:{}", self.source, self.event_type),
+                    "duration_ms": duration_ms,
+                    "success": self.status != Status::Failed,
+                    "status": self.status,
+                })),
+            ));
+        }
         match self.status {
             Status::Applied => {
                 let fields: Vec<&str> = self

@@ -452,6 +452,23 @@ async fn member_created_in_memberstack_gets_auth_user_row_and_outcome() {
     assert_eq!(created.distinct_id, id);
     assert!(created.uuid.is_some());
     assert!(events.iter().any(|e| e.event == "sync_completed"));
+    // Issue #16, item 9: the sync rules' `sync_operation` event.
+    let events = wait_for("PostHog sync_operation", WAIT, || async {
+        let events = s.posthog.events();
+        events
+            .iter()
+            .any(|e| e.event == "sync_operation")
+            .then_some(events)
+    })
+    .await;
+    let op = events.iter().find(|e| e.event == "sync_operation").unwrap();
+    assert_eq!(
+        op.properties["operation_type"], "memberstack:member.created",
+        "{:?}",
+        op.properties
+    );
+    assert_eq!(op.properties["success"], true);
+    assert!(op.properties["duration_ms"].is_i64());
 
     // Nothing follows: the origin-tagged CDC event of merge's own insert is not pushed back.
     s.quiescent(Duration::from_secs(1)).await;
