@@ -294,6 +294,24 @@ impl IntentApplier for AuthApplier {
                 if done.how != "updated" {
                     store::mark_origin(tx).await?;
                     store::link_user_if_unlinked(tx, &intent.member_id, id).await?;
+                    let linked: Option<Uuid> = tx
+                        .query_opt(
+                            "select user_id from public.members where memberstack_id = $1",
+                            &[&intent.member_id],
+                        )
+                        .await?
+                        .and_then(|r| r.get(0));
+                    if done.how == "linked" && linked != Some(id) {
+                        // Another member linked the same user meanwhile (one user, one member).
+                        let lost = AuthDone {
+                            user_id: None,
+                            how: "conflict",
+                            conflict: Some("linked_to_another_member"),
+                        };
+                        return self
+                            .conflict(tx, intent, plan, &lost, "linked_to_another_member")
+                            .await;
+                    }
                 }
                 user_id = Some(id);
             }
