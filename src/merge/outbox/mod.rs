@@ -420,7 +420,7 @@ pub async fn mark_orphan(
     member_id: &str,
 ) -> Result<bool, tokio_postgres::Error> {
     let row = tx
-        .query_one(
+        .query_opt(
             "update membersync_meta.merge_intents i
                 set orphan_since = coalesce(i.orphan_since, now()), desired = '{}'::jsonb,
                     version = i.version + 1, claimed_until = null, claimed_pid = null, attempts = 0,
@@ -432,7 +432,18 @@ pub async fn mark_orphan(
             &[&member_id],
         )
         .await?;
-    Ok(row.get(0))
+    if let Some(row) = row {
+        return Ok(row.get(0));
+    }
+    // No intent row (pruned meanwhile): remember the orphan in a new one.
+    let n = tx
+        .execute(
+            "insert into membersync_meta.merge_intents (memberstack_id, target, orphan_since)
+             values ($1, 'memberstack', now()) on conflict (memberstack_id, target) do nothing",
+            &[&member_id],
+        )
+        .await?;
+    Ok(n == 1)
 }
 
 /// Whether Memberstack answered 404 for the member and has not shown it since.
