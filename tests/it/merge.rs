@@ -1778,7 +1778,7 @@ async fn an_orphan_row_is_reported_once_and_not_pushed_again() {
         )
         .await
         .unwrap();
-    wait_for("the snapshot processed", WAIT, || async {
+    wait_for("the snapshot processed", WAIT * 2, || async {
         s.admin
             .query_opt(
                 "select 1 from public.webhook_log where event_id = 'resync_orphan_1'",
@@ -1789,15 +1789,35 @@ async fn an_orphan_row_is_reported_once_and_not_pushed_again() {
             .map(|_| ())
     })
     .await;
-    wait_for("a push for the member again", WAIT, || async {
+    let deadline = Instant::now() + WAIT * 2;
+    loop {
         let pushes =
             s.ms.calls()
                 .iter()
                 .filter(|c| c.method == "PATCH" && c.path.contains(id))
                 .count();
-        (pushes > 1).then_some(())
-    })
-    .await;
+        if pushes > 1 {
+            break;
+        }
+        if Instant::now() > deadline {
+            let intents: Vec<String> = s
+                .admin
+                .query(
+                    "select to_jsonb(i)::text from membersync_meta.merge_intents i where memberstack_id = $1",
+                    &[&id],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            panic!(
+                "no push for the member again ({pushes} PATCHes); intents {intents:?}\n{}",
+                s.history(id).await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Issue #16, item 9: `members.last_synced_at` (docs/api.md) is when membersync last brought
