@@ -1682,7 +1682,21 @@ async fn an_orphan_row_is_reported_once_and_not_pushed_again() {
         )
         .await
         .unwrap();
-    s.quiescent(Duration::from_millis(500)).await;
+    // Its first push (of the insert) failed: an error was reported.
+    let errors = || async {
+        s.admin
+            .query_one(
+                "select count(*) from public.error_logs where memberstack_id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    wait_for("the first push's failure reported", WAIT * 3, || async {
+        (errors().await > 0).then_some(())
+    })
+    .await;
     for i in 0..6 {
         s.admin
             .execute(
@@ -1691,23 +1705,25 @@ async fn an_orphan_row_is_reported_once_and_not_pushed_again() {
             )
             .await
             .unwrap();
-        // Each edit processed (and its push, if any, done) before the next: the insert and
-        // every edit so far are in webhook_log.
-        wait_for("the edit processed", WAIT, || async {
-            let n: i64 = s
-                .admin
-                .query_one(
-                    "select count(*) from public.webhook_log where memberstack_id = $1",
-                    &[&id],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            (n >= i64::from(i) + 2).then_some(())
-        })
-        .await;
-        s.quiescent(Duration::from_millis(300)).await;
+        // Spaced beyond the member's push pacing (`merge.member_push_interval_ms`, 2 s), so
+        // that each would be a PATCH of its own (and, before, a dead letter of its own).
+        tokio::time::sleep(Duration::from_millis(2_100)).await;
     }
+    // The insert and the six edits processed, and whatever they pushed done.
+    wait_for("the edits processed", WAIT * 3, || async {
+        let n: i64 = s
+            .admin
+            .query_one(
+                "select count(*) from public.webhook_log where memberstack_id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n >= 7).then_some(())
+    })
+    .await;
+    s.quiescent(Duration::from_millis(500)).await;
     let errors: Vec<String> = s
         .admin
         .query(
