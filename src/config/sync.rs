@@ -127,7 +127,27 @@ pub struct MergeConfig {
     /// How often idle appliers and the outcome relay look for work other merge instances
     /// committed (work committed by this instance wakes them at once).
     pub poll_interval_ms: u64,
+    /// A Supabase Auth change that conflicts with another user (the email belongs to another
+    /// auth user, or to an unconfirmed or already linked one) is not dead-lettered: it is
+    /// recorded as a conflict and tried again this often (a newer email supersedes it).
+    pub conflict_retry_secs: u64,
+    /// Push a Memberstack email change into the member's auth user even when Memberstack does
+    /// not report the new email verified (`verified: false`). Off: the auth user keeps its
+    /// email until Memberstack reports the new one verified.
+    pub sync_unverified_emails: bool,
+    /// Who wins a `latest` field when both sides changed it at exactly the same time
+    /// (the sync rules: Supabase).
+    pub tie_winner: TieWinner,
     pub fields: Vec<FieldMapping>,
+}
+
+/// The winner of an exact timestamp tie of a `latest` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TieWinner {
+    #[default]
+    Supabase,
+    Memberstack,
 }
 
 impl Default for MergeConfig {
@@ -151,6 +171,9 @@ impl Default for MergeConfig {
             member_push_interval_ms: 2_000,
             claim_lease_secs: 600,
             poll_interval_ms: 500,
+            conflict_retry_secs: 3_600,
+            sync_unverified_emails: false,
+            tie_winner: TieWinner::Supabase,
             fields: default_fields(),
         }
     }

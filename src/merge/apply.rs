@@ -121,8 +121,9 @@ struct Decided<'a> {
 /// What the change asks of Supabase Auth.
 struct AuthIntent {
     desired: Map<String, Value>,
-    /// The member has no auth user yet: its outcome waits for the one the applier creates.
-    create: bool,
+    /// The outcome waits for the applier: it names the auth user the applier creates or
+    /// links, or says that the email could not be set (`auth_user = "conflict"`).
+    awaits: bool,
 }
 
 impl Applier {
@@ -217,6 +218,33 @@ impl Applier {
         outcome.attempts = attempt;
         outcome.user_id = row.as_ref().and_then(|r| r.user_id).map(|u| u.to_string());
 
+        // Orphans: a member Memberstack answered 404 for gets nothing pushed until a change
+        // from Memberstack shows it exists.
+        if matches!(change.kind, ChangeKind::Memberstack { .. }) {
+            outbox::clear_orphan(&tx, &member_id).await?;
+        } else if matches!(change.kind, ChangeKind::Cdc { .. })
+            && outbox::is_orphan(&tx, &member_id).await?
+        {
+            outcome.status = Status::Skipped;
+            outcome.reason = Some(
+                "the member does not exist in Memberstack: nothing is pushed for it until it does"
+                    .into(),
+            );
+            outcome.processed_at = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+            store::mark_processed(
+                &tx,
+                &change.event_id,
+                change.source,
+                change.event_type(),
+                Some(&member_id),
+                &outcome.to_json(),
+            )
+            .await?;
+            outbox::enqueue_outcome(&tx, &outcome, false).await?;
+            tx.commit().await?;
+            return Ok(outcome);
+        }
+
         if change.is_deleted() {
             return self
                 .delete(tx, &change, &member_id, row.is_some(), outcome)
@@ -230,7 +258,18 @@ impl Applier {
             .collect();
         let create_row = row.is_none() && change.side == Side::Memberstack;
         let user_id = row.as_ref().and_then(|r| r.user_id);
-        let auth = self.auth_intent(&change, row.as_ref(), &decided, &mut outcome);
+        let auth_conflict = if self.auth && change.side == Side::Memberstack {
+            outbox::conflict_of(&tx, &member_id, Target::Auth).await?
+        } else {
+            None
+        };
+        let auth = self.auth_intent(
+            &change,
+            row.as_ref(),
+            &decided,
+            auth_conflict.as_ref(),
+            &mut outcome,
+        );
 
         let doc = store::column_values(&writes);
         if !doc.is_empty() || create_row {
@@ -281,8 +320,11 @@ impl Applier {
             pace,
         )
         .await?;
-        let awaiting_auth = auth.as_ref().is_some_and(|a| a.create);
+        let awaiting_auth = auth.as_ref().is_some_and(|a| a.awaits);
         if let Some(a) = &auth {
+            // New values for an intent that waits on a conflict: try them now (a conflict
+            // that stands is not reported again).
+            outbox::supersede_conflict(&tx, &member_id, Target::Auth).await?;
             outbox::upsert_intent(
                 &tx,
                 &member_id,
@@ -365,6 +407,7 @@ impl Applier {
                 writable: field.path.is_writable() && self.memberstack.is_some(),
                 now,
                 echo_window: chrono::Duration::seconds(self.cfg.echo_window_secs as i64),
+                tie: self.cfg.tie_winner,
             };
             let supabase = SupabaseNow {
                 value: row.map(|r| {
@@ -419,12 +462,15 @@ impl Applier {
     }
 
     /// What the member's auth user must become: created (or linked, by email) when the member
-    /// has none; its email and user_metadata updated when the change wrote one of them.
+    /// has none; its email and user_metadata updated when the change wrote one of them. The
+    /// email is part of it only when it is to be set (a new user, a changed email, or an
+    /// email held back until Memberstack reports it verified), with whether it is verified.
     fn auth_intent(
         &self,
         change: &Change,
         row: Option<&store::MemberRow>,
         decided: &[Decided<'_>],
+        conflict: Option<&Value>,
         outcome: &mut Outcome,
     ) -> Option<AuthIntent> {
         if !self.auth || !self.cfg.create_auth_users || change.side != Side::Memberstack {
@@ -448,27 +494,51 @@ impl Applier {
             "subscription_status": after.get("subscription_status").cloned().unwrap_or(json!("free")),
         });
         let email = after.get("email").and_then(Value::as_str);
+        // Memberstack's `verified`: whether the member confirmed its (current) email; `None`:
+        // the change does not say (webhooks need not carry it; the applier then asks).
+        let verified = match change.kind {
+            ChangeKind::Memberstack { .. } => {
+                change.payload.get("verified").and_then(Value::as_bool)
+            }
+            _ => None,
+        };
+        let reason = conflict
+            .and_then(|c| c.get("reason"))
+            .and_then(Value::as_str);
         match existing {
             None => {
-                email?;
+                let email = email?;
+                if reason.is_some() {
+                    // The last attempt found an auth user it may not link: the outcome does
+                    // not wait for the retry.
+                    outcome.auth_user = Some("conflict".into());
+                }
                 Some(AuthIntent {
-                    desired: outbox::auth::desired(email, metadata),
-                    create: true,
+                    desired: outbox::auth::desired(Some((email, verified)), metadata),
+                    awaits: reason.is_none(),
                 })
             }
             Some(_) => {
-                let touched = decided.iter().any(|d| {
-                    d.resolution.write_supabase.is_some()
-                        && matches!(
-                            d.field.mapping.supabase.as_str(),
-                            "email" | "subscription_status" | "plan_id"
-                        )
-                });
+                let wrote = |column: &str| {
+                    decided.iter().any(|d| {
+                        d.resolution.write_supabase.is_some() && d.field.mapping.supabase == column
+                    })
+                };
+                let email_changed = wrote("email");
+                let now_verified = reason == Some("email_unverified") && verified == Some(true);
+                let touched = email_changed
+                    || now_verified
+                    || wrote("subscription_status")
+                    || wrote("plan_id");
                 touched.then(|| {
+                    let send_email = email_changed || now_verified;
                     outcome.auth_user = Some("updated".into());
                     AuthIntent {
-                        desired: outbox::auth::desired(email, metadata),
-                        create: false,
+                        desired: outbox::auth::desired(
+                            email.filter(|_| send_email).map(|e| (e, verified)),
+                            metadata,
+                        ),
+                        awaits: send_email,
                     }
                 })
             }

@@ -128,10 +128,22 @@ impl Merge {
             };
         let cfg = Arc::new(m.clone());
         let fields = Arc::new(apply::fields(&cfg));
-        let pusher = memberstack
-            .clone()
-            .map(|ms| Pusher::new(Arc::clone(&cfg), Arc::clone(&fields), ms));
-        let auth = auth.map(|a| AuthApplier::new(Arc::clone(&cfg), a));
+        let pusher = memberstack.clone().map(|ms| {
+            Pusher::new(
+                Arc::clone(&cfg),
+                Arc::clone(&fields),
+                ms,
+                merge_metrics.outbox.orphans.clone(),
+            )
+        });
+        let auth = auth.map(|a| {
+            AuthApplier::new(
+                Arc::clone(&cfg),
+                a,
+                merge_metrics.outbox.sync_conflicts.clone(),
+                memberstack.clone(),
+            )
+        });
         let shared = Arc::new(Shared {
             applier: Applier::new(Arc::clone(&cfg), fields, memberstack, auth.is_some()),
             wake: Wakeups::new(),

@@ -30,7 +30,20 @@ pub struct OutboxMetrics {
     pub last_success: GaugeVec,
     pub apply_seconds: HistogramVec,
     pub change_to_announced: Histogram,
+    /// `membersync_merge_sync_conflicts_total{target,reason}`: intents a target refused
+    /// because of another record (counted once per conflict, not per retry).
+    pub sync_conflicts: IntCounterVec,
+    /// `membersync_merge_orphans_total`: members Memberstack answered 404 for (once each).
+    pub orphans: prometheus::IntCounter,
 }
+
+/// Conflict reasons (`membersync_merge_sync_conflicts_total{reason}`).
+pub const CONFLICT_REASONS: [&str; 4] = [
+    "unconfirmed",
+    "linked_to_another_member",
+    "email_in_use",
+    "email_unverified",
+];
 
 /// Targets and results, pre-created at 0 so that `increase()` and alerts see them from the start.
 const TARGETS: [&str; 2] = ["memberstack", "auth"];
@@ -101,7 +114,21 @@ impl OutboxMetrics {
                 )
                 .buckets(LATENCY_BUCKETS.to_vec()),
             )?,
+            sync_conflicts: IntCounterVec::new(
+                Opts::new(
+                    "membersync_merge_sync_conflicts_total",
+                    "Intents a target refused because of another record (an email another auth user has, an unconfirmed or already linked auth user, an unverified email), by target and reason; each retried after merge.conflict_retry_secs.",
+                ),
+                &["target", "reason"],
+            )?,
+            orphans: prometheus::IntCounter::new(
+                "membersync_merge_orphans_total",
+                "Members with a Supabase row that Memberstack answered 404 for (reported once; nothing is pushed for them until Memberstack shows them).",
+            )?,
         };
+        for r in CONFLICT_REASONS {
+            m.sync_conflicts.with_label_values(&["auth", r]);
+        }
         // `merge`: a change whose transaction keeps failing (the database is away).
         m.late.with_label_values(&["merge"]);
         for t in TARGETS {
@@ -121,6 +148,8 @@ impl OutboxMetrics {
         registry.register(Box::new(m.last_success.clone()))?;
         registry.register(Box::new(m.apply_seconds.clone()))?;
         registry.register(Box::new(m.change_to_announced.clone()))?;
+        registry.register(Box::new(m.sync_conflicts.clone()))?;
+        registry.register(Box::new(m.orphans.clone()))?;
         Ok(m)
     }
 }

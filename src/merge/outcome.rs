@@ -186,6 +186,27 @@ impl Outcome {
             e
         };
         let mut out = Vec::new();
+        if self.status != Status::Duplicate {
+            // The sync rules' `sync_operation`: every change merge decided, how long it took
+            // from the change on its side to the decision, and whether it succeeded.
+            let duration_ms = match (
+                DateTime::parse_from_rfc3339(&self.occurred_at),
+                DateTime::parse_from_rfc3339(&self.processed_at),
+            ) {
+                (Ok(a), Ok(b)) => (b - a).num_milliseconds().max(0),
+                _ => 0,
+            };
+            out.push(event(
+                "sync_operation",
+                &format!("{}:operation", self.event_id),
+                props(json!({
+                    "operation_type": format!("{}:{}", self.source, self.event_type),
+                    "duration_ms": duration_ms,
+                    "success": self.status != Status::Failed,
+                    "status": self.status,
+                })),
+            ));
+        }
         match self.status {
             Status::Applied => {
                 let fields: Vec<&str> = self
@@ -214,7 +235,7 @@ impl Outcome {
                 props(json!({ "user_id": self.user_id })),
             ));
         }
-        let subscription: Map<String, Value> = self
+        let mut subscription: Map<String, Value> = self
             .fields
             .iter()
             .filter(|f| {
@@ -223,6 +244,14 @@ impl Outcome {
             .map(|f| (f.field.clone(), f.value.clone()))
             .collect();
         if !subscription.is_empty() {
+            // The sync rules' properties: the new status and the member's auth user.
+            // (The field's value is Memberstack's raw status; `new_status` is the sync rules'
+            // enum, as in `members.subscription_status`.)
+            if let Some(raw) = subscription.get("subscription_status") {
+                let status = super::normalize::plan_status(raw);
+                subscription.insert("new_status".into(), json!(status));
+            }
+            subscription.insert("user_id".into(), json!(self.user_id));
             out.push(event("subscription_changed", &self.event_id, subscription));
         }
         for c in &self.conflicts {

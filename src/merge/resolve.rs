@@ -9,7 +9,8 @@
 //! - **Authority** `memberstack`: Memberstack's value always wins; a Supabase edit of the
 //!   field is reverted to the last Memberstack value. `supabase`: Supabase's value always
 //!   wins; a Memberstack edit is overwritten with the Supabase value. `latest`: the change
-//!   with the newer timestamp wins; on a tie Memberstack wins (a fixed rule).
+//!   with the newer timestamp wins; on an exact tie `merge.tie_winner` wins (Supabase by
+//!   default, as the sync rules say).
 //! - A Memberstack webhook older than our last push describes a state our push overwrote.
 //! - Supabase's time for a field is the agreed `synced_at` when the row still holds the
 //!   agreed value, else when that column last changed (an edit whose CDC event is still on
@@ -27,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::normalize::same;
-use crate::config::{Authority, Normalize};
+use crate::config::{Authority, Normalize, TieWinner};
 
 /// Where a change came from. Stripe counts as Memberstack's side: it reports the
 /// subscription, which Memberstack owns.
@@ -106,6 +107,8 @@ pub struct Rules {
     pub writable: bool,
     pub now: DateTime<Utc>,
     pub echo_window: Duration,
+    /// Who wins a `latest` field on an exact timestamp tie between the two sides.
+    pub tie: TieWinner,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -266,10 +269,14 @@ fn from_memberstack(
             } else {
                 sb.edited_at.or(st.synced_at)
             };
-            // Newer than Supabase's value (a tie goes to Memberstack) and, when it was made
-            // before our last push landed, newer than the value we pushed.
-            let newer = sb_time.is_none_or(|s| t >= s)
-                && (!superseded || st.synced_at.is_none_or(|s| t >= s));
+            // Newer than Supabase's value and, when it was made before our last push landed,
+            // newer than the value we pushed. A tie with a Supabase time goes to
+            // `merge.tie_winner`; a tie with Memberstack's own agreed time is no conflict.
+            let ms_time = agreed && st.source == Some(Side::Memberstack);
+            let wins = |s: DateTime<Utc>| {
+                t > s || (t == s && (ms_time || rules.tie == TieWinner::Memberstack))
+            };
+            let newer = sb_time.is_none_or(wins) && (!superseded || st.synced_at.is_none_or(wins));
             if newer {
                 accept_memberstack(n, st, Some((sb_value, agreed)), v, t, superseded)
             } else {
@@ -361,7 +368,13 @@ fn from_supabase(
     }
     let supabase_wins = match rules.authority {
         Authority::Supabase => true,
-        Authority::Latest => st.synced_at.is_none_or(|s| t > s),
+        // On an exact tie with Memberstack's value, `merge.tie_winner` decides.
+        Authority::Latest => st.synced_at.is_none_or(|s| {
+            t > s
+                || (t == s
+                    && st.source == Some(Side::Memberstack)
+                    && rules.tie == TieWinner::Supabase)
+        }),
         Authority::Memberstack => match (&st.value, st.source) {
             (Some(_), Some(Side::Memberstack)) => false,
             // Nothing known from Memberstack yet: adopt what Supabase has.

@@ -228,6 +228,8 @@ pub async fn write_member(
     if exists {
         let mut sets: Vec<String> = columns.iter().map(|c| format!("{c} = r.{c}")).collect();
         sets.push("user_id = coalesce(m.user_id, $3::uuid)".into());
+        // When membersync last wrote the row (docs/api.md).
+        sets.push("last_synced_at = now()".into());
         let sql = format!(
             "update public.members m set {} from jsonb_populate_record(null::public.members, $2) r
               where m.memberstack_id = $1",
@@ -238,8 +240,8 @@ pub async fn write_member(
         let list = columns.join(", ");
         let select: Vec<String> = columns.iter().map(|c| format!("r.{c}")).collect();
         let sql = format!(
-            "insert into public.members (memberstack_id, user_id{comma}{list})
-             select $1::text, $3::uuid{comma}{select} from jsonb_populate_record(null::public.members, $2) r",
+            "insert into public.members (memberstack_id, user_id, last_synced_at{comma}{list})
+             select $1::text, $3::uuid, now(){comma}{select} from jsonb_populate_record(null::public.members, $2) r",
             comma = if columns.is_empty() { "" } else { ", " },
             select = select.join(", "),
         );
@@ -268,8 +270,24 @@ pub async fn link_user_if_unlinked(
     user_id: Uuid,
 ) -> Result<(), tokio_postgres::Error> {
     tx.execute(
-        "update public.members set user_id = $2 where memberstack_id = $1 and user_id is null",
+        "update public.members set user_id = $2 where memberstack_id = $1 and user_id is null
+            and not exists (select 1 from public.members o where o.user_id = $2)",
         &[&memberstack_id, &user_id],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Records that membersync brought Memberstack in line with the row (a push landed).
+pub async fn touch_synced(
+    tx: &Transaction<'_>,
+    memberstack_id: &str,
+    at: DateTime<Utc>,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "update public.members set last_synced_at = $2 where memberstack_id = $1
+            and last_synced_at is distinct from $2",
+        &[&memberstack_id, &at],
     )
     .await?;
     Ok(())

@@ -209,7 +209,8 @@ impl Stack {
     async fn outbox_pending(&self) -> i64 {
         self.admin
             .query_one(
-                "select (select count(*) from membersync_meta.merge_intents where desired <> '{}'::jsonb)
+                "select (select count(*) from membersync_meta.merge_intents
+                          where desired <> '{}'::jsonb and conflict is null and orphan_since is null)
                       + (select count(*) from membersync_meta.outcome_outbox)",
                 &[],
             )
@@ -311,6 +312,73 @@ impl Stack {
             .get(0)
     }
 
+    /// An auth user made directly in Supabase (a sign-up), not through membersync; its email
+    /// confirmed or not. Returns its id.
+    async fn supabase_sign_up(&self, email: &str, confirmed: bool) -> String {
+        let row = self
+            .admin
+            .query_one(
+                "insert into auth.users (instance_id, id, aud, role, email, encrypted_password,
+                        email_confirmed_at, raw_app_meta_data, raw_user_meta_data, created_at, updated_at,
+                        is_super_admin, is_sso_user, is_anonymous)
+                 values ('00000000-0000-0000-0000-000000000000', gen_random_uuid(), 'authenticated',
+                        'authenticated', $1, '', case when $2 then now() end,
+                        '{\"provider\":\"email\",\"providers\":[\"email\"]}', '{}', now(), now(),
+                        false, false, false)
+                 returning id::text",
+                &[&email, &confirmed],
+            )
+            .await
+            .expect("sign-up");
+        row.get(0)
+    }
+
+    /// `user_logs` conflict rows of a member (`new_data`), oldest first.
+    async fn conflicts(&self, id: &str) -> Vec<Value> {
+        self.admin
+            .query(
+                "select new_data from public.user_logs
+                  where memberstack_id = $1 and change_type = 'conflict' order by created_at, id",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    /// The email of an auth user.
+    async fn auth_email(&self, user_id: &str) -> String {
+        self.admin
+            .query_one(
+                "select email from auth.users where id = $1::text::uuid",
+                &[&user_id],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// The `members` rows `user_id` can read through RLS, as PostgREST would let it.
+    async fn visible_to(&self, user_id: &str) -> i64 {
+        let mut c = self.db.admin().await;
+        let tx = c.transaction().await.unwrap();
+        tx.batch_execute(&format!(
+            "set local role authenticated; select set_config('request.jwt.claims', '{}', true);",
+            json!({"sub": user_id, "role": "authenticated"})
+        ))
+        .await
+        .unwrap();
+        let n: i64 = tx
+            .query_one("select count(*) from public.members", &[])
+            .await
+            .unwrap()
+            .get(0);
+        tx.rollback().await.unwrap();
+        n
+    }
+
     /// Runs `sql` as the member's signed-in user, through RLS, as PostgREST would.
     async fn as_user(&self, user_id: &str, sql: &str) {
         let mut c = self.db.admin().await;
@@ -401,6 +469,23 @@ async fn member_created_in_memberstack_gets_auth_user_row_and_outcome() {
     assert_eq!(created.distinct_id, id);
     assert!(created.uuid.is_some());
     assert!(events.iter().any(|e| e.event == "sync_completed"));
+    // Issue #16, item 9: the sync rules' `sync_operation` event.
+    let events = wait_for("PostHog sync_operation", WAIT, || async {
+        let events = s.posthog.events();
+        events
+            .iter()
+            .any(|e| e.event == "sync_operation")
+            .then_some(events)
+    })
+    .await;
+    let op = events.iter().find(|e| e.event == "sync_operation").unwrap();
+    assert_eq!(
+        op.properties["operation_type"], "memberstack:member.created",
+        "{:?}",
+        op.properties
+    );
+    assert_eq!(op.properties["success"], true);
+    assert!(op.properties["duration_ms"].is_i64());
 
     // Nothing follows: the origin-tagged CDC event of merge's own insert is not pushed back.
     s.quiescent(Duration::from_secs(1)).await;
@@ -1027,27 +1112,35 @@ async fn duplicate_webhooks_have_one_effect_and_stripe_updates_the_subscription(
     );
     let row = s.row_where(&id, "subscription_status = 'inactive'").await;
     assert_eq!(row["subscription_status_raw"], "past_due");
-    let meta: Value = s
-        .admin
-        .query_one(
-            "select raw_user_meta_data from auth.users where id = $1::text::uuid",
-            &[&row["user_id"].as_str().unwrap()],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(
-        meta["subscription_status"], "inactive",
-        "auth user_metadata follows"
-    );
-    wait_for("PostHog subscription_changed", WAIT, || async {
-        s.posthog
-            .events()
-            .iter()
-            .any(|e| e.event == "subscription_changed" && e.distinct_id == id)
-            .then_some(())
+    // The Auth applier follows, outside the merge transaction.
+    wait_for("auth user_metadata follows", WAIT, || async {
+        let meta: Value = s
+            .admin
+            .query_one(
+                "select raw_user_meta_data from auth.users where id = $1::text::uuid",
+                &[&row["user_id"].as_str().unwrap()],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (meta["subscription_status"] == "inactive").then_some(())
     })
     .await;
+    let event = wait_for("PostHog subscription_changed", WAIT, || async {
+        s.posthog.events().into_iter().find(|e| {
+            e.event == "subscription_changed"
+                && e.distinct_id == id
+                && e.properties["subscription_status"] == "past_due"
+        })
+    })
+    .await;
+    // Issue #16, item 9: the sync rules' properties.
+    assert_eq!(
+        event.properties["new_status"], "inactive",
+        "{:?}",
+        event.properties
+    );
+    assert_eq!(event.properties["user_id"], row["user_id"]);
 
     // Deleted in Memberstack: soft-deleted here.
     s.ms.dashboard_delete(&id).unwrap();
@@ -1376,4 +1469,475 @@ async fn a_replayed_old_edit_never_overwrites_a_newer_one() {
         s.history(&id).await
     );
     assert_eq!(s.row(&id).await["project_data"], json!({"v": "B"}));
+}
+
+/// Issue #16, item 5 (security): an auth user someone registered with a member's email and
+/// never confirmed is not linked to the member (it would read the member's row through RLS).
+/// Nothing is created or linked; a conflict is recorded once and the outcome says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unconfirmed_auth_user_with_the_members_email_is_never_linked() {
+    let s = Stack::start(&[]).await;
+    // Someone signs up in Supabase with the victim's email and never confirms it.
+    let squatter = s.supabase_sign_up("victim@example.com", false).await;
+
+    let new = serde_json::from_value(json!({
+        "email": "victim@example.com",
+        "customFields": {"team": "red"},
+        "plans": [{"planId": "pln_free"}],
+    }))
+    .unwrap();
+    let id = s.ms.dashboard_create(new).unwrap().id;
+    // The Auth applier has decided: linked (the old behaviour) or a conflict.
+    wait_for("the auth user decided", WAIT, || async {
+        let row = s.row(&id).await;
+        (!row["user_id"].is_null() || !s.conflicts(&id).await.is_empty()).then_some(())
+    })
+    .await;
+    let row = s.row(&id).await;
+    assert!(
+        row["user_id"].is_null(),
+        "the member was linked to an unconfirmed auth user: {row}"
+    );
+    assert_eq!(
+        s.visible_to(&squatter).await,
+        0,
+        "the squatter reads no member row"
+    );
+    assert_eq!(
+        row["custom_fields"],
+        json!({"team": "red"}),
+        "the rest applied"
+    );
+    let users: i64 = s
+        .admin
+        .query_one("select count(*) from auth.users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(users, 1, "no auth user created (the email exists)");
+    let confirmed: bool = s
+        .admin
+        .query_one(
+            "select email_confirmed_at is not null from auth.users where id = $1::text::uuid",
+            &[&squatter],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!confirmed, "nothing confirmed the squatter's email");
+
+    // Recorded once: user_logs, the metric, the outcome.
+    let conflicts = s.conflicts(&id).await;
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+    assert_eq!(conflicts[0]["reason"], "unconfirmed");
+    assert_eq!(conflicts[0]["target"], "auth");
+    let outcomes = support::kafka::consume(&s.kafka, &s.topic("sync"), 1, WAIT).await;
+    let outcome: Value =
+        serde_json::from_slice(rdkafka::Message::payload(&outcomes[0]).unwrap()).unwrap();
+    assert_eq!(outcome["member_id"], id.as_str());
+    crate::schemas::assert_valid("sync", &outcome, "outcome");
+    assert_eq!(outcome["auth_user"], "conflict");
+    assert!(outcome["user_id"].is_null());
+    assert_eq!(
+        s.daemon
+            .metric(r#"membersync_merge_sync_conflicts_total{reason="unconfirmed",target="auth"}"#)
+            .await,
+        1.0
+    );
+    // A later change of the member neither links nor logs the conflict again.
+    s.dashboard_update(&id, json!({"customFields": {"team": "blue"}}));
+    s.row_where(&id, "custom_fields->>'team' = 'blue'").await;
+    s.quiescent(Duration::from_millis(500)).await;
+    assert!(s.row(&id).await["user_id"].is_null());
+    assert_eq!(s.conflicts(&id).await.len(), 1);
+    let dead: i64 = s
+        .admin
+        .query_one(
+            "select count(*) from public.error_logs where memberstack_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(dead, 0, "a conflict is not a dead letter");
+
+    // One auth user, one member: members.user_id is unique.
+    let other = s.dashboard_member("other@example.com", json!({})).await;
+    let other_user = s.row(&other).await["user_id"].as_str().unwrap().to_owned();
+    let err = s
+        .admin
+        .execute(
+            "update public.members set user_id = $2::text::uuid where memberstack_id = $1",
+            &[&id, &other_user],
+        )
+        .await
+        .expect_err("a second member with the same auth user");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+    );
+}
+
+/// Issue #16, item 5: a Memberstack email change reaches the member's auth user only once
+/// Memberstack reports the new email verified (else anyone could move an auth user to an
+/// email they do not own).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unverified_memberstack_email_is_not_pushed_into_the_auth_user() {
+    let s = Stack::start(&[]).await;
+    let id = s.dashboard_member("first@example.com", json!({})).await;
+    let user = s.row(&id).await["user_id"].as_str().unwrap().to_owned();
+    s.quiescent(Duration::from_millis(500)).await;
+
+    s.dashboard_update(&id, json!({"email": "second@example.com"}));
+    s.row_where(&id, "email = 'second@example.com'").await;
+    wait_for("the held email recorded", WAIT, || async {
+        (!s.conflicts(&id).await.is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(s.auth_email(&user).await, "first@example.com");
+    assert_eq!(s.conflicts(&id).await[0]["reason"], "email_unverified");
+
+    // Memberstack reports it verified: now the auth user follows.
+    s.dashboard_update(&id, json!({"verified": true}));
+    wait_for("the verified email in the auth user", WAIT, || async {
+        (s.auth_email(&user).await == "second@example.com").then_some(())
+    })
+    .await;
+    s.quiescent(Duration::from_millis(500)).await;
+    assert_eq!(s.conflicts(&id).await.len(), 1);
+}
+
+/// Issue #16, item 3: a member's new (verified) email belongs to another Supabase auth user.
+/// The change applies to the row; the auth email waits as a conflict (no dead letter), and a
+/// later email change supersedes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_email_another_auth_user_has_is_a_conflict_not_a_dead_end() {
+    let s = Stack::start(&[]).await;
+    let id = s.dashboard_member("mine@example.com", json!({})).await;
+    let user = s.row(&id).await["user_id"].as_str().unwrap().to_owned();
+    s.supabase_sign_up("taken@example.com", true).await;
+    s.quiescent(Duration::from_millis(500)).await;
+
+    s.dashboard_update(
+        &id,
+        json!({"email": "taken@example.com", "verified": true, "customFields": {"k": "1"}}),
+    );
+    s.row_where(
+        &id,
+        "email = 'taken@example.com' and custom_fields->>'k' = '1'",
+    )
+    .await;
+    wait_for("the conflict recorded", WAIT, || async {
+        let errors: i64 = s
+            .admin
+            .query_one(
+                "select count(*) from public.error_logs where memberstack_id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (errors > 0 || !s.conflicts(&id).await.is_empty()).then_some(())
+    })
+    .await;
+    s.quiescent(Duration::from_millis(500)).await;
+    let errors: i64 = s
+        .admin
+        .query_one(
+            "select count(*) from public.error_logs where memberstack_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(errors, 0, "not dead-lettered: {}", s.history(&id).await);
+    let conflicts = s.conflicts(&id).await;
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+    assert_eq!(conflicts[0]["reason"], "email_in_use");
+    assert_eq!(conflicts[0]["email"], "taken@example.com");
+    assert_eq!(s.auth_email(&user).await, "mine@example.com");
+    assert_eq!(
+        s.daemon
+            .metric(r#"membersync_merge_sync_conflicts_total{reason="email_in_use",target="auth"}"#)
+            .await,
+        1.0
+    );
+    // The auth part keeps waiting (not dropped), with a long backoff.
+    let waiting: bool = s
+        .admin
+        .query_one(
+            "select desired->>'email' = 'taken@example.com' and not_before > now() + interval '10 minutes'
+               from membersync_meta.merge_intents where memberstack_id = $1 and target = 'auth'",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(waiting, "the auth email waits for a retry");
+
+    // The member's later changes are not blocked, and a new email supersedes the conflict.
+    s.dashboard_update(&id, json!({"email": "free@example.com", "verified": true}));
+    wait_for("the new email in the auth user", WAIT, || async {
+        (s.auth_email(&user).await == "free@example.com").then_some(())
+    })
+    .await;
+    s.quiescent(Duration::from_millis(500)).await;
+    assert_eq!(s.row(&id).await["email"], "free@example.com");
+    assert_eq!(s.conflicts(&id).await.len(), 1);
+}
+
+/// Issue #16, item 10: a `members` row created in Supabase for a member Memberstack does not
+/// have is reported once, not dead-lettered once per edit, and nothing more is pushed for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_orphan_row_is_reported_once_and_not_pushed_again() {
+    let s = Stack::start(&[]).await;
+    let id = "mem_orphan_in_supabase";
+    s.admin
+        .execute(
+            "insert into public.members (memberstack_id, email) values ($1, 'orphan@example.com')",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    // Its first push (of the insert) failed: an error was reported.
+    let errors = || async {
+        s.admin
+            .query_one(
+                "select count(*) from public.error_logs where memberstack_id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    wait_for("the first push's failure reported", WAIT * 3, || async {
+        (errors().await > 0).then_some(())
+    })
+    .await;
+    for i in 0..6 {
+        s.admin
+            .execute(
+                "update public.members set project_data = jsonb_build_object('v', $2::int) where memberstack_id = $1",
+                &[&id, &i],
+            )
+            .await
+            .unwrap();
+        // Spaced beyond the member's push pacing (`merge.member_push_interval_ms`, 2 s), so
+        // that each would be a PATCH of its own (and, before, a dead letter of its own).
+        tokio::time::sleep(Duration::from_millis(2_100)).await;
+    }
+    // The insert and the six edits processed, and whatever they pushed done.
+    wait_for("the edits processed", WAIT * 3, || async {
+        let n: i64 = s
+            .admin
+            .query_one(
+                "select count(*) from public.webhook_log where memberstack_id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n >= 7).then_some(())
+    })
+    .await;
+    s.quiescent(Duration::from_millis(500)).await;
+    let errors: Vec<String> = s
+        .admin
+        .query(
+            "select error_type from public.error_logs where memberstack_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        errors,
+        ["missing_in_memberstack"],
+        "reported once: {}",
+        s.history(id).await
+    );
+    let pushes =
+        s.ms.calls()
+            .iter()
+            .filter(|c| c.method == "PATCH" && c.path.contains(id))
+            .count();
+    assert!(pushes <= 1, "{pushes} PATCHes for an orphan");
+    assert_eq!(s.daemon.metric("membersync_merge_orphans_total").await, 1.0);
+    // Later edits are announced as skipped, with the reason.
+    let skipped: Vec<String> = s
+        .admin
+        .query(
+            "select result->>'reason' from public.webhook_log where memberstack_id = $1 and result->>'status' = 'skipped'",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(!skipped.is_empty(), "{}", s.history(id).await);
+    assert!(skipped[0].contains("does not exist in Memberstack"));
+
+    // Memberstack shows the member (a snapshot, as backfill or resync publish it): pushing
+    // resumes for it.
+    let member = json!({
+        "id": id, "auth": {"email": "orphan@example.com"}, "verified": false,
+        "customFields": {}, "metaData": {}, "json": {}, "planConnections": [],
+    });
+    let record = membersync::ingest::envelope::member_snapshot(
+        "resync_orphan_1",
+        &member,
+        id,
+        chrono::Utc::now(),
+    );
+    let headers: Vec<(&str, &[u8])> = record
+        .headers
+        .iter()
+        .map(|(k, v)| (*k, v.as_bytes()))
+        .collect();
+    let producer =
+        membersync::kafka::producer::Producer::new(&s.kafka, Duration::from_secs(10)).unwrap();
+    producer
+        .send(
+            &membersync::kafka::producer::Record {
+                topic: &s.topic("memberstack"),
+                key: record.key.as_bytes(),
+                payload: &record.value,
+                headers: &headers,
+            },
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    wait_for("the snapshot processed", WAIT * 2, || async {
+        s.admin
+            .query_opt(
+                "select 1 from public.webhook_log where event_id = 'resync_orphan_1'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .map(|_| ())
+    })
+    .await;
+    let deadline = Instant::now() + WAIT * 2;
+    loop {
+        let pushes =
+            s.ms.calls()
+                .iter()
+                .filter(|c| c.method == "PATCH" && c.path.contains(id))
+                .count();
+        if pushes > 1 {
+            break;
+        }
+        if Instant::now() > deadline {
+            let intents: Vec<String> = s
+                .admin
+                .query(
+                    "select to_jsonb(i)::text from membersync_meta.merge_intents i where memberstack_id = $1",
+                    &[&id],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            panic!(
+                "no push for the member again ({pushes} PATCHes); intents {intents:?}\n{}",
+                s.history(id).await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Issue #16, item 9: `members.last_synced_at` (docs/api.md) is when membersync last brought
+/// the two sides together: written with every row merge writes and every push that landed.
+#[tokio::test(flavor = "multi_thread")]
+async fn last_synced_at_follows_merges_writes_and_pushes() {
+    let s = Stack::start(&[]).await;
+    let id = s.dashboard_member("synced@example.com", json!({})).await;
+    let row = s.row(&id).await;
+    assert!(
+        row["last_synced_at"].is_string(),
+        "written with the row merge created: {row}"
+    );
+    s.quiescent(Duration::from_millis(500)).await;
+    let before = s.row(&id).await["last_synced_at"].clone();
+
+    // A Supabase edit, pushed to Memberstack: the push moves it.
+    s.admin
+        .execute(
+            "update public.members set project_data = '{\"p\": 1}' where memberstack_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    wait_for("the push landed", WAIT, || async {
+        (s.ms_member(&id)["metaData"]["project_data"] == json!({"p": 1})).then_some(())
+    })
+    .await;
+    let row = s
+        .row_where(
+            &id,
+            &format!("last_synced_at > '{}'", before.as_str().unwrap()),
+        )
+        .await;
+    assert_eq!(row["project_data"], json!({"p": 1}));
+}
+
+/// Issue #16, item 5: a change that does not say whether the new email is verified (webhooks
+/// need not carry `verified`) makes the Auth applier ask Memberstack: verified there, the
+/// auth user follows.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_email_change_without_verified_is_checked_in_memberstack() {
+    let s = Stack::start(&[]).await;
+    let id = s.dashboard_member("before@example.com", json!({})).await;
+    let user = s.row(&id).await["user_id"].as_str().unwrap().to_owned();
+    s.quiescent(Duration::from_millis(500)).await;
+
+    // Memberstack has the new, verified email; merge learns of the change from a record that
+    // does not carry `verified`.
+    s.ms.pause_webhooks();
+    s.dashboard_update(&id, json!({"email": "after@example.com", "verified": true}));
+    let member = json!({
+        "id": id, "auth": {"email": "after@example.com"},
+        "customFields": {}, "metaData": {}, "json": {},
+        "planConnections": [{"id": "con_1", "active": true, "status": "ACTIVE", "planId": "pln_free", "type": "FREE"}],
+    });
+    let record = membersync::ingest::envelope::member_snapshot(
+        "resync_verified_1",
+        &member,
+        &id,
+        chrono::Utc::now(),
+    );
+    let headers: Vec<(&str, &[u8])> = record
+        .headers
+        .iter()
+        .map(|(k, v)| (*k, v.as_bytes()))
+        .collect();
+    let producer =
+        membersync::kafka::producer::Producer::new(&s.kafka, Duration::from_secs(10)).unwrap();
+    producer
+        .send(
+            &membersync::kafka::producer::Record {
+                topic: &s.topic("memberstack"),
+                key: record.key.as_bytes(),
+                payload: &record.value,
+                headers: &headers,
+            },
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    s.row_where(&id, "email = 'after@example.com'").await;
+    wait_for("the verified email in the auth user", WAIT, || async {
+        (s.auth_email(&user).await == "after@example.com").then_some(())
+    })
+    .await;
+    assert!(s.conflicts(&id).await.is_empty());
+    s.ms.resume_webhooks();
+    s.quiescent(Duration::from_millis(500)).await;
 }

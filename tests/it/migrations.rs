@@ -564,7 +564,8 @@ async fn api_roles_are_least_privileged() {
     expected.extend(tables.iter().map(|t| format!("service_role:{t}:{all}")));
     assert_eq!(privileges, expected);
 
-    // Column-level privileges beyond those: authenticated may update three columns of members.
+    // Column-level privileges beyond those: authenticated may update two columns of members
+    // (usage_stats no longer since V15).
     let columns = strings(
         &admin,
         "select r.role || ':' || c.relname || '.' || a.attname || ':' || p.privilege_type
@@ -583,7 +584,6 @@ async fn api_roles_are_least_privileged() {
         [
             "authenticated:members.custom_fields:UPDATE",
             "authenticated:members.project_data:UPDATE",
-            "authenticated:members.usage_stats:UPDATE",
         ]
     );
 
@@ -860,4 +860,61 @@ async fn migrate_wait_returns_only_once_every_migration_is_applied() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+/// V15 adds `unique (user_id)` to `members`. On a database where two members already share an
+/// auth user it stops and names them (which member owns the user is for a person to decide);
+/// once they are fixed, it applies.
+#[tokio::test]
+async fn v15_refuses_members_sharing_an_auth_user_and_names_them() {
+    let db = TestDb::migrated().await;
+    let admin = db.admin().await;
+    let sql = std::fs::read_to_string(
+        crate::support::repo_root().join("schemas/migrations/V15__merge_guards.sql"),
+    )
+    .unwrap();
+    let start = sql.find("do $migration$").unwrap();
+    let end = sql[start..].find("$migration$;").unwrap() + start + "$migration$;".len();
+    let unique_block = &sql[start..end];
+
+    // The database as it was before V15, with two members sharing one auth user.
+    admin
+        .batch_execute(
+            "alter table public.members drop constraint members_user_id_key;
+             insert into auth.users (id, aud, role, email, created_at, updated_at)
+             values ('00000000-0000-4000-8000-00000000000a', 'authenticated', 'authenticated', 'shared@example.com', now(), now());
+             insert into public.members (memberstack_id, user_id) values
+               ('mem_one', '00000000-0000-4000-8000-00000000000a'),
+               ('mem_two', '00000000-0000-4000-8000-00000000000a');",
+        )
+        .await
+        .unwrap();
+    let err = admin
+        .batch_execute(unique_block)
+        .await
+        .expect_err("V15 on duplicates");
+    let db_err = err.as_db_error().expect("a database error");
+    assert!(
+        db_err.message().contains("more than one member")
+            && db_err.message().contains("mem_one, mem_two"),
+        "{}",
+        db_err.message()
+    );
+    assert!(db_err.hint().is_some_and(|h| h.contains("user_id to null")));
+
+    // Fixed by the operator: it applies.
+    admin
+        .batch_execute("update public.members set user_id = null where memberstack_id = 'mem_two'")
+        .await
+        .unwrap();
+    admin.batch_execute(unique_block).await.unwrap();
+    let exists: bool = admin
+        .query_one(
+            "select exists (select from pg_constraint where conname = 'members_user_id_key' and contype = 'u')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(exists);
 }

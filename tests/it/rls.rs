@@ -5,7 +5,8 @@
 //! is rolled back. See docs/schema.md.
 //!
 //! A signed-in user (`authenticated`) reads its own `members` and `user_logs` rows and
-//! updates only `project_data`, `usage_stats` and `custom_fields` of its own `members` row
+//! updates only `project_data` and `custom_fields` of its own `members` row (`usage_stats`,
+//! the application's metering, since V15)
 //! (V5); everything else is refused with "permission denied".
 
 use membersync::db::{Login, connect};
@@ -244,12 +245,13 @@ async fn authenticated_sees_only_its_own_rows() {
 }
 
 /// Columns of `members` a signed-in user may update (on its own row): the application's data.
-const APP_COLUMNS: [&str; 3] = ["project_data", "usage_stats", "custom_fields"];
+const APP_COLUMNS: [&str; 2] = ["project_data", "custom_fields"];
 
 /// Every other column of `members`, with a value a user might try to give it; `{me}` and
 /// `{other}` are replaced by the user's and the other user's id. Memberstack owns identity
 /// and subscription, the daemon the rest.
-const OTHER_COLUMNS: [(&str, &str); 13] = [
+const OTHER_COLUMNS: [(&str, &str); 14] = [
+    ("usage_stats", "'{\"calls\": 0}'"),
     ("subscription_status", "'active'"),
     ("subscription_status_raw", "'ACTIVE'"),
     ("plan_id", "'pln_paid'"),
@@ -298,7 +300,7 @@ async fn authenticated_updates_the_application_columns_of_its_own_row() {
     let tx = f.tx(As::User(USER_A)).await;
     let n = tx
         .execute(
-            "update public.members set usage_stats = usage_stats where memberstack_id = 'mem_a'",
+            "update public.members set project_data = project_data where memberstack_id = 'mem_a'",
             &[],
         )
         .await
@@ -320,7 +322,7 @@ async fn authenticated_updates_the_application_columns_of_its_own_row() {
     let n = tx
         .execute(
             "update public.members
-                set project_data = '{\"stage\": 2}', usage_stats = '{\"calls\": 7}',
+                set project_data = '{\"stage\": 2}',
                     custom_fields = custom_fields || '{\"nickname\": \"ace\"}'",
             &[],
         )
@@ -339,7 +341,7 @@ async fn authenticated_updates_the_application_columns_of_its_own_row() {
         .await
         .unwrap();
     assert_eq!(row.get::<_, String>(0), r#"{"stage": 2}"#);
-    assert_eq!(row.get::<_, String>(1), r#"{"calls": 7}"#);
+    assert_eq!(row.get::<_, String>(1), "{}");
     assert_eq!(row.get::<_, String>(2), r#"{"nickname": "ace"}"#);
     assert!(row.get::<_, bool>(3), "updated_at moved");
     assert_eq!(row.get::<_, Option<Uuid>>(4), Some(USER_A));
@@ -451,7 +453,7 @@ async fn authenticated_cannot_update_another_users_row() {
             0,
         ),
         (
-            "update public.members set usage_stats = '{\"pwned\": true}' where memberstack_id = 'mem_orphan'",
+            "update public.members set project_data = '{\"pwned\": true}' where memberstack_id = 'mem_orphan'",
             0,
         ),
         (
@@ -943,4 +945,42 @@ async fn authenticated_cannot_store_oversized_application_values() {
         );
         assert_eq!(f.allowed(As::Daemon, &daemon).await, 1, "{column}");
     }
+
+/// Issue #16, item 8: `usage_stats` is the application's metering (Supabase owns usage logs):
+/// a signed-in member may not write it, even on its own row (V15). An application that wants
+/// members to write it grants it back (docs/schema.md), which works as before.
+#[tokio::test]
+async fn authenticated_cannot_update_its_usage_stats_unless_granted() {
+    let mut f = Fixture::new().await;
+    for sql in [
+        "update public.members set usage_stats = '{\"calls\": 0}' where memberstack_id = 'mem_a'",
+        "update public.members set usage_stats = usage_stats || '{\"calls\": 1}'",
+        "update public.members set project_data = '{}', usage_stats = '{}' where memberstack_id = 'mem_a'",
+    ] {
+        let msg = f.refused(As::User(USER_A), sql).await;
+        assert!(is_permission_denied(&msg), "`{sql}`: {msg}");
+    }
+    // The daemon still writes it (merge applies Memberstack-side values of the field).
+    let n = f
+        .run(
+            As::Daemon,
+            "update public.members set usage_stats = '{\"calls\": 3}' where memberstack_id = 'mem_a'",
+        )
+        .await
+        .expect("the daemon updates usage_stats");
+    assert_eq!(n, 1);
+
+    // Granted back by the application: its own row only, as for the other columns.
+    f.admin
+        .batch_execute("grant update (usage_stats) on public.members to authenticated")
+        .await
+        .unwrap();
+    let n = f
+        .run(
+            As::User(USER_A),
+            "update public.members set usage_stats = '{\"calls\": 4}'",
+        )
+        .await
+        .expect("granted back");
+    assert_eq!(n, 1, "RLS still limits it to A's row");
 }

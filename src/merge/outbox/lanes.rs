@@ -7,7 +7,7 @@
 //!   the outage lasts. After `merge.max_attempts` failed attempts the episode is reported once
 //!   as late (`error_logs` `sync_failed`, the PostHog `sync_failed` event, a metric) while the
 //!   retries go on.
-//! - **Permanent** (a 4xx other than 408/429, a member missing in Memberstack): the intent's
+//! - **Permanent** (a 4xx other than 408/429): the intent's
 //!   latest contributing change is dead-lettered (`dlq replay` re-feeds it) and what was
 //!   claimed is dropped.
 

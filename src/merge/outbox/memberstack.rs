@@ -10,6 +10,10 @@
 //! - After the push, a field whose agreed value moved on while the PATCH was in flight (a newer
 //!   Memberstack edit won, and our PATCH overwrote it there) is queued again with the agreed
 //!   value: the two sides converge instead of silently diverging.
+//! - A member Memberstack does not have (404; a row created in Supabase only) is an
+//!   **orphan**: reported once (`error_logs` `missing_in_memberstack`,
+//!   `membersync_merge_orphans_total`), not dead-lettered, and nothing more is pushed for it
+//!   until a Memberstack change of that member shows it exists (`outbox::clear_orphan`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -31,6 +35,14 @@ pub struct Pusher {
     cfg: Arc<MergeConfig>,
     fields: Arc<Vec<Field>>,
     client: MemberstackClient,
+    orphans: prometheus::IntCounter,
+}
+
+/// What Memberstack answered.
+pub enum Pushed {
+    Patched,
+    /// 404: the member does not exist in Memberstack.
+    Missing,
 }
 
 /// What one claim sends.
@@ -42,11 +54,17 @@ pub struct Push {
 }
 
 impl Pusher {
-    pub fn new(cfg: Arc<MergeConfig>, fields: Arc<Vec<Field>>, client: MemberstackClient) -> Self {
+    pub fn new(
+        cfg: Arc<MergeConfig>,
+        fields: Arc<Vec<Field>>,
+        client: MemberstackClient,
+        orphans: prometheus::IntCounter,
+    ) -> Self {
         Self {
             cfg,
             fields,
             client,
+            orphans,
         }
     }
 
@@ -59,7 +77,7 @@ impl Pusher {
 
 impl IntentApplier for Pusher {
     type Plan = Push;
-    type Done = ();
+    type Done = Pushed;
     const TARGET: Target = Target::Memberstack;
 
     async fn prepare(
@@ -107,40 +125,32 @@ impl IntentApplier for Pusher {
         Ok((!push.fields.is_empty()).then_some(push))
     }
 
-    async fn apply(&self, _db: &Client, push: &Push) -> Result<(), Failure> {
-        let classify = |e: MemberstackError| match e {
-            MemberstackError::Api { status: 404, .. } => Failure::Permanent {
-                kind: "missing_in_memberstack",
-                message: format!("member {} does not exist in Memberstack", push.member_id),
-            },
-            e if e.is_retryable() => Failure::Retry {
-                kind: "memberstack",
-                message: format!("Memberstack: {e}"),
-            },
-            e => Failure::Permanent {
-                kind: "memberstack",
-                message: format!("Memberstack: {e}"),
-            },
+    async fn apply(&self, _db: &Client, push: &Push) -> Result<Pushed, Failure> {
+        let classify = |e: MemberstackError| {
+            if e.is_retryable() {
+                Failure::Retry {
+                    kind: "memberstack",
+                    message: format!("Memberstack: {e}"),
+                }
+            } else {
+                Failure::Permanent {
+                    kind: "memberstack",
+                    message: format!("Memberstack: {e}"),
+                }
+            }
         };
+        let missing = |e: &MemberstackError| matches!(e, MemberstackError::Api { status: 404, .. });
         // `json` is replaced whole by Memberstack: its keys are read first (read-modify-write).
         let current = if push
             .fields
             .iter()
             .any(|(f, _)| f.path.needs_read_before_write())
         {
-            match self
-                .client
-                .get_member(&push.member_id)
-                .await
-                .map_err(classify)?
-            {
-                Some(m) => Some(m.raw),
-                None => {
-                    return Err(Failure::Permanent {
-                        kind: "missing_in_memberstack",
-                        message: format!("member {} does not exist in Memberstack", push.member_id),
-                    });
-                }
+            match self.client.get_member(&push.member_id).await {
+                Ok(Some(m)) => Some(m.raw),
+                Ok(None) => return Ok(Pushed::Missing),
+                Err(e) if missing(&e) => return Ok(Pushed::Missing),
+                Err(e) => return Err(classify(e)),
             }
         } else {
             None
@@ -149,26 +159,32 @@ impl IntentApplier for Pusher {
         for (field, value) in &push.fields {
             field.path.put(&mut patch, value.clone(), current.as_ref());
         }
-        self.client
-            .update_member(&push.member_id, &patch)
-            .await
-            .map(|_| ())
-            .map_err(classify)
+        match self.client.update_member(&push.member_id, &patch).await {
+            Ok(_) => Ok(Pushed::Patched),
+            Err(e) if missing(&e) => Ok(Pushed::Missing),
+            Err(e) => Err(classify(e)),
+        }
     }
 
     async fn record(
         &self,
         tx: &Transaction<'_>,
         intent: &Intent,
-        result: Option<(&Push, &())>,
+        result: Option<(&Push, &Pushed)>,
         at: DateTime<Utc>,
     ) -> Result<(), tokio_postgres::Error> {
         let pace = std::time::Duration::from_millis(self.cfg.member_push_interval_ms);
-        let Some((push, ())) = result else {
-            // Nothing sent: what was desired is there already (or was dead-lettered).
-            super::complete(tx, intent, &intent.desired, at, std::time::Duration::ZERO).await?;
-            return Ok(());
+        let push = match result {
+            None => {
+                // Nothing sent: what was desired is there already (or was dead-lettered).
+                super::complete(tx, intent, &intent.desired, at, std::time::Duration::ZERO).await?;
+                return Ok(());
+            }
+            Some((_, Pushed::Missing)) => return self.orphan(tx, intent).await,
+            Some((push, Pushed::Patched)) => push,
         };
+        store::mark_origin(tx).await?;
+        store::touch_synced(tx, &intent.member_id, at).await?;
         let states: HashMap<_, _> = store::field_states(tx, &intent.member_id).await?;
         let mut repush = Map::new();
         for (field, value) in &push.fields {
@@ -201,6 +217,59 @@ impl IntentApplier for Pusher {
             )
             .await?;
         }
+        Ok(())
+    }
+}
+
+impl Pusher {
+    /// Memberstack does not have the member: report it once, push nothing more for it.
+    async fn orphan(
+        &self,
+        tx: &Transaction<'_>,
+        intent: &Intent,
+    ) -> Result<(), tokio_postgres::Error> {
+        // The echoes recorded for this push will never come back: forget them, or a later
+        // Memberstack value equal to one would be taken for our own write.
+        let states = store::field_states(tx, &intent.member_id).await?;
+        for (name, value) in &intent.desired {
+            let Some(field) = self.field(name) else {
+                continue;
+            };
+            if let Some(state) = states.get(name) {
+                let mut after = state.clone();
+                after
+                    .echoes
+                    .retain(|e| !same(field.mapping.normalize, &e.value, value));
+                if after != *state {
+                    store::save_field_state(tx, &intent.member_id, name, &after).await?;
+                }
+            }
+        }
+        if !super::mark_orphan(tx, &intent.member_id).await? {
+            return Ok(());
+        }
+        self.orphans.inc();
+        tracing::warn!(member = %intent.member_id, "member does not exist in Memberstack: nothing is pushed for it until it does");
+        let context = serde_json::json!({
+            "target": "memberstack",
+            "event_id": intent.origin.as_ref().map(|o| o.event_id.clone()),
+            "error_kind": "missing_in_memberstack",
+            "retrying": false,
+        });
+        tx.execute(
+            "insert into public.error_logs (memberstack_id, user_id, error_type, error_message, context, retry_count)
+             values ($1, (select user_id from public.members where memberstack_id = $1),
+                     'missing_in_memberstack', $2, $3, 0)",
+            &[
+                &intent.member_id,
+                &format!(
+                    "member {} does not exist in Memberstack: its changes in Supabase are not pushed until it does",
+                    intent.member_id
+                ),
+                &context,
+            ],
+        )
+        .await?;
         Ok(())
     }
 }

@@ -223,7 +223,8 @@ pub async fn claim(
         .query(
             &format!(
                 "select memberstack_id from membersync_meta.merge_intents
-                  where target = $1 and desired <> '{{}}'::jsonb and not_before <= now() and {CLAIMABLE}
+                  where target = $1 and desired <> '{{}}'::jsonb and not_before <= now()
+                    and orphan_since is null and {CLAIMABLE}
                   order by queued_at limit 8"
             ),
             &[&target.as_str()],
@@ -243,7 +244,7 @@ pub async fn claim(
                         set claimed_until = now() + make_interval(secs => $3::float8 / 1000.0),
                             claimed_pid = pg_backend_pid()
                       where memberstack_id = $1 and target = $2 and desired <> '{{}}'::jsonb
-                        and not_before <= now() and {CLAIMABLE}
+                        and not_before <= now() and orphan_since is null and {CLAIMABLE}
                   returning desired, version, attempts, failing_since, late_reported, origin"
                 ),
                 &[&member, &target.as_str(), &lease_ms],
@@ -303,7 +304,7 @@ pub async fn complete(
     tx.execute(
         "update membersync_meta.merge_intents
             set desired = $3::jsonb, claimed_until = null, claimed_pid = null, attempts = 0,
-                failing_since = null, late_reported = false, last_error = null,
+                failing_since = null, late_reported = false, last_error = null, conflict = null,
                 last_applied_at = $4::timestamptz,
                 not_before = $4::timestamptz + make_interval(secs => $5::float8 / 1000.0),
                 queued_at = case when $3::jsonb = '{}'::jsonb then queued_at else now() end,
@@ -319,6 +320,159 @@ pub async fn complete(
     )
     .await?;
     Ok(desired)
+}
+
+/// After a conflict (the target refuses the intent because of another record, e.g. the email
+/// belongs to another auth user), under the member's lock: what was applied leaves the
+/// intent, the rest waits `retry_in` (a newer change of it supersedes the wait,
+/// [`supersede_conflict`]). Returns whether the conflict is new (not the one already
+/// recorded), i.e. whether to report it.
+pub async fn hold(
+    tx: &Transaction<'_>,
+    intent: &Intent,
+    applied: &Map<String, Value>,
+    conflict: &Value,
+    retry_in: std::time::Duration,
+) -> Result<bool, tokio_postgres::Error> {
+    let row = tx
+        .query_opt(
+            "select desired, conflict from membersync_meta.merge_intents
+              where memberstack_id = $1 and target = $2 for update",
+            &[&intent.member_id, &intent.target.as_str()],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Ok(false);
+    };
+    let mut desired = match row.get::<_, Value>(0) {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    };
+    desired.retain(|k, v| applied.get(k) != Some(v));
+    let before: Option<Value> = row.get(1);
+    let fresh = before.as_ref().is_none_or(|b| {
+        b.get("reason") != conflict.get("reason") || b.get("email") != conflict.get("email")
+    });
+    let mut conflict = conflict.clone();
+    if let (Some(b), false) = (&before, fresh) {
+        conflict["since"] = b.get("since").cloned().unwrap_or(Value::Null);
+    }
+    let retry_ms = retry_in.as_millis() as f64;
+    tx.execute(
+        "update membersync_meta.merge_intents
+            set desired = $3::jsonb, conflict = $4::jsonb, claimed_until = null, claimed_pid = null,
+                attempts = 0, failing_since = null, late_reported = false,
+                last_error = $4::jsonb ->> 'reason',
+                not_before = now() + make_interval(secs => $5::float8 / 1000.0),
+                updated_at = now()
+          where memberstack_id = $1 and target = $2",
+        &[
+            &intent.member_id,
+            &intent.target.as_str(),
+            &Value::Object(desired),
+            &conflict,
+            &retry_ms,
+        ],
+    )
+    .await?;
+    Ok(fresh)
+}
+
+/// The conflict the member's intent for `target` waits on, if any.
+pub async fn conflict_of(
+    client: &impl GenericClient,
+    member_id: &str,
+    target: Target,
+) -> Result<Option<Value>, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "select conflict from membersync_meta.merge_intents
+              where memberstack_id = $1 and target = $2 and conflict is not null",
+            &[&member_id, &target.as_str()],
+        )
+        .await?
+        .and_then(|r| r.get(0)))
+}
+
+/// Inside the merge transaction: the change gives the conflicting intent new values (a new
+/// email, a verified one, new metadata): it is tried at once instead of after its wait. The
+/// conflict stays recorded until the intent applies, so one that stands is not reported again.
+pub async fn supersede_conflict(
+    tx: &Transaction<'_>,
+    member_id: &str,
+    target: Target,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "update membersync_meta.merge_intents set not_before = now(), updated_at = now()
+          where memberstack_id = $1 and target = $2 and conflict is not null",
+        &[&member_id, &target.as_str()],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Under the member's lock, after Memberstack answered 404 for it: nothing is pushed for the
+/// member until Memberstack shows it ([`clear_orphan`]). What was pending is dropped (the row
+/// holds it; a snapshot of the member pushes what Supabase owns). Returns whether the member
+/// was not known as an orphan yet (report it once).
+pub async fn mark_orphan(
+    tx: &Transaction<'_>,
+    member_id: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let row = tx
+        .query_opt(
+            "update membersync_meta.merge_intents i
+                set orphan_since = coalesce(i.orphan_since, now()), desired = '{}'::jsonb,
+                    version = i.version + 1, claimed_until = null, claimed_pid = null, attempts = 0,
+                    failing_since = null, late_reported = false, last_error = null, updated_at = now()
+               from (select orphan_since from membersync_meta.merge_intents
+                      where memberstack_id = $1 and target = 'memberstack') old
+              where i.memberstack_id = $1 and i.target = 'memberstack'
+          returning old.orphan_since is null",
+            &[&member_id],
+        )
+        .await?;
+    if let Some(row) = row {
+        return Ok(row.get(0));
+    }
+    // No intent row (pruned meanwhile): remember the orphan in a new one.
+    let n = tx
+        .execute(
+            "insert into membersync_meta.merge_intents (memberstack_id, target, orphan_since)
+             values ($1, 'memberstack', now()) on conflict (memberstack_id, target) do nothing",
+            &[&member_id],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
+/// Whether Memberstack answered 404 for the member and has not shown it since.
+pub async fn is_orphan(
+    client: &impl GenericClient,
+    member_id: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "select 1 from membersync_meta.merge_intents
+              where memberstack_id = $1 and target = 'memberstack' and orphan_since is not null",
+            &[&member_id],
+        )
+        .await?
+        .is_some())
+}
+
+/// Inside the merge transaction of a Memberstack change of the member: it exists there.
+pub async fn clear_orphan(
+    tx: &Transaction<'_>,
+    member_id: &str,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "update membersync_meta.merge_intents set orphan_since = null, updated_at = now()
+          where memberstack_id = $1 and target = 'memberstack' and orphan_since is not null",
+        &[&member_id],
+    )
+    .await?;
+    Ok(())
 }
 
 /// After an infrastructure failure: the claim is released and the intent waits `retry_in`.
@@ -375,6 +529,7 @@ pub async fn prune(client: &impl GenericClient) -> Result<u64, tokio_postgres::E
         .execute(
             "delete from membersync_meta.merge_intents
               where desired = '{}'::jsonb and not_before < now() - interval '1 minute'
+                and orphan_since is null
                 and (claimed_until is null or claimed_until < now())",
             &[],
         )
@@ -388,7 +543,10 @@ pub async fn backlog(
     let rows = client
         .query(
             "select target, count(*), coalesce(extract(epoch from now() - min(coalesce(failing_since, queued_at)))::float8, 0)
-               from membersync_meta.merge_intents where desired <> '{}'::jsonb group by target",
+               from membersync_meta.merge_intents
+              -- An intent waiting on a conflict is reported as a conflict, not as backlog.
+              where desired <> '{}'::jsonb and conflict is null and orphan_since is null
+              group by target",
             &[],
         )
         .await?;

@@ -15,6 +15,7 @@ fn rules(authority: Authority, now: i64) -> Rules {
         writable: true,
         now: at(now),
         echo_window: Duration::seconds(600),
+        tie: TieWinner::Supabase,
     }
 }
 
@@ -123,7 +124,8 @@ fn our_own_push_coming_back_is_an_echo() {
 }
 
 #[test]
-fn latest_ties_go_to_memberstack() {
+fn latest_ties_go_to_supabase_by_default() {
+    // The row changed at 50 (CDC on its way), the webhook is from 50 too: Supabase keeps it.
     let state = agreed(json!("x"), 1, Side::Memberstack);
     let r = resolve(
         &rules(Authority::Latest, 100),
@@ -131,19 +133,45 @@ fn latest_ties_go_to_memberstack() {
         &row(json!("sb"), 50),
         &ms(json!("ms"), 50),
     );
-    assert_eq!(r.verdict, Verdict::Applied);
-    assert_eq!(r.write_supabase, Some(json!("ms")));
+    assert_eq!(r.verdict, Verdict::Stale);
+    assert_eq!(r.write_supabase, None);
+    // The webhook was processed first: the Supabase edit of the same instant wins and is pushed.
+    let state = agreed(json!("ms"), 50, Side::Memberstack);
     let r = resolve(
         &rules(Authority::Latest, 100),
         &state,
         &row(json!("sb"), 50),
         &sb(json!("sb"), 50),
     );
-    assert_eq!(
-        r.push_memberstack,
-        Some(json!("sb")),
-        "unseen Memberstack edits cannot win a tie"
+    assert_eq!(r.verdict, Verdict::Applied);
+    assert_eq!(r.push_memberstack, Some(json!("sb")));
+}
+
+#[test]
+fn latest_ties_go_to_memberstack_when_configured() {
+    let mut rules_ms = rules(Authority::Latest, 100);
+    rules_ms.tie = TieWinner::Memberstack;
+    let state = agreed(json!("x"), 1, Side::Memberstack);
+    let r = resolve(
+        &rules_ms,
+        &state,
+        &row(json!("sb"), 50),
+        &ms(json!("ms"), 50),
     );
+    assert_eq!(r.verdict, Verdict::Applied);
+    assert_eq!(r.write_supabase, Some(json!("ms")));
+    let state = agreed(json!("ms"), 50, Side::Memberstack);
+    let r = resolve(
+        &rules_ms,
+        &state,
+        &row(json!("sb"), 50),
+        &sb(json!("sb"), 50),
+    );
+    assert_eq!(
+        r.push_memberstack, None,
+        "the Memberstack value of the same instant stands"
+    );
+    assert_eq!(r.write_supabase, Some(json!("ms")));
 }
 
 #[test]
@@ -294,7 +322,8 @@ proptest! {
         let expected = match a {
             Authority::Memberstack => ms_value.clone(),
             Authority::Supabase => sb_value.clone(),
-            Authority::Latest => if ms_time >= sb_time { ms_value.clone() } else { sb_value.clone() },
+            // An exact tie goes to Supabase (`merge.tie_winner` default, the sync rules).
+            Authority::Latest => if ms_time > sb_time { ms_value.clone() } else { sb_value.clone() },
         };
         let mut state = agreed(start.clone(), 0, Side::Memberstack);
         state.memberstack_seen = Some(start.clone());
