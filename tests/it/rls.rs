@@ -945,6 +945,7 @@ async fn authenticated_cannot_store_oversized_application_values() {
         );
         assert_eq!(f.allowed(As::Daemon, &daemon).await, 1, "{column}");
     }
+}
 
 /// Issue #16, item 8: `usage_stats` is the application's metering (Supabase owns usage logs):
 /// a signed-in member may not write it, even on its own row (V15). An application that wants
