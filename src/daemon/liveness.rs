@@ -26,18 +26,16 @@ impl Drop for EndGuard {
 }
 
 /// `task`, whose end outside a shutdown fails liveness.
-pub(super) fn watched<F: Future>(
+pub(super) async fn watched<F: Future>(
     heartbeat: Heartbeat,
     shutdown: CancellationToken,
     task: F,
-) -> impl Future<Output = F::Output> {
-    async move {
-        let _guard = EndGuard {
-            heartbeat,
-            shutdown,
-        };
-        task.await
-    }
+) -> F::Output {
+    let _guard = EndGuard {
+        heartbeat,
+        shutdown,
+    };
+    task.await
 }
 
 /// Beats ingest's heartbeat each time its listener answers an HTTP request (any status: a
