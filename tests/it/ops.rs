@@ -79,9 +79,21 @@ async fn readiness_reports_an_unreachable_database() {
         "MEMBERSYNC__DATABASE__CONNECT_TIMEOUT_SECS".into(),
         "1".into(),
     ));
+    env.push((
+        "MEMBERSYNC__TELEMETRY__LIVENESS_TIMEOUT_SECS".into(),
+        "2".into(),
+    ));
+    let started = tokio::time::Instant::now();
     let daemon = Daemon::start("run", env).await;
     let (status, body) = daemon.get("/readyz").await.unwrap();
     assert_eq!(status, 503, "{body}");
+    // Waiting out the outage (CDC backs off and retries) is not a wedge: alive throughout,
+    // for several liveness timeouts.
+    while started.elapsed() < Duration::from_secs(8) {
+        let (status, body) = daemon.get("/healthz").await.unwrap();
+        assert_eq!(status, 200, "alive while Postgres is away: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(ready["status"], "not_ready");
     assert_eq!(ready["checks"]["kafka"], "ok");
@@ -124,6 +136,7 @@ async fn ingest_starts_while_kafka_is_down_and_answers_503_until_it_is_back() {
             "MEMBERSYNC__INGEST__MEMBERSTACK_WEBHOOK_SECRETS",
             secret.clone(),
         ),
+        ("MEMBERSYNC__TELEMETRY__LIVENESS_TIMEOUT_SECS", "2".into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -151,6 +164,13 @@ async fn ingest_starts_while_kafka_is_down_and_answers_503_until_it_is_back() {
     };
     let resp = post("msg_kafka_down").await.expect("ingest answers");
     assert_eq!(resp.status().as_u16(), 503);
+    // Waiting for Kafka is not a wedge: alive for several liveness timeouts.
+    let watched = tokio::time::Instant::now();
+    while watched.elapsed() < Duration::from_secs(6) {
+        let (status, body) = daemon.get("/healthz").await.unwrap();
+        assert_eq!(status, 200, "alive while Kafka is away: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert!(
         resp.headers().get("retry-after").is_some(),
         "503 without Retry-After"
