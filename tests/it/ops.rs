@@ -348,3 +348,54 @@ async fn the_dead_letter_backlog_counts_the_letters_nobody_replayed() {
     .await;
     assert_eq!(daemon.metric(&series).await, 1.0);
 }
+
+/// The CDC leader polls its slot's retention from `pg_replication_slots`: the WAL kept since
+/// `restart_lsn`, `safe_wal_size` (NaN when `max_slot_wal_keep_size` is unlimited) and
+/// `wal_status`, one series per status.
+#[tokio::test]
+async fn the_cdc_leader_reports_the_slots_retention() {
+    let db = TestDb::migrated().await;
+    let kafka = support::kafka::config();
+    let daemon = Daemon::start("cdc", env_for(&db, &kafka.topic_prefix)).await;
+    wait_for("the slot's wal_status", Duration::from_secs(60), || {
+        let d = &daemon;
+        async move {
+            (d.metric("membersync_cdc_slot_wal_status{status=\"reserved\"}")
+                .await
+                == 1.0)
+                .then_some(())
+        }
+    })
+    .await;
+    let (_, text) = daemon.get("/metrics").await.unwrap();
+    for status in ["extended", "unreserved", "lost"] {
+        assert!(
+            text.contains(&format!(
+                "membersync_cdc_slot_wal_status{{status=\"{status}\"}} 0"
+            )),
+            "{status}: {text}"
+        );
+    }
+    let retained = text
+        .lines()
+        .find_map(|l| l.strip_prefix("membersync_cdc_slot_retained_bytes "))
+        .expect("retained bytes");
+    assert!(retained.trim().parse::<f64>().unwrap() >= 0.0, "{retained}");
+
+    let limit: String = db
+        .admin()
+        .await
+        .query_one("show max_slot_wal_keep_size", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let safe = text
+        .lines()
+        .find_map(|l| l.strip_prefix("membersync_cdc_slot_safe_wal_size_bytes "))
+        .expect("safe_wal_size");
+    if limit == "-1" {
+        assert_eq!(safe.trim(), "NaN", "unlimited: {safe}");
+    } else {
+        assert!(safe.trim().parse::<f64>().unwrap() > 0.0, "{limit}: {safe}");
+    }
+}
