@@ -1,7 +1,9 @@
 //! `membersync run`: the process frame every role runs in — the ops server, the roles as
 //! supervised tasks, and a graceful shutdown bounded by `shutdown.drain_timeout_secs`.
 
+mod dlq_backlog;
 mod health;
+mod liveness;
 mod supervisor;
 
 use std::net::SocketAddr;
@@ -18,6 +20,7 @@ use crate::config::Config;
 use crate::http::ops::{self, OpsServer};
 use crate::kafka::admin::KafkaAdmin;
 use crate::telemetry::Metrics;
+use crate::telemetry::liveness::{self as beats, Heartbeat};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -70,6 +73,7 @@ pub async fn run(config: Config, roles: &[Role]) -> Result<(), DaemonError> {
     let shutdown = CancellationToken::new();
     crate::shutdown::install(shutdown.clone()).map_err(DaemonError::Signals)?;
     let metrics = Metrics::new();
+    beats::set_timeout(Duration::from_secs(config.telemetry.liveness_timeout_secs));
     let health = Health::default();
     health.install_panic_hook(shutdown.clone());
     let started = Arc::new(AtomicBool::new(false));
@@ -130,12 +134,14 @@ pub async fn run(config: Config, roles: &[Role]) -> Result<(), DaemonError> {
         *health.cdc.lock().expect("health") = Some(cdc.status());
         let token = shutdown.clone();
         let ready = topics_rx.clone();
-        supervisor.spawn("cdc", async move {
-            if !topics_created(ready, &token).await {
+        let beat = beats::heartbeat("cdc");
+        let task = async move {
+            if !topics_created(ready, &token, &beat).await {
                 return Ok(());
             }
             cdc.run(token).await.map_err(|e| e.to_string())
-        });
+        };
+        supervisor.spawn("cdc", watched("cdc", shutdown.clone(), task));
     }
 
     if roles.contains(&Role::Ingest) {
@@ -144,10 +150,14 @@ pub async fn run(config: Config, roles: &[Role]) -> Result<(), DaemonError> {
             .map_err(|e| DaemonError::Setup(e.to_string()))?;
         let addr = ingest.local_addr().unwrap_or(config.ingest.listen_addr);
         tracing::info!(%addr, "webhook ingest listening");
+        tokio::spawn(liveness::ingest_self_check(
+            addr,
+            beats::heartbeat("ingest"),
+            shutdown.clone(),
+        ));
         let token = shutdown.clone();
-        supervisor.spawn("ingest", async move {
-            ingest.serve(token).await.map_err(|e| e.to_string())
-        });
+        let task = async move { ingest.serve(token).await.map_err(|e| e.to_string()) };
+        supervisor.spawn("ingest", watched("ingest", shutdown.clone(), task));
     }
 
     if roles.contains(&Role::Merge) {
@@ -155,12 +165,17 @@ pub async fn run(config: Config, roles: &[Role]) -> Result<(), DaemonError> {
             .map_err(|e| DaemonError::Setup(e.to_string()))?;
         let token = shutdown.clone();
         let ready = topics_rx.clone();
-        supervisor.spawn("merge", async move {
-            if !topics_created(ready, &token).await {
+        let beat = beats::heartbeat("merge");
+        let backlog = dlq_backlog::DlqBacklog::new(&config, &metrics)
+            .map_err(|e| DaemonError::Setup(e.to_string()))?;
+        let task = async move {
+            if !topics_created(ready, &token, &beat).await {
                 return Ok(());
             }
+            tokio::spawn(backlog.run(token.clone()));
             merge.run(token).await.map_err(|e| e.to_string())
-        });
+        };
+        supervisor.spawn("merge", watched("merge", shutdown.clone(), task));
     }
 
     if roles.contains(&Role::Bridge) {
@@ -168,12 +183,14 @@ pub async fn run(config: Config, roles: &[Role]) -> Result<(), DaemonError> {
             .map_err(|e| DaemonError::Setup(e.to_string()))?;
         let token = shutdown.clone();
         let ready = topics_rx.clone();
-        supervisor.spawn("bridge", async move {
-            if !topics_created(ready, &token).await {
+        let beat = beats::heartbeat("bridge");
+        let task = async move {
+            if !topics_created(ready, &token, &beat).await {
                 return Ok(());
             }
             bridge.run(token).await.map_err(|e| e.to_string())
-        });
+        };
+        supervisor.spawn("bridge", watched("bridge", shutdown.clone(), task));
     }
 
     #[cfg(debug_assertions)]
@@ -232,10 +249,27 @@ async fn ensure_topics(
     }
 }
 
-/// Waits until the topics exist; `false` if shutdown came first.
-async fn topics_created(mut ready: watch::Receiver<bool>, shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        r = ready.wait_for(|created| *created) => r.is_ok(),
-        _ = shutdown.cancelled() => false,
-    }
+/// Waits until the topics exist (beating: waiting for Kafka is not a wedge); `false` if
+/// shutdown came first.
+async fn topics_created(
+    mut ready: watch::Receiver<bool>,
+    shutdown: &CancellationToken,
+    beat: &Heartbeat,
+) -> bool {
+    let wait = async {
+        tokio::select! {
+            r = ready.wait_for(|created| *created) => r.is_ok(),
+            _ = shutdown.cancelled() => false,
+        }
+    };
+    beats::beating_while(beat, wait).await
+}
+
+/// A role's task whose end outside a shutdown fails liveness (`/healthz`).
+fn watched<F: std::future::Future>(
+    role: &'static str,
+    shutdown: CancellationToken,
+    task: F,
+) -> impl std::future::Future<Output = F::Output> {
+    liveness::watched(beats::heartbeat(role), shutdown, task)
 }

@@ -65,6 +65,7 @@ impl Leader {
         cdc: &CdcConfig,
         poll: Duration,
         cancel: &tokio_util::sync::CancellationToken,
+        heartbeat: &crate::telemetry::liveness::Heartbeat,
     ) -> Result<Option<Leader>, SlotError> {
         let slot = cdc.slot.as_str();
         let lease = Lease::of(cdc);
@@ -72,6 +73,8 @@ impl Leader {
         let key = lock_key(slot);
         let mut logged = false;
         loop {
+            // A hot standby's poll is its loop's turn.
+            heartbeat.beat();
             let got: bool = client
                 .query_one(
                     "select pg_try_advisory_lock(hashtextextended($1, 0))",

@@ -1,4 +1,12 @@
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+
+use super::slot::SlotHealth;
+
+/// The values of `pg_replication_slots.wal_status`, each a series of `membersync_cdc_slot_wal_status`.
+pub const WAL_STATUSES: [&str; 4] = ["reserved", "extended", "unreserved", "lost"];
 
 /// CDC's metric families (names are part of the alerting contract: deploy/ and docs/).
 #[derive(Clone)]
@@ -7,6 +15,9 @@ pub struct CdcMetrics {
     pub transactions: IntCounter,
     pub confirmed_lsn: IntGauge,
     pub slot_lag_bytes: IntGauge,
+    pub slot_retained_bytes: IntGauge,
+    pub slot_safe_wal_size_bytes: Gauge,
+    pub slot_wal_status: IntGaugeVec,
     pub commit_to_ack: Histogram,
     pub leader: IntGauge,
     pub slot_lost: IntGauge,
@@ -40,6 +51,21 @@ impl CdcMetrics {
             slot_lag_bytes: IntGauge::new(
                 "membersync_cdc_slot_lag_bytes",
                 "WAL the slot retains: pg_current_wal_lsn() minus confirmed_flush_lsn (polled).",
+            )?,
+            slot_retained_bytes: IntGauge::new(
+                "membersync_cdc_slot_retained_bytes",
+                "WAL Postgres keeps for the slot: pg_current_wal_lsn() minus restart_lsn (polled).",
+            )?,
+            slot_safe_wal_size_bytes: Gauge::new(
+                "membersync_cdc_slot_safe_wal_size_bytes",
+                "WAL that can still be written before the slot is in danger of being lost (safe_wal_size, polled); NaN when unlimited (max_slot_wal_keep_size = -1).",
+            )?,
+            slot_wal_status: IntGaugeVec::new(
+                Opts::new(
+                    "membersync_cdc_slot_wal_status",
+                    "1 for the slot's current wal_status (reserved, extended, unreserved, lost), 0 for the others (polled).",
+                ),
+                &["status"],
             )?,
             commit_to_ack: Histogram::with_opts(
                 HistogramOpts::new(
@@ -113,6 +139,9 @@ impl CdcMetrics {
         registry.register(Box::new(m.transactions.clone()))?;
         registry.register(Box::new(m.confirmed_lsn.clone()))?;
         registry.register(Box::new(m.slot_lag_bytes.clone()))?;
+        registry.register(Box::new(m.slot_retained_bytes.clone()))?;
+        registry.register(Box::new(m.slot_safe_wal_size_bytes.clone()))?;
+        registry.register(Box::new(m.slot_wal_status.clone()))?;
         registry.register(Box::new(m.commit_to_ack.clone()))?;
         registry.register(Box::new(m.leader.clone()))?;
         registry.register(Box::new(m.slot_lost.clone()))?;
@@ -127,5 +156,23 @@ impl CdcMetrics {
         registry.register(Box::new(m.incremental_active.clone()))?;
         registry.register(Box::new(m.incremental_tables_remaining.clone()))?;
         Ok(m)
+    }
+}
+
+impl CdcMetrics {
+    /// Records one poll of the slot: lag, retention, safe_wal_size and wal_status.
+    pub fn observe_slot(&self, h: &SlotHealth) {
+        self.slot_lag_bytes.set(h.lag_bytes);
+        if let Some(retained) = h.retained_bytes {
+            self.slot_retained_bytes.set(retained);
+        }
+        // NULL: no limit (max_slot_wal_keep_size = -1), or the slot is lost.
+        self.slot_safe_wal_size_bytes
+            .set(h.safe_wal_size.map_or(f64::NAN, |b| b as f64));
+        for status in WAL_STATUSES {
+            self.slot_wal_status
+                .with_label_values(&[status])
+                .set((h.wal_status == status) as i64);
+        }
     }
 }

@@ -32,6 +32,7 @@ use self::slot::{Leader, SlotError, SlotState};
 use crate::config::{Config, SnapshotMode};
 use crate::db::{self, Login};
 use crate::kafka::topics::Topics;
+use crate::telemetry::liveness::{self, Heartbeat};
 
 /// Prefix of the transactional logical message that marks membersync's own writes. It must
 /// be the first statement of such a transaction: events are streamed as they arrive, so only
@@ -98,6 +99,8 @@ pub struct StreamContext {
     pub sink: CdcSink,
     pub tracker: AckTracker,
     pub metrics: CdcMetrics,
+    /// The role's liveness heartbeat: every turn of CDC's loops beats it.
+    pub heartbeat: Heartbeat,
 }
 
 impl StreamContext {
@@ -114,6 +117,7 @@ impl StreamContext {
     /// Waits until everything produced is acknowledged; a delivery failure is an error.
     pub async fn wait_until_idle(&self) -> Result<(), snapshot::SnapshotError> {
         loop {
+            self.heartbeat.beat();
             self.sink.resend_refused().await?;
             if let Some(c) = self.tracker.take_confirmed() {
                 self.metrics.confirmed_lsn.set(c.lsn as i64);
@@ -169,7 +173,9 @@ impl Cdc {
             counter: Some(metrics.oversized.clone()),
             ..OversizePolicy::defaults(&config.kafka.topic_prefix)
         };
-        let sink = CdcSink::with_policy(&config.kafka, tracker.clone(), policy)?;
+        let heartbeat = liveness::heartbeat("cdc");
+        let mut sink = CdcSink::with_policy(&config.kafka, tracker.clone(), policy)?;
+        sink.set_heartbeat(heartbeat.clone());
         Ok(Self {
             status: CdcStatus::default(),
             ctx: Arc::new(StreamContext {
@@ -178,6 +184,7 @@ impl Cdc {
                 sink,
                 tracker,
                 metrics,
+                heartbeat,
             }),
         })
     }
@@ -194,6 +201,7 @@ impl Cdc {
         let max_backoff = Duration::from_secs(ctx.config.cdc.reconnect_max_backoff_secs);
         let mut backoff = Duration::from_secs(1);
         loop {
+            ctx.heartbeat.beat();
             if shutdown.is_cancelled() {
                 return Ok(());
             }
@@ -202,6 +210,7 @@ impl Cdc {
                 &ctx.config.cdc,
                 Duration::from_secs(1),
                 &shutdown,
+                &ctx.heartbeat,
             )
             .await
             {
@@ -209,7 +218,7 @@ impl Cdc {
                 Ok(None) => return Ok(()),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot reach Postgres for CDC leadership; retrying");
-                    sleep_or_cancel(&shutdown, backoff).await;
+                    liveness::sleep_beating(&ctx.heartbeat, backoff, &shutdown).await;
                     backoff = (backoff * 2).min(max_backoff);
                     continue;
                 }
@@ -238,7 +247,7 @@ impl Cdc {
                     ctx.metrics.reconnects.inc();
                     tracing::warn!(error = %e, backoff_secs = backoff.as_secs(), "CDC stream failed; reconnecting");
                     drop(leader);
-                    sleep_or_cancel(&shutdown, backoff).await;
+                    liveness::sleep_beating(&ctx.heartbeat, backoff, &shutdown).await;
                     backoff = (backoff * 2).min(max_backoff);
                 }
             }
@@ -253,25 +262,19 @@ async fn watch_while_stopped(ctx: &StreamContext, shutdown: &CancellationToken, 
     let every = Duration::from_secs(ctx.config.cdc.slot_poll_interval_secs.max(1));
     let mut client = None;
     while tokio::time::Instant::now() < until && !shutdown.is_cancelled() {
+        ctx.heartbeat.beat();
         if client.is_none() {
             client = db::connect(&ctx.config.database, Login::Daemon).await.ok();
         }
         if let Some(c) = &client {
             match slot::health(c, &ctx.config.cdc.slot).await {
-                Ok(Some(h)) => ctx.metrics.slot_lag_bytes.set(h.lag_bytes),
+                Ok(Some(h)) => ctx.metrics.observe_slot(&h),
                 Ok(None) => {}
                 Err(_) => client = None,
             }
         }
         let left = until.saturating_duration_since(tokio::time::Instant::now());
-        sleep_or_cancel(shutdown, every.min(left)).await;
-    }
-}
-
-async fn sleep_or_cancel(shutdown: &CancellationToken, d: Duration) {
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        _ = tokio::time::sleep(d) => {}
+        liveness::sleep_beating(&ctx.heartbeat, every.min(left), shutdown).await;
     }
 }
 
@@ -341,11 +344,15 @@ async fn create_slot_and_snapshot(
     // snapshot (V6), never mistaken for a complete one.
     slot::snapshot_started(leader.client(), slot).await?;
     let mode = if snapshot { "export" } else { "nothing" };
-    let rows = replication
-        .simple_query(&format!(
+    // Postgres creates the slot once every transaction older than it has ended, which may take
+    // long on a busy server: a wait on the other side, not a wedge.
+    let rows = liveness::beating_while(
+        &ctx.heartbeat,
+        replication.simple_query(&format!(
             "CREATE_REPLICATION_SLOT \"{slot}\" LOGICAL pgoutput (SNAPSHOT '{mode}')"
-        ))
-        .await?;
+        )),
+    )
+    .await?;
     let row = rows
         .first()
         .ok_or_else(|| CdcError::CreateSlot("no answer to CREATE_REPLICATION_SLOT".into()))?;

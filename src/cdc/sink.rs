@@ -30,6 +30,8 @@ pub struct CdcSink {
     producer: ThreadedProducer<CdcProducerContext>,
     tracker: AckTracker,
     policy: OversizePolicy,
+    /// Beaten while waiting for room in a full queue: waiting out Kafka is not a wedge.
+    heartbeat: crate::telemetry::liveness::Heartbeat,
 }
 
 /// What to do with a change event Kafka would refuse as too large.
@@ -103,7 +105,13 @@ impl CdcSink {
             producer,
             tracker,
             policy,
+            heartbeat: Default::default(),
         })
+    }
+
+    /// The role heartbeat to beat while waiting for room in the queue.
+    pub fn set_heartbeat(&mut self, heartbeat: crate::telemetry::liveness::Heartbeat) {
+        self.heartbeat = heartbeat;
     }
 
     /// Hands one change event of transaction `seq` to librdkafka, waiting while its queue is
@@ -222,6 +230,7 @@ impl CdcSink {
                 Ok(()) => return Ok(waited),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     waited = true;
+                    self.heartbeat.beat();
                     tokio::time::sleep(QUEUE_FULL_BACKOFF).await;
                 }
                 Err((e, _)) if is_too_large(&e) => {

@@ -204,6 +204,10 @@ pub struct SlotHealth {
     pub lag_bytes: i64,
     pub confirmed_flush_lsn: Option<u64>,
     pub wal_status: String,
+    /// WAL kept for the slot: the current position minus `restart_lsn` (none when lost).
+    pub retained_bytes: Option<i64>,
+    /// `safe_wal_size`: none when `max_slot_wal_keep_size` is unlimited (or the slot is lost).
+    pub safe_wal_size: Option<i64>,
 }
 
 pub async fn health(client: &Client, slot: &str) -> Result<Option<SlotHealth>, SlotError> {
@@ -211,7 +215,9 @@ pub async fn health(client: &Client, slot: &str) -> Result<Option<SlotHealth>, S
         .query_opt(
             "select coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::bigint,
                     (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint,
-                    coalesce(wal_status, '')
+                    coalesce(wal_status, ''),
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint,
+                    safe_wal_size
              from pg_replication_slots where slot_name = $1",
             &[&slot],
         )
@@ -220,6 +226,8 @@ pub async fn health(client: &Client, slot: &str) -> Result<Option<SlotHealth>, S
         lag_bytes: r.get(0),
         confirmed_flush_lsn: r.get::<_, Option<i64>>(1).map(|v| v as u64),
         wal_status: r.get(2),
+        retained_bytes: r.get(3),
+        safe_wal_size: r.get(4),
     }))
 }
 

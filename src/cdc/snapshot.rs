@@ -100,6 +100,7 @@ pub async fn run(
         );
         let mut table_rows = 0u64;
         loop {
+            ctx.heartbeat.beat();
             let messages = tx.simple_query(&fetch).await?;
             let mut fetched = 0;
             for message in messages {

@@ -61,7 +61,12 @@ pub async fn run(
     // Incremental snapshots run inside the stream: their watermarks and rows must take
     // their place among the changes.
     let mut snapshots = Driver::new(ctx);
+    // An idle stream still turns (and beats) at least this often.
+    let mut alive = tokio::time::interval(crate::telemetry::liveness::period());
+    alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        ctx.heartbeat.beat();
+        crate::telemetry::liveness::test_wedge("cdc").await;
         confirm(ctx, repl);
         ctx.sink.resend_refused().await?;
         if let Some((e, permanent)) = ctx.tracker.take_failure_kind() {
@@ -79,6 +84,7 @@ pub async fn run(
                 return snapshots.persist(ctx, leader.client()).await;
             }
             _ = ctx.tracker.changed() => {}
+            _ = alive.tick() => {}
             _ = poll.tick() => watch_slot(ctx, leader).await?,
             wake = snapshots.wake() => snapshots.on_wake(ctx, leader.client(), wake).await?,
             _ = heartbeat.tick(), if cfg.heartbeat_interval_secs > 0 => {
@@ -131,11 +137,11 @@ async fn drain(ctx: &StreamContext, repl: &mut ReplicationClient) -> Result<(), 
 
 async fn watch_slot(ctx: &StreamContext, leader: &Leader) -> Result<(), CdcError> {
     match slot::health(leader.client(), &ctx.config.cdc.slot).await {
-        Ok(Some(h)) if h.wal_status == "lost" => {
-            Err(SlotError::Lost(ctx.config.cdc.slot.clone()).into())
-        }
         Ok(Some(h)) => {
-            ctx.metrics.slot_lag_bytes.set(h.lag_bytes);
+            ctx.metrics.observe_slot(&h);
+            if h.wal_status == "lost" {
+                return Err(SlotError::Lost(ctx.config.cdc.slot.clone()).into());
+            }
             Ok(())
         }
         Ok(None) => Err(SlotError::Lost(ctx.config.cdc.slot.clone()).into()),

@@ -374,6 +374,10 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
         ));
     }
     at_least_one(
+        "telemetry.liveness_timeout_secs",
+        t.liveness_timeout_secs as i64,
+    )?;
+    at_least_one(
         "shutdown.drain_timeout_secs",
         c.shutdown.drain_timeout_secs as i64,
     )?;

@@ -428,6 +428,9 @@ pub struct TelemetryConfig {
     pub sentry_dsn_file: Option<PathBuf>,
     pub sentry_environment: Option<String>,
     pub sentry_traces_sample_rate: f32,
+    /// `/healthz` answers 503 when a started role's loop has not beaten for this long (it is
+    /// wedged) or its task ended.
+    pub liveness_timeout_secs: u64,
 }
 
 impl Default for TelemetryConfig {
@@ -440,6 +443,7 @@ impl Default for TelemetryConfig {
             sentry_dsn_file: None,
             sentry_environment: None,
             sentry_traces_sample_rate: 0.0,
+            liveness_timeout_secs: 60,
         }
     }
 }

@@ -70,6 +70,7 @@ impl Probe for Health {
             .expect("health")
             .as_ref()
             .and_then(|c| c.stopped());
+        let dead = crate::telemetry::liveness::dead_roles();
         async move {
             if let Some(p) = panicked {
                 return Err(p);
@@ -79,6 +80,9 @@ impl Probe for Health {
             }
             if let Some(reason) = cdc {
                 return Err(format!("CDC stopped, operator action needed: {reason}"));
+            }
+            if let Some((role, reason)) = dead.into_iter().next() {
+                return Err(format!("role {role} is not alive: {reason}"));
             }
             Ok(())
         }

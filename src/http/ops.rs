@@ -1,5 +1,6 @@
-//! The operations server: `/metrics` (Prometheus text), `/healthz` (the process is alive) and
-//! `/readyz` (the dependencies answer). It runs on its own port so that it can stay private
+//! The operations server: `/metrics` (Prometheus text), `/healthz` (the process and each of
+//! its roles' loops are alive, see `telemetry::liveness`) and `/readyz` (the dependencies
+//! answer). It runs on its own port so that it can stay private
 //! while webhook ingest is public.
 
 use std::net::SocketAddr;
@@ -40,10 +41,7 @@ pub fn router(metrics: Metrics, probes: Vec<Box<dyn Probe>>) -> Router {
     };
     Router::new()
         .route("/metrics", get(metrics_handler))
-        .route(
-            "/healthz",
-            get(|| async { Json(json!({"status": "alive"})) }),
-        )
+        .route("/healthz", get(health_handler))
         .route("/readyz", get(ready_handler))
         .with_state(state)
 }
@@ -55,6 +53,23 @@ async fn metrics_handler(State(state): State<OpsState>) -> Response {
             "text/plain; version=0.0.4; charset=utf-8",
         )],
         state.metrics.render(),
+    )
+        .into_response()
+}
+
+/// 200 while every started role beats; 503 naming the roles that are wedged or gone.
+async fn health_handler() -> Response {
+    let dead = crate::telemetry::liveness::dead_roles();
+    if dead.is_empty() {
+        return Json(json!({"status": "alive"})).into_response();
+    }
+    let roles: serde_json::Map<_, _> = dead
+        .into_iter()
+        .map(|(role, reason)| (role.to_owned(), json!(reason)))
+        .collect();
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"status": "dead", "roles": roles})),
     )
         .into_response()
 }

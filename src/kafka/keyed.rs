@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use super::lag::{self, ConsumerLag};
 use super::offsets::OffsetTracker;
 use crate::config::KafkaConfig;
+use crate::telemetry::liveness;
 
 /// What a worker does with one record.
 pub trait Handler: Send + Sync + 'static {
@@ -164,12 +165,20 @@ impl KeyedConsumer {
         drop(finished_tx);
         let mut tracker = OffsetTracker::default();
         tracing::info!(workers = self.settings.workers, "{role} consuming");
+        // Liveness: every turn of this loop beats the role's heartbeat, and the tick makes an
+        // idle loop (or one whose workers wait out an outage, reading nothing) turn.
+        let heartbeat = liveness::heartbeat(role);
+        let mut tick = tokio::time::interval(liveness::period());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
+            heartbeat.beat();
+            liveness::test_wedge(role).await;
             let room = tracker.in_flight() < self.settings.max_in_flight;
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
                 Some(parts) = self.revoked.recv() => {
                     for (topic, partition) in parts {
                         tracker.forget(&topic, partition);

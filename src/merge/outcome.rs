@@ -305,7 +305,8 @@ mod tests {
         assert_eq!(back["status"], "applied");
         assert_eq!(Outcome::shrink(&shrunk), None, "nothing more to cut");
         // Without `truncated` the record is unchanged in shape.
-        let plain = serde_json::to_value(Outcome::new(&sample_change(), Status::Unchanged)).unwrap();
+        let plain =
+            serde_json::to_value(Outcome::new(&sample_change(), Status::Unchanged)).unwrap();
         assert!(plain.get("truncated").is_none());
     }
 

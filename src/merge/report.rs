@@ -70,12 +70,20 @@ pub async fn send_until_acknowledged(
             Err(e) if !e.is_retryable() => match shrink(current.payload) {
                 Some(s) if s.len() < current.payload.len() => {
                     tracing::warn!(topic = record.topic, bytes = current.payload.len(), error = %e, "Kafka refused the record; sending it without its largest values");
-                    shared.metrics.refused_records.with_label_values(&[record.topic, "shrunk"]).inc();
+                    shared
+                        .metrics
+                        .refused_records
+                        .with_label_values(&[record.topic, "shrunk"])
+                        .inc();
                     smaller = Some(s);
                 }
                 _ => {
                     tracing::error!(topic = record.topic, bytes = current.payload.len(), error = %e, "Kafka refused the record and it cannot be made smaller: dropped");
-                    shared.metrics.refused_records.with_label_values(&[record.topic, "dropped"]).inc();
+                    shared
+                        .metrics
+                        .refused_records
+                        .with_label_values(&[record.topic, "dropped"])
+                        .inc();
                     return true;
                 }
             },
@@ -106,8 +114,13 @@ pub async fn publish_dead_letter(
         payload: &payload,
         headers: &[("membersync-dlq-id", letter.id.as_bytes())],
     };
-    if !send_until_acknowledged(shared, &record, stop, crate::cdc::oversize::shrink_dead_letter)
-        .await
+    if !send_until_acknowledged(
+        shared,
+        &record,
+        stop,
+        crate::cdc::oversize::shrink_dead_letter,
+    )
+    .await
     {
         return false;
     }

@@ -1,5 +1,6 @@
 //! Logs (tracing, JSON or human), optional Sentry, and the Prometheus registry.
 
+pub mod liveness;
 mod logging;
 mod metrics;
 

@@ -92,6 +92,9 @@ fn every_alert_queries_exported_metrics_and_has_a_runbook() {
         "membersync_ingest_requests_total",
         "membersync_kafka_consumer_lag",
         "membersync_memberstack_rate_limited_total",
+        "membersync_cdc_slot_safe_wal_size_bytes",
+        "membersync_cdc_slot_wal_status",
+        "membersync_dlq_unreplayed",
     ] {
         assert!(text.contains(metric), "no alert watches {metric}");
     }
