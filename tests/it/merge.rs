@@ -1279,7 +1279,10 @@ async fn no_lock_is_held_while_memberstack_hangs() {
 /// of the latest values, and both sides end equal.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_member_edited_fifty_times_in_a_second_gets_at_most_two_patches() {
-    let s = Stack::start(&[]).await;
+    // One PATCH at once, the rest coalesced into the next one a pace later. The pace is 5 s
+    // here (default 2 s) so that the bound holds however slowly a loaded CI machine moves the
+    // 50 edits through CDC and merge: all of them are decided before the second PATCH.
+    let s = Stack::start(&[("MEMBERSYNC__MERGE__MEMBER_PUSH_INTERVAL_MS", "5000")]).await;
     let id = s.dashboard_member("burst@example.com", json!({})).await;
     s.quiescent(Duration::from_millis(500)).await;
     let before = s.patches();
@@ -1297,8 +1300,8 @@ async fn a_member_edited_fifty_times_in_a_second_gets_at_most_two_patches() {
             tokio::time::sleep(wait).await;
         }
     }
-    assert!(started.elapsed() < Duration::from_millis(1_500));
-    s.quiescent(Duration::from_secs(3)).await;
+    assert!(started.elapsed() < Duration::from_millis(2_500));
+    s.quiescent(Duration::from_secs(6)).await;
     let patches = s.patches() - before;
     eprintln!("50 edits in {:?} → {patches} PATCH(es)", started.elapsed());
     assert!(patches <= 2, "{patches} PATCHes for one member's burst");
