@@ -31,6 +31,8 @@ const MERGE_NEEDS: &[(&str, &str)] = &[
     ("membersync_meta.outcome_outbox", "INSERT"),
     ("membersync_meta.outcome_outbox", "UPDATE"),
     ("membersync_meta.outcome_outbox", "DELETE"),
+    // The unreplayed dead-letter gauge (V16).
+    ("public.audit_logs", "SELECT"),
 ];
 
 /// What the API reads (src/api/sync_view.rs, src/api/status.rs).

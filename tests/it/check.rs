@@ -184,6 +184,8 @@ async fn duty_roles_have_exactly_their_duties() {
         "select * from membersync_meta.member_column_edits",
         "select membersync_meta.auth_user_id_by_email('a@example.com')",
         "select pg_logical_emit_message(true, 'membersync.test', '')",
+        // V16: the unreplayed dead-letter gauge.
+        "select count(*) from public.audit_logs",
     ] {
         assert_eq!(
             as_role("membersync_merge", sql).await,
@@ -193,7 +195,7 @@ async fn duty_roles_have_exactly_their_duties() {
     }
     for sql in [
         "delete from public.members",
-        "select * from public.audit_logs",
+        "insert into public.audit_logs (actor, action) values ('merge', 'x')",
         "select * from membersync_meta.cdc_incremental_snapshots",
         "select * from membersync_meta.backfill_runs",
         "select pg_create_logical_replication_slot('duty_merge_slot', 'pgoutput')",
