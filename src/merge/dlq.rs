@@ -11,7 +11,7 @@ use base64::Engine as _;
 use chrono::{SecondsFormat, Utc};
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, OwnedMessage};
+use rdkafka::message::OwnedMessage;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -61,32 +61,14 @@ impl DeadLetter {
         event_id: Option<String>,
         member_id: Option<String>,
     ) -> Self {
-        let origin = Position {
-            topic: message.topic().to_owned(),
-            partition: message.partition(),
-            offset: message.offset(),
-        };
+        // The record whole (key, value or its bytes, headers): the same capture the outbox
+        // keeps of a change, so both kinds of dead letter carry it the same way.
+        let record = crate::merge::outbox::Origin::of(message, event_id.as_deref().unwrap_or(""));
+        let origin = record.position;
         let id = uuid::Uuid::new_v5(
             &DLQ_NAMESPACE,
             format!("{}/{}/{}", origin.topic, origin.partition, origin.offset).as_bytes(),
         );
-        let payload = message.payload();
-        let value = payload.and_then(|p| serde_json::from_slice::<Value>(p).ok());
-        let value_base64 = match (&value, payload) {
-            (None, Some(p)) => Some(base64::engine::general_purpose::STANDARD.encode(p)),
-            _ => None,
-        };
-        let mut headers = BTreeMap::new();
-        if let Some(h) = message.headers() {
-            for header in h.iter() {
-                if let Some(v) = header.value {
-                    headers.insert(
-                        header.key.to_owned(),
-                        String::from_utf8_lossy(v).into_owned(),
-                    );
-                }
-            }
-        }
         Self {
             schema_version: SCHEMA_VERSION,
             id: id.to_string(),
@@ -96,12 +78,10 @@ impl DeadLetter {
             origin,
             event_id,
             member_id,
-            key: message
-                .key()
-                .map(|k| String::from_utf8_lossy(k).into_owned()),
-            value,
-            value_base64,
-            headers,
+            key: record.key,
+            value: record.value,
+            value_base64: record.value_base64,
+            headers: record.headers,
         }
     }
 
