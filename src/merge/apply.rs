@@ -230,18 +230,7 @@ impl Applier {
                 "the member does not exist in Memberstack: nothing is pushed for it until it does"
                     .into(),
             );
-            outcome.processed_at = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-            store::mark_processed(
-                &tx,
-                &change.event_id,
-                change.source,
-                change.event_type(),
-                Some(&member_id),
-                &outcome.to_json(),
-            )
-            .await?;
-            outbox::enqueue_outcome(&tx, &outcome, false).await?;
-            tx.commit().await?;
+            commit_decision(tx, &change, &member_id, &mut outcome, false).await?;
             return Ok(outcome);
         }
 
@@ -337,18 +326,7 @@ impl Applier {
             .await?;
         }
 
-        outcome.processed_at = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        store::mark_processed(
-            &tx,
-            &change.event_id,
-            change.source,
-            change.event_type(),
-            Some(&member_id),
-            &outcome.to_json(),
-        )
-        .await?;
-        outbox::enqueue_outcome(&tx, &outcome, awaiting_auth).await?;
-        tx.commit().await?;
+        commit_decision(tx, &change, &member_id, &mut outcome, awaiting_auth).await?;
         Ok(outcome)
     }
 
@@ -575,17 +553,7 @@ impl Applier {
             },
         )
         .await?;
-        store::mark_processed(
-            &tx,
-            &change.event_id,
-            change.source,
-            change.event_type(),
-            Some(member_id),
-            &outcome.to_json(),
-        )
-        .await?;
-        outbox::enqueue_outcome(&tx, &outcome, false).await?;
-        tx.commit().await?;
+        commit_decision(tx, change, member_id, &mut outcome, false).await?;
         Ok(outcome)
     }
 
@@ -659,4 +627,28 @@ impl Applier {
         }
         Ok(())
     }
+}
+
+/// The end of every decision: the exactly-once marker with the outcome, the outcome into the
+/// outbox for the relay, and the commit that makes all of it durable at once.
+async fn commit_decision(
+    tx: tokio_postgres::Transaction<'_>,
+    change: &Change,
+    member_id: &str,
+    outcome: &mut Outcome,
+    awaiting_auth: bool,
+) -> Result<(), ApplyError> {
+    outcome.processed_at = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    store::mark_processed(
+        &tx,
+        &change.event_id,
+        change.source,
+        change.event_type(),
+        Some(member_id),
+        &outcome.to_json(),
+    )
+    .await?;
+    outbox::enqueue_outcome(&tx, outcome, awaiting_auth).await?;
+    tx.commit().await?;
+    Ok(())
 }
