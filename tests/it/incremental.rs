@@ -233,10 +233,11 @@ fn spawn_offset_loader(
 
 /// Updates (`name = 'v<n>'`, n rising per key) and deletes rows (those `≡ lane mod LANES`,
 /// so each key has one writer and its versions rise in commit order) until `stop`,
-/// mostly just ahead of the snapshot's persisted position, where the chunk in flight is.
+/// mostly just ahead of the snapshot's persisted position, where the chunk in flight is; lane
+/// 0 also updates its keys of the next three chunks in one transaction per new position.
 /// Returns (updates, deletes).
 fn spawn_writer(
-    client: Client,
+    mut client: Client,
     lane: i64,
     rows: i64,
     snapshot: i64,
@@ -252,9 +253,10 @@ fn spawn_writer(
         };
         let mut deleted = BTreeSet::new();
         let (mut updates, mut deletes, mut version) = (0u64, 0u64, 0i64);
-        let mut position = 0i64;
+        let (mut position, mut round, mut bulk_at) = (0i64, 0u64, -1i64);
         while !stop.is_cancelled() {
-            if updates % 20 == 0 {
+            round += 1;
+            if round % 20 == 1 {
                 let s = incremental::snapshot_status(&client, snapshot)
                     .await
                     .unwrap();
@@ -264,6 +266,40 @@ fn spawn_writer(
                     .unwrap_or(0);
             }
             let r = next();
+            if lane == 0 && position != bulk_at {
+                // Once per acknowledged chunk, one transaction across this lane's keys of the
+                // next three chunks that holds the table's lock for a moment before it commits.
+                // The chunk read that starts meanwhile takes its snapshot (this transaction
+                // still running), waits for the lock in its select and reads once this has
+                // committed, between its watermarks: its rows changed inside its window, every
+                // time. Unlocked writes alone hit a window (a few milliseconds of a chunk's
+                // cycle) too rarely for the test to be sure it exercised one.
+                bulk_at = position;
+                version += 1;
+                let ahead = 3 * CHUNK_ROWS.parse::<i64>().unwrap();
+                let tx = client.transaction().await.unwrap();
+                tx.batch_execute("lock table public.cdc_t in access exclusive mode")
+                    .await
+                    .unwrap();
+                let changed = tx
+                    .execute(
+                        "update public.cdc_t set name = 'v' || $3::bigint
+                         where id > $1 and id <= $1 + $2 and id % $5 = $4",
+                        &[
+                            &(position as i32),
+                            &(ahead as i32),
+                            &version,
+                            &(lane as i32),
+                            &(LANES as i32),
+                        ],
+                    )
+                    .await
+                    .unwrap();
+                tx.batch_execute("select pg_sleep(0.1)").await.unwrap();
+                tx.commit().await.unwrap();
+                updates += changed;
+                continue;
+            }
             let mut id = if r % 10 < 9 {
                 position + 1 + (r >> 8) as i64 % 500
             } else {
