@@ -772,17 +772,41 @@ async fn run() {
     eprintln!("merge bench: report written to {}", settings.out.display());
 }
 
+/// The Memberstack simulator on a runtime and OS thread of its own. It stamps each request's
+/// arrival for its rate window; on the bench's runtime, the load generators' tasks would delay
+/// some stamps more than others and make a correctly paced daemon look bunched (or hide real
+/// bunching). Its own thread is scheduled by the kernel like the server it stands for.
+fn start_memberstack_on_its_own_thread(config: MemberstackConfig) -> MemberstackSim {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("memberstack-sim".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("simulator runtime");
+            rt.block_on(async move {
+                let sim = MemberstackSim::start(config)
+                    .await
+                    .expect("memberstack simulator");
+                tx.send(sim).expect("bench waiting for the simulator");
+                // Serve until the process ends.
+                std::future::pending::<()>().await;
+            });
+        })
+        .expect("simulator thread");
+    rx.recv().expect("memberstack simulator started")
+}
+
 async fn measure(settings: Settings, svc: Services, db: String, topic_prefix: String) -> Results {
     let mut r = Results::default();
     let admin = svc.connect(&db).await;
     let ingest_port = free_port();
     let secret = webhook_secret();
-    let ms = MemberstackSim::start(MemberstackConfig::new(API_KEY).with_webhook(
+    let ms = start_memberstack_on_its_own_thread(MemberstackConfig::new(API_KEY).with_webhook(
         format!("http://127.0.0.1:{ingest_port}/webhooks/memberstack"),
         secret.clone(),
-    ))
-    .await
-    .expect("memberstack simulator");
+    ));
     let auth = AuthSim::start(AuthConfig::new(svc.dsn(&db), SERVICE_KEY))
         .await
         .expect("auth simulator");

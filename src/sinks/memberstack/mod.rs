@@ -1,22 +1,22 @@
 //! Client of Memberstack's Admin REST API (external-apis §2): `X-API-KEY` auth, JSON bodies,
 //! a 25 requests/second limit per key/IP that answers 429 beyond it.
 //!
-//! Every attempt, retries included, first takes a permit from one rate limiter shared by all
-//! clones of the client, so the daemon itself never provokes a 429; 429 and 5xx from elsewhere
-//! (another process on the same key) are retried with backoff, honouring `Retry-After`.
+//! Every attempt, retries included, first takes a permit from one send budget shared by all
+//! clones of the client (`budget.rs`), so the daemon itself never provokes a 429; a 429 from
+//! elsewhere (another process on the same key) pauses the whole client for its `Retry-After`,
+//! and 429 and 5xx are retried with backoff.
 
+mod budget;
 mod metrics;
 mod types;
 
 #[cfg(test)]
 mod tests;
 
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use reqwest::Method;
 use reqwest::header::HeaderValue;
 use secrecy::ExposeSecret;
@@ -26,13 +26,14 @@ use tracing::Instrument;
 use crate::config::MemberstackConfig;
 use crate::sinks::retry::{self, Failure, RetryPolicy};
 
+use budget::SendBudget;
 use metrics::MemberstackMetrics;
 pub use types::{Member, MemberPage, MemberstackError};
 
 /// Largest page `GET /members` serves (higher values are capped by Memberstack anyway).
 pub const MAX_PAGE_SIZE: u32 = 100;
 
-/// Cheap to clone: all clones share one HTTP connection pool and one rate limiter.
+/// Cheap to clone: all clones share one HTTP connection pool and one send budget.
 #[derive(Clone)]
 pub struct MemberstackClient {
     inner: Arc<Inner>,
@@ -44,7 +45,7 @@ struct Inner {
     base: String,
     /// Marked sensitive, so hyper and `Debug` never print it.
     api_key: HeaderValue,
-    limiter: DefaultDirectRateLimiter,
+    budget: SendBudget,
     requests_per_second: u32,
     policy: RetryPolicy,
     metrics: MemberstackMetrics,
@@ -72,20 +73,6 @@ mod route {
     pub const REMOVE_PLAN: &str = "POST /members/:id/remove-plan";
 }
 
-/// The rate limiter's permit spacing for `rps` requests per second.
-///
-/// A token bucket with burst = rps allows a full burst at the start of a second plus the
-/// steady refill, i.e. up to ~2×rps inside one rolling second as the server counts it. So the
-/// bucket holds a single token (burst 1) refilled every `1/rps`: consecutive requests are at
-/// least `1/rps` apart, which bounds any rolling second to `rps` requests. The extra 1/40 of
-/// an interval absorbs network jitter that can bunch requests up on the way to the server
-/// (at 25/s: 41 ms spacing, so 25 requests span 1.025 s and tolerate 25 ms of skew).
-pub(crate) fn permit_interval(rps: u32) -> Duration {
-    let rps = rps.max(1);
-    let interval = Duration::from_secs(1) / rps;
-    interval + interval / 40
-}
-
 impl MemberstackClient {
     pub fn new(
         cfg: &MemberstackConfig,
@@ -104,15 +91,12 @@ impl MemberstackClient {
             .redirect(crate::config::same_origin_redirects())
             .build()
             .map_err(|e| MemberstackError::Transport(retry::transport_message(e)))?;
-        let quota = Quota::with_period(permit_interval(cfg.requests_per_second))
-            .ok_or(MemberstackError::NotConfigured)?
-            .allow_burst(NonZeroU32::MIN);
         Ok(Self {
             inner: Arc::new(Inner {
                 http,
                 base: cfg.api_url.trim_end_matches('/').to_string(),
                 api_key,
-                limiter: RateLimiter::direct(quota),
+                budget: SendBudget::per_second(cfg.requests_per_second),
                 requests_per_second: cfg.requests_per_second.max(1),
                 policy: RetryPolicy::new(
                     cfg.max_attempts,
@@ -319,7 +303,7 @@ impl MemberstackClient {
     ) -> Result<Option<bytes::Bytes>, Failure<MemberstackError>> {
         let inner = &*self.inner;
         let waited = Instant::now();
-        inner.limiter.until_ready().await;
+        inner.budget.acquire().await;
         inner
             .metrics
             .limiter_wait
@@ -377,6 +361,7 @@ impl MemberstackClient {
             404 if miss == Miss::IsNone => Ok(None),
             429 => {
                 inner.metrics.rate_limited.inc();
+                inner.budget.pause(retry_after);
                 Err(Failure::retryable(
                     MemberstackError::RateLimited { retry_after },
                     retry_after,

@@ -162,6 +162,36 @@ async fn retry_after_on_429_is_honoured() {
     assert_eq!(m.retries.get(), 1);
 }
 
+/// A 429 on one request holds back every other request of the client (another clone, another
+/// member) for the `Retry-After`, not only the retry of the request that got it.
+#[tokio::test]
+async fn a_429_pauses_the_other_requests_too() {
+    let (server, client) = setup(Reply::json(200, json!({"data": member("mem_1")}))).await;
+    server.push(
+        Reply::json(429, json!({"code": "rate-limited", "message": "slow down"}))
+            .header("retry-after", "1"),
+    );
+    let first = tokio::spawn({
+        let client = client.clone();
+        async move { client.get_member("mem_1").await }
+    });
+    while server.requests().is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The 429 has been answered; this request would leave 41 ms later without the pause.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    client.get_member("mem_2").await.unwrap().unwrap();
+    first.await.unwrap().unwrap().unwrap();
+    let reqs = server.requests();
+    assert_eq!(reqs.len(), 3);
+    let later = reqs[1..].iter().map(|r| r.at.duration_since(reqs[0].at));
+    assert!(
+        later.clone().all(|gap| gap >= Duration::from_secs(1)),
+        "requests left {:?} after the 429",
+        later.collect::<Vec<_>>()
+    );
+}
+
 #[tokio::test]
 async fn persistent_429_ends_as_rate_limited() {
     let (server, client) =
@@ -319,8 +349,6 @@ async fn rate_limiter_keeps_every_rolling_second_under_the_limit() {
 }
 
 #[test]
-fn permit_interval_is_never_faster_than_the_limit() {
-    assert!(permit_interval(25) >= Duration::from_millis(40));
-    assert!(permit_interval(0) >= Duration::from_secs(1));
+fn path_segments_are_percent_encoded() {
     assert_eq!(encode_segment("a+b@x.com/?#"), "a%2Bb%40x.com%2F%3F%23");
 }
