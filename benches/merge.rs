@@ -1401,7 +1401,7 @@ fn report(s: &Settings, r: &Results, db: &str, topics: &str) -> String {
     let _ = writeln!(
         o,
         "Machine: {cores} cores ({cpu}), shared and noisy (other builds and tests may run: load average {} before the burst, {} after). \
-         Postgres 15 and the Tansu broker run on the same machine, as do the simulators (in the bench process) and the load generator. \
+         Postgres 15 and the Tansu broker run on the same machine, as do the simulators (in the bench process, Memberstack's on a runtime and thread of its own) and the load generator. \
          The simulators answer at once: a real Memberstack adds 100+ ms per call, which the 25/s pacing hides only if merge keeps enough PATCHes in flight.\n",
         r.load_before, r.load_after
     );
