@@ -14,7 +14,7 @@
 --     `psql --single-transaction -f`): no psql meta-commands. One simple query runs as one
 --     implicit transaction, so the lock below is held until the end of the script.
 --
--- What it follows (see ../shared/reference/external-apis.md §8):
+-- What it follows (docs/external-services.md §8.1-§8.3):
 --   * roles: supabase/postgres migrations/db/init-scripts/00000000000000-initial-schema.sql
 --   * auth.users and auth.uid()/role()/email()/jwt(): supabase/auth migrations, current
 --     definitions (20220224000811_update_auth_functions, 20220531120530_add_auth_jwt_function,

@@ -1,4 +1,4 @@
-//! The HTTP API served by the ingest server (DESIGN.md §5, `docs/api.md`):
+//! The HTTP API served by the ingest server (`docs/api.md`):
 //!
 //! - member routes, authorised by the Memberstack member JWT ([`auth`]):
 //!   `GET /v1/members/me/sync`, `GET /v1/members/{id}/sync` (403 unless `{id}` is the caller),

@@ -1,5 +1,5 @@
-//! One POST of an outcome to a Make.com custom webhook (external-apis §6), and what its
-//! answer means: 2xx delivered; 408, 429, 5xx, timeouts and connection errors worth another
+//! One POST of an outcome to a Make.com custom webhook (docs/external-services.md §6), and what
+//! its answer means: 2xx delivered; 408, 429, 5xx, timeouts and connection errors worth another
 //! attempt; every other answer permanent (a deactivated or deleted hook, a bad URL).
 //!
 //! Make answers `200 Accepted` as soon as the request is in the hook's queue, so a 2xx means

@@ -65,7 +65,7 @@ pub struct ApiConfig {
     pub resync_min_interval_secs: u64,
 }
 
-/// Memberstack's JWKS is not confirmed (external-apis.md §3): the SDK 1.7.0 reads
+/// Memberstack's JWKS is not confirmed (docs/external-services.md §3): the SDK 1.7.0 reads
 /// `http://member-jwt.s3-website-us-east-1.amazonaws.com/` (plain HTTP), newer docs name this one.
 pub const DEFAULT_JWKS_URL: &str = "https://auth.memberstack.com/jwks";
 pub const DEFAULT_ISSUER: &str = "https://api.memberstack.com";

@@ -8,7 +8,7 @@ use std::time::Duration;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
-/// Which side's value wins when the two disagree (DESIGN.md §4).
+/// Which side's value wins when the two disagree (docs/sync-rules.md §2, docs/merge.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Authority {
@@ -250,7 +250,7 @@ pub fn default_fields() -> Vec<FieldMapping> {
     ]
 }
 
-/// Memberstack's Admin REST API (external-apis §2).
+/// Memberstack's Admin REST API (docs/external-services.md §2).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MemberstackConfig {
@@ -324,7 +324,7 @@ impl SupabaseConfig {
     }
 }
 
-/// PostHog capture (external-apis §5). Off unless `api_key` is set.
+/// PostHog capture (docs/external-services.md §5). Off unless `api_key` is set.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PostHogConfig {

@@ -74,7 +74,7 @@ fn from_secs(secs: i64) -> DateTime<Utc> {
     Utc.timestamp_opt(secs, 0).single().unwrap_or_default()
 }
 
-/// Memberstack sends `timestamp` in milliseconds (external-apis §1.4); tolerate seconds.
+/// Memberstack sends `timestamp` in ms (docs/external-services.md §1.4); tolerate seconds.
 fn from_sender_timestamp(ts: i64) -> Option<DateTime<Utc>> {
     let ms = if ts.abs() < 100_000_000_000 {
         ts.checked_mul(1000)?

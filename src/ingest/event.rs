@@ -5,8 +5,8 @@
 //! response body and a metrics label ([`ParseError::reason`]). Parse errors never contain
 //! body text: only a position and fixed wording.
 //!
-//! Memberstack (external-apis.md §1.3, §1.4): the docs disagree, so every documented shape
-//! is accepted:
+//! Memberstack (docs/external-services.md §1.3, §1.4): the docs disagree, so every documented
+//! shape is accepted:
 //! - envelope `{event, timestamp, payload}` or `{event, timestamp, data}`; `type` is accepted
 //!   as an alias of `event` (some handlers send or expect it); `event` wins if both exist,
 //!   as does `payload` over `data`;
@@ -19,9 +19,9 @@
 //! - shapes that vary between docs (`customFields`, `metaData`, `planConnections`,
 //!   `planConnection`) are kept as raw [`serde_json::Value`];
 //! - unknown event names are accepted as [`MemberstackEventKind::Unknown`] ("re-fetch the
-//!   member", DESIGN §3).
+//!   member", docs/external-services.md §1.3).
 //!
-//! Stripe (external-apis.md §4): `{id: "evt_…", type, created, data: {object}}`, plus
+//! Stripe (docs/external-services.md §4): `{id: "evt_…", type, created, data: {object}}`, plus
 //! helpers for `customer.subscription.*` events and for choosing the Kafka key.
 
 use serde::{Deserialize, Serialize};
@@ -94,7 +94,7 @@ pub enum MemberstackEventKind {
 
 impl MemberstackEventKind {
     /// Classifies an event name (ASCII case-insensitive). The table follows
-    /// external-apis.md §1.3: the confirmed names, the Pipedream/handler names
+    /// docs/external-services.md §1.3: the confirmed names, the Pipedream/handler names
     /// (`member.plan.*`), the older docs' `member.plan.created` and
     /// `member.planConnection.*`, British `cancelled` spellings, and the team events.
     pub fn from_event_name(name: &str) -> Self {

@@ -114,7 +114,7 @@ impl IngestServer {
             gate: Arc::clone(&gate),
             cfg,
         });
-        // The member and admin API shares the listener and the producer (DESIGN.md §5).
+        // The member and admin API shares the listener and the producer (docs/api.md).
         // Its requests take slots of the same in-flight limit as the webhooks.
         let api = crate::api::router(
             config,

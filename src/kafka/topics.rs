@@ -1,4 +1,4 @@
-//! Topic names, all derived from `kafka.topic_prefix` (DESIGN.md §2–§5).
+//! Topic names, all derived from `kafka.topic_prefix` (docs/topics.md).
 
 use crate::config::Config;
 

@@ -1,4 +1,4 @@
-//! Make.com custom webhook simulator (external-apis.md §6): any request to `/<token>` is
+//! Make.com custom webhook simulator (docs/external-services.md §6): any request to `/<token>` is
 //! queued for "the scenario" and answered `200 Accepted`, as Make does when the scenario has
 //! no Webhook response module. Accepted requests are recorded for tests.
 //!

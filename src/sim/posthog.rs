@@ -1,6 +1,7 @@
-//! PostHog capture simulator (external-apis.md §5): `POST /batch/`, `/i/v0/e/`, `/capture/`,
-//! answering as `PostHog/posthog:rust/capture` does (200 `{"status":1}`, 400 for invalid
-//! payloads, 401 for a missing, wrong or mixed `api_key`). Accepted events are recorded.
+//! PostHog capture simulator (docs/external-services.md §5): `POST /batch/`, `/i/v0/e/`,
+//! `/capture/`, answering as `PostHog/posthog:rust/capture` does (200 `{"status":1}`, 400 for
+//! invalid payloads, 401 for a missing, wrong or mixed `api_key`). Accepted events are
+//! recorded.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -1,6 +1,6 @@
 //! Supabase Auth (GoTrue) admin API simulator, backed by the real `auth.users` table of a
-//! Postgres database (external-apis.md §8.1, `scripts/supabase-bootstrap.sql`), so that
-//! triggers, RLS and CDC see exactly what a real GoTrue would write.
+//! Postgres database (docs/external-services.md §8.1, §8.6, `scripts/supabase-bootstrap.sql`),
+//! so that triggers, RLS and CDC see exactly what a real GoTrue would write.
 //!
 //! Routes: `POST/GET /auth/v1/admin/users`, `GET/PUT/DELETE /auth/v1/admin/users/{id}`.
 //! Errors have GoTrue's shape `{code, error_code, msg}`.

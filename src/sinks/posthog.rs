@@ -1,5 +1,5 @@
-//! PostHog capture (external-apis §5): events go through a bounded queue to one background
-//! task that POSTs them to `{host}/batch/`.
+//! PostHog capture (docs/external-services.md §5): events go through a bounded queue to one
+//! background task that POSTs them to `{host}/batch/`.
 //!
 //! Analytics must never hold back a sync, so `capture` never waits: when the queue is full the
 //! event is dropped and counted. A batch is retried on 429/5xx/transport errors and dropped

@@ -1,6 +1,6 @@
 //! Client of Supabase Auth's (GoTrue) admin API, `/auth/v1/admin/users`, with the service-role
-//! key (external-apis §8.1). Merge creates the auth user of a new member and keeps its email
-//! and `user_metadata` current.
+//! key (docs/external-services.md §8.6). Merge creates the auth user of a new member and keeps
+//! its email and `user_metadata` current.
 //!
 //! GoTrue has no request rate limit for the service role that membersync could hit at merge's
 //! pace, so there is no limiter here; 429/5xx/transport errors are retried with backoff.

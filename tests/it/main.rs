@@ -8,6 +8,7 @@ mod cdc;
 mod check;
 mod config;
 mod deploy;
+mod docs;
 mod ingest;
 mod ingest_slowloris;
 mod kafka;

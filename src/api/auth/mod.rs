@@ -1,14 +1,14 @@
 //! Who is calling: the Memberstack member JWT in `Authorization: Bearer …` (member routes)
 //! and the admin token (admin routes).
 //!
-//! Member tokens (external-apis.md §3): mode `jwks` accepts RS256 only, with keys from the
-//! configured JWKS; mode `hs256` accepts HS256 only, with the shared secret. The allowed
-//! algorithm is pinned before any key is chosen, so `alg: none`, an HS256 token "signed"
-//! with the RSA public key (algorithm confusion) and every other algorithm are refused up
-//! front — and pinned again in `jsonwebtoken`'s `Validation`. Then: signature, `exp`
-//! (required), `nbf`, `iss` (required), `aud` (required, and `api.audience` with it), with a small
-//! leeway. The member is the `id` claim (what the Admin SDK returns), else `sub` (what
-//! Memberstack's newer guide shows).
+//! Member tokens (docs/external-services.md §3): mode `jwks` accepts RS256 only, with keys from
+//! the configured JWKS; mode `hs256` accepts HS256 only, with the shared secret. The allowed
+//! algorithm is pinned before any key is chosen, so `alg: none`, an HS256 token "signed" with
+//! the RSA public key (algorithm confusion) and every other algorithm are refused up front —
+//! and pinned again in `jsonwebtoken`'s `Validation`. Then: signature, `exp` (required), `nbf`,
+//! `iss` (required), `aud` (required, and `api.audience` with it), with a small leeway. The
+//! member is the `id` claim (what the Admin SDK returns), else `sub` (what Memberstack's newer
+//! guide shows).
 
 mod error;
 pub mod jwks;

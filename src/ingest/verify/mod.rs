@@ -24,8 +24,8 @@ pub(crate) const MAC_LEN: usize = 32;
 
 /// Why a delivery failed verification.
 ///
-/// Every variant maps to HTTP 401 in the ingest handler (DESIGN §3: "401 bad or missing
-/// signature"); [`VerifyError::reason`] gives a stable snake_case label for metrics.
+/// Every variant maps to HTTP 401 in the ingest handler (a bad or missing signature,
+/// docs/ingest.md); [`VerifyError::reason`] gives a stable snake_case label for metrics.
 /// The `&'static str` payloads are header names (e.g. `"svix-timestamp"`), never values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum VerifyError {

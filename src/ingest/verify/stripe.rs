@@ -1,6 +1,6 @@
 //! Stripe webhook signature verification.
 //!
-//! Scheme (external-apis.md §4; `stripe/stripe-python` `stripe/_webhook.py` and
+//! Scheme (docs/external-services.md §4; `stripe/stripe-python` `stripe/_webhook.py` and
 //! `stripe/stripe-node` `src/Webhooks.ts`):
 //! - header `Stripe-Signature: t=<unix seconds>,v1=<hex>,v1=<hex>,v0=<hex>`: comma-separated
 //!   `key=value` elements;
@@ -20,7 +20,7 @@
 //! receiver clock running slow would otherwise reject every genuine delivery, and a future
 //! timestamp can only come from someone holding the secret, against whom a freshness check
 //! does not help; replays of old deliveries are still bounded by the stale check and
-//! deduplicated by event id downstream (DESIGN §3).
+//! deduplicated by event id downstream (merge's `webhook_log`, docs/merge.md).
 //!
 //! Parsing is stricter than the SDKs where they are ambiguous: `t` must be a non-negative
 //! decimal integer and appear exactly once (stripe-python takes the first `t`, stripe-node

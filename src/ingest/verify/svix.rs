@@ -1,6 +1,6 @@
 //! Svix / Standard Webhooks signature verification (Memberstack deliveries).
 //!
-//! Scheme (external-apis.md §1.1, svix `rust/src/webhooks.rs`):
+//! Scheme (docs/external-services.md §1.1, svix `rust/src/webhooks.rs`):
 //! - headers `svix-id`, `svix-timestamp` (Unix seconds), `svix-signature`; each one may
 //!   instead come under its unbranded name `webhook-id`, `webhook-timestamp`,
 //!   `webhook-signature` (looked up per header, `svix-*` first, as the svix libraries do);

@@ -1,4 +1,4 @@
-//! The Admin REST API routes (external-apis.md §2).
+//! The Admin REST API routes (docs/external-services.md §2).
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -1,4 +1,4 @@
-//! Memberstack simulator: the Admin REST API (external-apis.md §2), dashboard edits, and
+//! Memberstack simulator: the Admin REST API (docs/external-services.md §2), dashboard edits, and
 //! Svix-signed webhooks (§1). See `docs/simulators.md`.
 
 mod api;
@@ -30,7 +30,7 @@ use rate::RateLimiter;
 use store::Store;
 use webhooks::{Outbox, Sender};
 
-/// Memberstack's documented limit (external-apis.md §2).
+/// Memberstack's documented limit (docs/external-services.md §2).
 pub const DEFAULT_RATE_LIMIT: u32 = 25;
 
 /// Settings of a [`MemberstackSim`].

@@ -1,4 +1,4 @@
-//! The Member object and the request bodies that change it (external-apis.md §1.4, §2).
+//! The Member object and the request bodies that change it (docs/external-services.md §1.4, §2).
 
 use chrono::{SecondsFormat, Utc};
 use rand::Rng as _;

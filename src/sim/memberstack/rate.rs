@@ -1,6 +1,6 @@
-//! Memberstack's limit: at most N requests per rolling one-second window (external-apis.md
-//! §2, "25 requests/second"). Only admitted requests occupy the window, so a client that
-//! backs off after a 429 gets through once older requests age out.
+//! Memberstack's limit: at most N requests per rolling one-second window ("25
+//! requests/second", docs/external-services.md §2.1). Only admitted requests occupy the window,
+//! so a client that backs off after a 429 gets through once older requests age out.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;

@@ -1,7 +1,7 @@
 //! Svix-style webhook delivery: one FIFO queue per simulator (so one member's events arrive
 //! in order), one background sender, retries with the same `svix-id` and a fresh
 //! `svix-timestamp`/signature per attempt, then "failed" after the backoff schedule.
-//! Svix's real schedule is minutes to hours (external-apis.md §1.5); tests need seconds.
+//! Svix's real schedule is minutes to hours (docs/external-services.md §1.5); tests need seconds.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};

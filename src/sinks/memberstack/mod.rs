@@ -1,4 +1,4 @@
-//! Client of Memberstack's Admin REST API (external-apis §2): `X-API-KEY` auth, JSON bodies,
+//! Memberstack Admin REST API client (docs/external-services.md §2): `X-API-KEY`, JSON bodies,
 //! a 25 requests/second limit per key/IP that answers 429 beyond it.
 //!
 //! Every attempt, retries included, first takes a permit from one send budget shared by all
