@@ -1,4 +1,4 @@
-//! The LSN acknowledgement rule (DESIGN.md §2): the LSN confirmed to Postgres is the
+//! The LSN acknowledgement rule (docs/cdc.md): the LSN confirmed to Postgres is the
 //! `Commit.end_lsn` of the newest transaction whose records — and those of every earlier
 //! transaction — Kafka has acknowledged.
 //!

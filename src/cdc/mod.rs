@@ -1,5 +1,5 @@
 //! CDC: Supabase logical replication → Kafka, at least once, in commit order per key, with
-//! nothing acknowledged to Postgres before Kafka holds it (DESIGN.md §2).
+//! nothing acknowledged to Postgres before Kafka holds it (docs/cdc.md).
 //!
 //! The owner type is [`Cdc`]: it waits for leadership of the slot (advisory lock; other
 //! instances are hot standbys), creates the slot and snapshots when needed, then streams,
