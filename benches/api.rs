@@ -326,6 +326,10 @@ fn ms(ns: u64) -> String {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        // `cargo test --benches` / nextest list the binary's tests: a bench has none.
+        return;
+    }
     let requests = env_u64("MEMBERSYNC_BENCH_REQUESTS", 20_000) as usize;
     let warmup = env_u64("MEMBERSYNC_BENCH_WARMUP", 2_000) as usize;
     let out = std::env::var("MEMBERSYNC_BENCH_OUT")

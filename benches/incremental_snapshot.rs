@@ -294,6 +294,10 @@ fn spawn_writer(
 
 #[tokio::main]
 async fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        // `cargo test --benches` / nextest list the binary's tests: a bench has none.
+        return;
+    }
     let rows = env_u64("MEMBERSYNC_BENCH_ISNAP_ROWS", 1_000_000);
     let writes = env_u64("MEMBERSYNC_BENCH_ISNAP_WRITES", 200);
     let chunk_rows = env_u64("MEMBERSYNC_BENCH_ISNAP_CHUNK_ROWS", 1024);

@@ -1944,6 +1944,10 @@ fn report(settings: &Settings, runs: &[PhaseRun], fin: &Final, broker_pid: Optio
 // ---------------------------------------------------------------------------------------
 
 fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        // `cargo test --benches` / nextest list the binary's tests: a bench has none.
+        return;
+    }
     let settings = Settings::from_env();
     let brokers = dev_kafka_brokers();
     let binary = env!("CARGO_BIN_EXE_membersync").to_owned();
