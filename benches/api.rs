@@ -15,7 +15,6 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,46 +26,14 @@ use jsonwebtoken::jwk::{Jwk, JwkSet, PublicKeyUse};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
 
+mod support;
+use support::host::{command_output, env_or, free_port, read_trimmed, repo_root};
+use support::stats::percentile;
+
 const KEY_A: &[u8] = include_bytes!("../tests/fixtures/api/key_a.pem");
 const KEY_B: &[u8] = include_bytes!("../tests/fixtures/api/key_b.pem");
 const AUDIENCE: &str = "app_bench";
 const ISSUER: &str = "https://api.memberstack.com";
-
-fn repo_root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn env_u64(key: &str, default: u64) -> u64 {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
-
-fn read_trimmed(path: impl AsRef<Path>) -> Option<String> {
-    std::fs::read_to_string(path)
-        .ok()
-        .map(|s| s.trim().to_owned())
-}
-
-fn command_output(program: &str, args: &[&str]) -> Option<String> {
-    let out = Command::new(program)
-        .args(args)
-        .current_dir(repo_root())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
 
 /// The dev broker, if `.dev/services.env` names one (the server needs no broker to refuse
 /// tokens; with one its producer is simply idle).
@@ -312,14 +279,6 @@ async fn one(http: &reqwest::Client, base: &str, case: &Case) -> (u64, bool) {
     (ns, ok)
 }
 
-fn percentile(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 fn ms(ns: u64) -> String {
     format!("{:.3}", ns as f64 / 1e6)
 }
@@ -330,12 +289,12 @@ async fn main() {
         // `cargo test --benches` / nextest list the binary's tests: a bench has none.
         return;
     }
-    let requests = env_u64("MEMBERSYNC_BENCH_REQUESTS", 20_000) as usize;
-    let warmup = env_u64("MEMBERSYNC_BENCH_WARMUP", 2_000) as usize;
+    let requests = env_or("MEMBERSYNC_BENCH_REQUESTS", 20_000) as usize;
+    let warmup = env_or("MEMBERSYNC_BENCH_WARMUP", 2_000) as usize;
     let out = std::env::var("MEMBERSYNC_BENCH_OUT")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| repo_root().join("bench/results/api.md"));
-    let quiet = Duration::from_secs(env_u64("MEMBERSYNC_BENCH_QUIET_TIMEOUT_SECS", 900));
+    let quiet = Duration::from_secs(env_or("MEMBERSYNC_BENCH_QUIET_TIMEOUT_SECS", 900));
 
     let (jwks_addr, jwks_fetches) = serve_jwks().await;
     let daemon = start_daemon(jwks_addr).await;
@@ -381,13 +340,13 @@ async fn main() {
     let baseline_p99 = {
         let mut s = cases[0].samples.clone();
         s.sort_unstable();
-        percentile(&s, 99.0)
+        percentile(&s, 0.99)
     };
     let mut all_ok = true;
     for case in &mut cases {
         case.samples.sort_unstable();
         let s = &case.samples;
-        let p99 = percentile(s, 99.0);
+        let p99 = percentile(s, 0.99);
         let rejection = case.expect_status == 401;
         let ok = p99 <= 1_000_000;
         if rejection {
@@ -408,10 +367,10 @@ async fn main() {
                 String::new()
             },
             s.len(),
-            ms(percentile(s, 50.0)),
-            ms(percentile(s, 90.0)),
+            ms(percentile(s, 0.5)),
+            ms(percentile(s, 0.9)),
             ms(p99),
-            ms(percentile(s, 99.9)),
+            ms(percentile(s, 0.999)),
             ms(*s.last().unwrap_or(&0)),
             if rejection {
                 format!("{:+.3}", (p99 as f64 - baseline_p99 as f64) / 1e6)

@@ -35,7 +35,7 @@
 //! Needs the dev services (`scripts/dev-services up`, `.dev/services.env`).
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -51,25 +51,15 @@ use secrecy::SecretString;
 use serde_json::json;
 use tokio_postgres::{Client, NoTls};
 
+mod support;
+use support::host::{command_output, env_or, repo_root};
+
 const API_KEY: &str = "sk_bench_backfill";
 const PAGE_SIZE: u32 = 100;
 /// This bench's section of the results file (shared with the incremental-snapshot bench).
 const SECTION: &str = "## Memberstack pass";
 
-fn repo_root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-#[path = "support/services.rs"]
-mod services;
-use services::Services;
+use support::services::Services;
 
 /// This bench's helpers on the shared dev-services settings.
 impl Services {
@@ -181,18 +171,6 @@ impl Drop for PrivateBroker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn command_output(program: &str, args: &[&str]) -> Option<String> {
-    let out = Command::new(program)
-        .args(args)
-        .current_dir(repo_root())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 /// Records on every partition of `topic` (high − low watermarks).

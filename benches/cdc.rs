@@ -64,6 +64,10 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde_json::Value;
 use tokio_postgres::{Client, NoTls};
 
+mod support;
+use support::host::{command_output, env_or, free_port, read_trimmed, repo_root};
+use support::stats::percentile_f64;
+
 /// The publication `membersync migrate` creates.
 const PUBLICATION: &str = "membersync";
 /// Name prefix of everything this bench creates in Postgres (`<prefix>_<pid>_<random>`).
@@ -114,16 +118,6 @@ const SETTING_KEYS: &[&str] = &[
     "MEMBERSYNC_BENCH_CDC_BROKER",
 ];
 
-fn env_u64(key: &str, default: u64) -> u64 {
-    match std::env::var(key) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{key}={v:?} is not a whole number")),
-        Err(_) => default,
-    }
-}
-
 impl Settings {
     fn from_env() -> Settings {
         let phases = std::env::var("MEMBERSYNC_BENCH_CDC_PHASES")
@@ -142,20 +136,17 @@ impl Settings {
             .collect::<BTreeSet<_>>();
         assert!(!phases.is_empty(), "MEMBERSYNC_BENCH_CDC_PHASES is empty");
         let s = Settings {
-            rows: env_u64("MEMBERSYNC_BENCH_CDC_ROWS", 100_000),
-            tx_rows: env_u64("MEMBERSYNC_BENCH_CDC_TX_ROWS", 1_000),
-            reps: env_u64("MEMBERSYNC_BENCH_CDC_REPS", 3) as usize,
-            rate: env_u64("MEMBERSYNC_BENCH_CDC_RATE", 5_000),
-            tick_ms: env_u64("MEMBERSYNC_BENCH_CDC_TICK_MS", 10),
-            secs: env_u64("MEMBERSYNC_BENCH_CDC_SECS", 30),
-            warmup_secs: env_u64("MEMBERSYNC_BENCH_CDC_WARMUP_SECS", 3),
-            big_tx_rows: env_u64("MEMBERSYNC_BENCH_CDC_BIG_TX_ROWS", 1_000_000),
+            rows: env_or("MEMBERSYNC_BENCH_CDC_ROWS", 100_000),
+            tx_rows: env_or("MEMBERSYNC_BENCH_CDC_TX_ROWS", 1_000),
+            reps: env_or("MEMBERSYNC_BENCH_CDC_REPS", 3) as usize,
+            rate: env_or("MEMBERSYNC_BENCH_CDC_RATE", 5_000),
+            tick_ms: env_or("MEMBERSYNC_BENCH_CDC_TICK_MS", 10),
+            secs: env_or("MEMBERSYNC_BENCH_CDC_SECS", 30),
+            warmup_secs: env_or("MEMBERSYNC_BENCH_CDC_WARMUP_SECS", 3),
+            big_tx_rows: env_or("MEMBERSYNC_BENCH_CDC_BIG_TX_ROWS", 1_000_000),
             phases,
-            drain_timeout: Duration::from_secs(env_u64("MEMBERSYNC_BENCH_CDC_TIMEOUT_SECS", 900)),
-            quiet_timeout: Duration::from_secs(env_u64(
-                "MEMBERSYNC_BENCH_QUIET_TIMEOUT_SECS",
-                1800,
-            )),
+            drain_timeout: Duration::from_secs(env_or("MEMBERSYNC_BENCH_CDC_TIMEOUT_SECS", 900)),
+            quiet_timeout: Duration::from_secs(env_or("MEMBERSYNC_BENCH_QUIET_TIMEOUT_SECS", 1800)),
             private_broker: match std::env::var("MEMBERSYNC_BENCH_CDC_BROKER").as_deref() {
                 Err(_) | Ok("private") => true,
                 Ok("dev") => false,
@@ -194,13 +185,7 @@ impl Settings {
     }
 }
 
-fn repo_root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-#[path = "support/services.rs"]
-mod services;
-use services::Services;
+use support::services::Services;
 
 /// This bench's helpers on the shared dev-services settings.
 impl Services {
@@ -249,31 +234,6 @@ impl Services {
         tokio::spawn(conn);
         client
     }
-}
-
-fn read_trimmed(path: impl AsRef<Path>) -> Option<String> {
-    std::fs::read_to_string(path)
-        .ok()
-        .map(|s| s.trim().to_owned())
-}
-
-fn command_output(program: &str, args: &[&str]) -> Option<String> {
-    let out = Command::new(program)
-        .args(args)
-        .current_dir(repo_root())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
 }
 
 fn unix_micros() -> i64 {
@@ -1946,14 +1906,6 @@ struct Steady {
     note: String,
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
 /// Prometheus-style estimate from cumulative buckets: linear inside the bucket holding the
 /// rank. Returns (estimate, lower bound, upper bound of that bucket).
 fn bucket_quantile(buckets: &[(f64, f64)], p: f64) -> Option<(f64, f64, f64)> {
@@ -2192,7 +2144,7 @@ async fn steady_phase(
     lateness_ms.sort_by(f64::total_cmp);
     commit_ms.sort_by(f64::total_cmp);
     out.writer_max_late_ms = lateness_ms.last().copied().unwrap_or(0.0);
-    out.writer_p99_commit_ms = percentile(&commit_ms, 0.99);
+    out.writer_p99_commit_ms = percentile_f64(&commit_ms, 0.99);
     if after.is_none() {
         let _ = writeln!(
             out.note,
@@ -2639,7 +2591,7 @@ impl Report<'_> {
         }
         if let Some(st) = &self.steady {
             let hist_p99 = bucket_quantile(&st.hist_buckets, 0.99);
-            let rcv_p99 = percentile(&st.tx_received_ms, 0.99);
+            let rcv_p99 = percentile_f64(&st.tx_received_ms, 0.99);
             if !st.tx_received_ms.is_empty() {
                 // The consumer figure is an upper bound; the floor of the histogram's p99
                 // bucket a lower one (the histogram samples the fastest transaction of each
@@ -2993,8 +2945,8 @@ impl Report<'_> {
                 o,
                 "| {name} | {what} | {} | {:.1} | {:.1} | {:.1} |",
                 thousands(v.len() as f64),
-                percentile(v, 0.5),
-                percentile(v, 0.99),
+                percentile_f64(v, 0.5),
+                percentile_f64(v, 0.99),
                 v.last().copied().unwrap_or(f64::NAN)
             );
         };

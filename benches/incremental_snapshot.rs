@@ -28,18 +28,10 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, NoTls};
 
+mod support;
+use support::host::{env_or, free_port, repo_root};
+
 const SECTION: &str = "## Incremental snapshot";
-
-fn env_u64(key: &str, default: u64) -> u64 {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn repo_root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn services() -> HashMap<String, String> {
     let file = repo_root().join(".dev/services.env");
@@ -58,14 +50,6 @@ fn daemon_bin() -> PathBuf {
     std::env::var_os("MEMBERSYNC_BENCH_ISNAP_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_membersync")))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A private Tansu on SQLite, killed (and its storage removed) when dropped.
@@ -298,9 +282,9 @@ async fn main() {
         // `cargo test --benches` / nextest list the binary's tests: a bench has none.
         return;
     }
-    let rows = env_u64("MEMBERSYNC_BENCH_ISNAP_ROWS", 1_000_000);
-    let writes = env_u64("MEMBERSYNC_BENCH_ISNAP_WRITES", 200);
-    let chunk_rows = env_u64("MEMBERSYNC_BENCH_ISNAP_CHUNK_ROWS", 1024);
+    let rows = env_or("MEMBERSYNC_BENCH_ISNAP_ROWS", 1_000_000);
+    let writes = env_or("MEMBERSYNC_BENCH_ISNAP_WRITES", 200);
+    let chunk_rows = env_or("MEMBERSYNC_BENCH_ISNAP_CHUNK_ROWS", 1024);
     let out = std::env::var("MEMBERSYNC_BENCH_ISNAP_OUT")
         .map(PathBuf::from)
         .unwrap_or_else(|_| repo_root().join("bench/results/backfill.md"));

@@ -51,6 +51,10 @@ use secrecy::SecretString;
 use serde_json::json;
 use tokio::sync::Semaphore;
 
+mod support;
+use support::host::{command_output, env_or, free_port, read_trimmed, repo_root};
+use support::stats::percentile;
+
 const WEBHOOK_PATH: &str = "/webhooks/memberstack";
 /// Distinct member ids (Kafka keys) the deliveries are spread over.
 const MEMBERS: u64 = 1000;
@@ -81,16 +85,6 @@ struct Settings {
     out: PathBuf,
 }
 
-fn env_u64(key: &str, default: u64) -> u64 {
-    match std::env::var(key) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{key}={v:?} is not a whole number")),
-        Err(_) => default,
-    }
-}
-
 impl Settings {
     fn from_env() -> Settings {
         let rates = std::env::var("MEMBERSYNC_BENCH_RATES")
@@ -106,19 +100,16 @@ impl Settings {
             })
             .collect::<Vec<_>>();
         assert!(!rates.is_empty(), "MEMBERSYNC_BENCH_RATES is empty");
-        let secs = env_u64("MEMBERSYNC_BENCH_SECS", 30);
+        let secs = env_or("MEMBERSYNC_BENCH_SECS", 30);
         assert!(secs > 0, "MEMBERSYNC_BENCH_SECS must be at least 1");
         let out = std::env::var("MEMBERSYNC_BENCH_OUT")
             .map(PathBuf::from)
             .unwrap_or_else(|_| repo_root().join("bench/results/ingest.md"));
         Settings {
             secs,
-            warmup_secs: env_u64("MEMBERSYNC_BENCH_WARMUP_SECS", 2),
+            warmup_secs: env_or("MEMBERSYNC_BENCH_WARMUP_SECS", 2),
             rates,
-            quiet_timeout: Duration::from_secs(env_u64(
-                "MEMBERSYNC_BENCH_QUIET_TIMEOUT_SECS",
-                1800,
-            )),
+            quiet_timeout: Duration::from_secs(env_or("MEMBERSYNC_BENCH_QUIET_TIMEOUT_SECS", 1800)),
             out,
         }
     }
@@ -139,10 +130,6 @@ impl Settings {
         cmd.push_str("cargo bench --bench ingest_load");
         cmd
     }
-}
-
-fn repo_root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// The broker address from `.dev/services.env` (or `MEMBERSYNC_DEV_KAFKA_BROKERS`).
@@ -197,31 +184,6 @@ fn random_secret() -> String {
         "whsec_{}",
         base64::engine::general_purpose::STANDARD.encode(&bytes[..24])
     )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
-
-fn read_trimmed(path: impl AsRef<Path>) -> Option<String> {
-    std::fs::read_to_string(path)
-        .ok()
-        .map(|s| s.trim().to_owned())
-}
-
-fn command_output(program: &str, args: &[&str]) -> Option<String> {
-    let out = Command::new(program)
-        .args(args)
-        .current_dir(repo_root())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1011,15 +973,6 @@ async fn drive(url: String, deliveries: Vec<Delivery>, rate: u32) -> Vec<Sample>
 // ---------------------------------------------------------------------------------------
 // Statistics
 // ---------------------------------------------------------------------------------------
-
-/// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = (p * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
 
 #[derive(Clone, Default)]
 struct Stats {

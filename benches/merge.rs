@@ -43,7 +43,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,6 +60,10 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::{Value, json};
 use tokio_postgres::{Client, NoTls};
+
+mod support;
+use support::host::{command_output, env_or, free_port, repo_root};
+use support::stats::percentile_f64;
 
 const API_KEY: &str = "sk_sb_merge_bench_key";
 const SERVICE_KEY: &str = "service-role-merge-bench";
@@ -81,27 +85,15 @@ struct Settings {
     out: PathBuf,
 }
 
-fn env_usize(key: &str, default: usize) -> usize {
-    match std::env::var(key) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{key}={v}: not a number")),
-        Err(_) => default,
-    }
-}
-
 impl Settings {
     fn load() -> Settings {
         let s = Settings {
-            members: env_usize("MEMBERSYNC_BENCH_MERGE_MEMBERS", 10_000),
-            ms_changes: env_usize("MEMBERSYNC_BENCH_MERGE_MS_CHANGES", 48_500),
-            sql_changes: env_usize("MEMBERSYNC_BENCH_MERGE_SQL_CHANGES", 1_500),
-            concurrency: env_usize("MEMBERSYNC_BENCH_MERGE_CONCURRENCY", 32).max(1),
-            probes: env_usize("MEMBERSYNC_BENCH_MERGE_PROBES", 200),
-            timeout: Duration::from_secs(
-                env_usize("MEMBERSYNC_BENCH_MERGE_TIMEOUT_SECS", 900) as u64
-            ),
+            members: env_or("MEMBERSYNC_BENCH_MERGE_MEMBERS", 10_000),
+            ms_changes: env_or("MEMBERSYNC_BENCH_MERGE_MS_CHANGES", 48_500),
+            sql_changes: env_or("MEMBERSYNC_BENCH_MERGE_SQL_CHANGES", 1_500),
+            concurrency: env_or("MEMBERSYNC_BENCH_MERGE_CONCURRENCY", 32).max(1),
+            probes: env_or("MEMBERSYNC_BENCH_MERGE_PROBES", 200),
+            timeout: Duration::from_secs(env_or("MEMBERSYNC_BENCH_MERGE_TIMEOUT_SECS", 900) as u64),
             out: std::env::var("MEMBERSYNC_BENCH_MERGE_OUT")
                 .map(PathBuf::from)
                 .unwrap_or_else(|_| repo_root().join("bench/results/merge.md")),
@@ -140,13 +132,7 @@ impl Settings {
     }
 }
 
-fn repo_root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-#[path = "support/services.rs"]
-mod services;
-use services::Services;
+use support::services::Services;
 
 /// This bench's helpers on the shared dev-services settings.
 impl Services {
@@ -186,27 +172,8 @@ impl Services {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
-
 fn now_us() -> i64 {
     chrono::Utc::now().timestamp_micros()
-}
-
-fn command_output(program: &str, args: &[&str]) -> Option<String> {
-    let out = Command::new(program)
-        .args(args)
-        .current_dir(repo_root())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -438,15 +405,6 @@ fn bucket_quantile(after: &[(f64, f64)], before: &[(f64, f64)], p: f64) -> Optio
 // ---------------------------------------------------------------------------------------
 // Statistics
 // ---------------------------------------------------------------------------------------
-
-/// Nearest-rank percentile of a sorted slice.
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
 
 fn sorted(mut v: Vec<f64>) -> Vec<f64> {
     v.sort_by(f64::total_cmp);
@@ -1485,20 +1443,20 @@ fn report(s: &Settings, r: &Results, db: &str, topics: &str) -> String {
     let _ = writeln!(
         o,
         "| webhook → row (no target) | unloaded p50 {} / p99 {} ({} probes); under the burst p50 {} / p99 {} | report |",
-        ms(pct(&r.lat_webhook_probe, 0.5)),
-        ms(pct(&r.lat_webhook_probe, 0.99)),
+        ms(percentile_f64(&r.lat_webhook_probe, 0.5)),
+        ms(percentile_f64(&r.lat_webhook_probe, 0.99)),
         r.lat_webhook_probe.len(),
-        ms(pct(&r.lat_webhook_load, 0.5)),
-        ms(pct(&r.lat_webhook_load, 0.99)),
+        ms(percentile_f64(&r.lat_webhook_load, 0.5)),
+        ms(percentile_f64(&r.lat_webhook_load, 0.99)),
     );
     let _ = writeln!(
         o,
         "| row → PATCH (no target) | unloaded p50 {} / p99 {} ({} probes); under the backlog p50 {} / p99 {} | report |\n",
-        ms(pct(&r.lat_patch_probe, 0.5)),
-        ms(pct(&r.lat_patch_probe, 0.99)),
+        ms(percentile_f64(&r.lat_patch_probe, 0.5)),
+        ms(percentile_f64(&r.lat_patch_probe, 0.99)),
         r.lat_patch_probe.len(),
-        ms(pct(&r.lat_patch_load, 0.5)),
-        ms(pct(&r.lat_patch_load, 0.99)),
+        ms(percentile_f64(&r.lat_patch_load, 0.5)),
+        ms(percentile_f64(&r.lat_patch_load, 0.99)),
     );
     let _ = writeln!(
         o,
@@ -1567,11 +1525,11 @@ fn report(s: &Settings, r: &Results, db: &str, topics: &str) -> String {
         let s = sorted(v.to_vec());
         format!(
             "min {:.0}, p10 {:.0}, median {:.0}, p90 {:.0}, max {:.0}",
-            pct(&s, 0.0),
-            pct(&s, 0.1),
-            pct(&s, 0.5),
-            pct(&s, 0.9),
-            pct(&s, 1.0)
+            percentile_f64(&s, 0.0),
+            percentile_f64(&s, 0.1),
+            percentile_f64(&s, 0.5),
+            percentile_f64(&s, 0.9),
+            percentile_f64(&s, 1.0)
         )
     };
     let _ = writeln!(
@@ -1666,10 +1624,10 @@ fn report(s: &Settings, r: &Results, db: &str, topics: &str) -> String {
             o,
             "| {name} | {cond} | {} | {} | {} | {} | {} |",
             v.len(),
-            ms(pct(v, 0.5)),
-            ms(pct(v, 0.9)),
-            ms(pct(v, 0.99)),
-            ms(pct(v, 1.0))
+            ms(percentile_f64(v, 0.5)),
+            ms(percentile_f64(v, 0.9)),
+            ms(percentile_f64(v, 0.99)),
+            ms(percentile_f64(v, 1.0))
         );
     }
     if let Some(((l50, u50), (l99, u99))) = r.hist_load {

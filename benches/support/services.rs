@@ -1,7 +1,7 @@
 //! The dev services' settings, as the benches read them: `.dev/services.env` (written by
 //! `scripts/dev-services up`), overridden by the environment's `MEMBERSYNC_DEV_*` variables
-//! and `MEMBERSYNC__DATABASE__PASSWORD_FILE`. Included by the benches with `#[path]`; each adds
-//! its own helpers in an `impl Services` block of its own.
+//! and `MEMBERSYNC__DATABASE__PASSWORD_FILE`. Each bench adds its own helpers in an
+//! `impl Services` block of its own.
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -8,8 +8,13 @@ pub mod cluster;
 pub mod daemon;
 pub mod kafka;
 
+// The host helpers the benches use too (one copy for both).
+#[path = "../../../benches/support/host.rs"]
+mod host;
+pub use host::{free_port, repo_root};
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -18,10 +23,6 @@ use std::time::Duration;
 use membersync::config::DatabaseConfig;
 use secrecy::SecretString;
 use tokio_postgres::{Client, NoTls};
-
-pub fn repo_root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// Settings written by `scripts/dev-services up` (`.dev/services.env`), overridable by the
 /// process environment.
@@ -282,15 +283,6 @@ pub fn membersync() -> Command {
         }
     }
     cmd
-}
-
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Polls `probe` until it returns `Some`, or panics after `timeout` naming `what`.
