@@ -65,7 +65,8 @@ use serde_json::Value;
 use tokio_postgres::{Client, NoTls};
 
 mod support;
-use support::host::{command_output, env_or, free_port, read_trimmed, repo_root};
+use support::host::{Machine, command_output, env_or, free_port, machine, read_trimmed, repo_root};
+use support::metrics::Metrics;
 use support::stats::percentile_f64;
 
 /// The publication `membersync migrate` creates.
@@ -1009,31 +1010,17 @@ impl DaemonProc {
 
     /// SIGTERM, then waits (bounded) for the exit.
     async fn terminate(&mut self) -> String {
-        let Some(mut child) = self.child.take() else {
-            return "not running".into();
-        };
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.pid.to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(45);
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return status.to_string();
+        // Taken, so that Drop does not signal a pid the system may have reused.
+        match self.child.take() {
+            Some(mut child) => {
+                support::process::terminate(&mut child, Duration::from_secs(45)).await
             }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return "did not exit within 45 s of SIGTERM; killed".into();
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            None => "not running".into(),
         }
     }
 
     fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        support::process::log_tail(&self.log, lines)
     }
 }
 
@@ -1047,24 +1034,7 @@ impl Drop for DaemonProc {
 }
 
 /// One scrape of `/metrics`: `series → value`.
-#[derive(Default, Clone)]
-struct Metrics(HashMap<String, f64>);
-
 impl Metrics {
-    fn parse(text: &str) -> Metrics {
-        Metrics(
-            text.lines()
-                .filter(|l| !l.starts_with('#'))
-                .filter_map(|l| l.rsplit_once(' '))
-                .filter_map(|(k, v)| Some((k.to_owned(), v.trim().parse().ok()?)))
-                .collect(),
-        )
-    }
-
-    fn get(&self, series: &str) -> f64 {
-        self.0.get(series).copied().unwrap_or(0.0)
-    }
-
     fn confirmed(&self) -> i64 {
         self.get("membersync_cdc_confirmed_lsn") as i64
     }
@@ -1080,26 +1050,6 @@ impl Metrics {
             })
             .map(|(_, v)| v)
             .sum()
-    }
-
-    /// Cumulative buckets `(le, count)` of a histogram, ascending; `+Inf` last.
-    fn buckets(&self, name: &str) -> Vec<(f64, f64)> {
-        let prefix = format!("{name}_bucket{{le=\"");
-        let mut b: Vec<(f64, f64)> = self
-            .0
-            .iter()
-            .filter_map(|(k, v)| {
-                let le = k.strip_prefix(&prefix)?.strip_suffix("\"}")?;
-                let le = if le == "+Inf" {
-                    f64::INFINITY
-                } else {
-                    le.parse().ok()?
-                };
-                Some((le, *v))
-            })
-            .collect();
-        b.sort_by(|x, y| x.0.total_cmp(&y.0));
-        b
     }
 
     fn summary(&self) -> String {
@@ -2292,39 +2242,6 @@ async fn big_tx_phase(
 // ---------------------------------------------------------------------------------------
 // Report
 // ---------------------------------------------------------------------------------------
-
-struct Machine {
-    nproc: usize,
-    kernel: String,
-    cpu: String,
-    mem: String,
-    loadavg: String,
-}
-
-fn machine() -> Machine {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map(|(_, v)| v.trim().to_owned())
-        .unwrap_or_else(|| "unknown".into());
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("MemTotal:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .map_or("unknown".into(), |kb| {
-            format!("{:.1} GiB", kb / 1024.0 / 1024.0)
-        });
-    Machine {
-        nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
-        kernel: read_trimmed("/proc/sys/kernel/osrelease").unwrap_or_else(|| "unknown".into()),
-        cpu,
-        mem,
-        loadavg: read_trimmed("/proc/loadavg").unwrap_or_default(),
-    }
-}
 
 fn broker_description(private: bool) -> String {
     let version = std::fs::read_to_string(repo_root().join("scripts/dev-services"))

@@ -52,7 +52,7 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 
 mod support;
-use support::host::{command_output, env_or, free_port, read_trimmed, repo_root};
+use support::host::{Machine, command_output, env_or, free_port, machine, read_trimmed, repo_root};
 use support::stats::percentile;
 
 const WEBHOOK_PATH: &str = "/webhooks/memberstack";
@@ -698,22 +698,7 @@ impl Daemon {
     }
 
     async fn terminate(mut self) -> String {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.pid().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status.to_string();
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                return "killed after 20 s without exiting on SIGTERM".into();
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        support::process::terminate(&mut self.child, Duration::from_secs(20)).await
     }
 }
 
@@ -1344,39 +1329,6 @@ async fn run_phase_with_retries(ctx: &Context, phase: Phase, rate: u32) -> Vec<P
 // ---------------------------------------------------------------------------------------
 // Report
 // ---------------------------------------------------------------------------------------
-
-struct Machine {
-    nproc: usize,
-    kernel: String,
-    cpu: String,
-    mem: String,
-    loadavg: String,
-}
-
-fn machine() -> Machine {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map(|(_, v)| v.trim().to_owned())
-        .unwrap_or_else(|| "unknown".into());
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("MemTotal:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .map_or("unknown".into(), |kb| {
-            format!("{:.1} GiB", kb / 1024.0 / 1024.0)
-        });
-    Machine {
-        nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
-        kernel: read_trimmed("/proc/sys/kernel/osrelease").unwrap_or_else(|| "unknown".into()),
-        cpu,
-        mem,
-        loadavg: read_trimmed("/proc/loadavg").unwrap_or_default(),
-    }
-}
 
 fn broker_description(pid: Option<u32>) -> String {
     let Some(pid) = pid else {

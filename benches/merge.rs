@@ -63,6 +63,7 @@ use tokio_postgres::{Client, NoTls};
 
 mod support;
 use support::host::{command_output, env_or, free_port, repo_root};
+use support::metrics::Metrics;
 use support::stats::percentile_f64;
 
 const API_KEY: &str = "sk_sb_merge_bench_key";
@@ -279,40 +280,21 @@ impl Daemon {
     }
 
     fn rss_mib(&self) -> f64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-            .map_or(0.0, |kib| kib / 1024.0)
+        support::process::rss_mib(self.pid)
     }
 
     async fn terminate(&mut self) -> String {
-        let Some(mut child) = self.child.take() else {
-            return "not running".into();
-        };
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.pid.to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return status.to_string();
+        // Taken, so that Drop does not signal a pid the system may have reused.
+        match self.child.take() {
+            Some(mut child) => {
+                support::process::terminate(&mut child, Duration::from_secs(30)).await
             }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return "did not exit within 30 s of SIGTERM; killed".into();
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            None => "not running".into(),
         }
     }
 
     fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        support::process::log_tail(&self.log, lines)
     }
 }
 
@@ -325,53 +307,7 @@ impl Drop for Daemon {
     }
 }
 
-#[derive(Default, Clone)]
-struct Metrics(HashMap<String, f64>);
-
-impl Metrics {
-    fn parse(text: &str) -> Metrics {
-        Metrics(
-            text.lines()
-                .filter(|l| !l.starts_with('#'))
-                .filter_map(|l| l.rsplit_once(' '))
-                .filter_map(|(k, v)| Some((k.to_owned(), v.trim().parse().ok()?)))
-                .collect(),
-        )
-    }
-
-    fn get(&self, series: &str) -> f64 {
-        self.0.get(series).copied().unwrap_or(0.0)
-    }
-
-    /// `series → after - before` for every series starting with `prefix` that changed.
-    fn delta(&self, before: &Metrics, prefix: &str) -> BTreeMap<String, f64> {
-        self.0
-            .iter()
-            .filter(|(k, _)| k.starts_with(prefix) && !k.contains("_bucket"))
-            .map(|(k, v)| (k.clone(), v - before.get(k)))
-            .filter(|(_, d)| *d != 0.0)
-            .collect()
-    }
-
-    fn buckets(&self, name: &str) -> Vec<(f64, f64)> {
-        let prefix = format!("{name}_bucket{{le=\"");
-        let mut b: Vec<(f64, f64)> = self
-            .0
-            .iter()
-            .filter_map(|(k, v)| {
-                let le = k.strip_prefix(&prefix)?.strip_suffix("\"}")?;
-                let le = if le == "+Inf" {
-                    f64::INFINITY
-                } else {
-                    le.parse().ok()?
-                };
-                Some((le, *v))
-            })
-            .collect();
-        b.sort_by(|x, y| x.0.total_cmp(&y.0));
-        b
-    }
-}
+impl Metrics {}
 
 /// The bucket bounds holding the p-quantile of a histogram delta: `(lower, upper)`.
 fn bucket_quantile(after: &[(f64, f64)], before: &[(f64, f64)], p: f64) -> Option<(f64, f64)> {

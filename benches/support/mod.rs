@@ -6,5 +6,7 @@
 #![allow(dead_code)]
 
 pub mod host;
+pub mod metrics;
+pub mod process;
 pub mod services;
 pub mod stats;
