@@ -1535,74 +1535,15 @@ async fn a_hung_leader_is_replaced_within_30_s_after_sigstop() {
     assert_eq!(hung.metric("membersync_cdc_leader").await, 0.0);
 }
 
-/// A TCP relay to Postgres that can be cut without closing anything: a partition as both ends
-/// see it (no FIN, no RST; whatever is sent is never answered).
-struct Partition {
-    port: u16,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Partition {
-    async fn to_postgres() -> Partition {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let services = support::Services::get();
-        let target = format!("{}:{}", services.pg_host(), services.pg_port());
-        let flag = cut.clone();
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
-                    continue;
-                };
-                let (client_read, client_write) = client.into_split();
-                let (server_read, server_write) = server.into_split();
-                tokio::spawn(relay(client_read, server_write, flag.clone()));
-                tokio::spawn(relay(server_read, client_write, flag.clone()));
-            }
-        });
-        Partition { port, cut }
-    }
-
-    fn cut(&self) {
-        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-async fn relay(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let is_cut = || cut.load(std::sync::atomic::Ordering::SeqCst);
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        if is_cut() {
-            // Hold both sockets open and move nothing, for good.
-            std::future::pending::<()>().await;
-        }
-        let n = match tokio::time::timeout(Duration::from_millis(100), from.read(&mut buf)).await {
-            Err(_) => continue,
-            Ok(Ok(0)) | Ok(Err(_)) => return,
-            Ok(Ok(n)) => n,
-        };
-        if is_cut() {
-            std::future::pending::<()>().await;
-        }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
-}
-
-/// A leader cut off from Postgres without its connections closing (a partition, a node that
-/// vanished): the server keeps its session and lock, but the lease goes stale, so the standby
-/// terminates that session and streams within 30 s; the cut-off leader gives up by itself.
+/// A leader cut off from Postgres by dropped packets (a partition, a node that vanished; made
+/// by nftables, see `support::partition`): no FIN, no RST, nothing acknowledged. The server
+/// keeps the session and its lock until its keepalives or the standby act: the lease goes
+/// stale, so the standby terminates that session and streams within 30 s; the cut-off leader
+/// gives up by itself.
 #[tokio::test]
 async fn a_partitioned_leader_is_replaced_within_30_s() {
     let s = Setup::new().await;
-    let partition = Partition::to_postgres().await;
+    let partition = support::partition::Partition::to_postgres();
     let port = partition.port.to_string();
     let leader = Daemon::start(
         "cdc",
@@ -1613,7 +1554,7 @@ async fn a_partitioned_leader_is_replaced_within_30_s() {
     )
     .await;
     wait_for(
-        "the relayed daemon to lead",
+        "the daemon behind the partition to lead",
         Duration::from_secs(30),
         || {
             let d = &leader;

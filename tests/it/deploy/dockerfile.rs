@@ -79,10 +79,11 @@ fn dockerfile_builds_in_stages_and_runs_as_non_root_with_a_healthcheck() {
         .0;
     for package in packages
         .split_whitespace()
-        // The rest serve the local services and tests (PostgreSQL, pgrep, promtool; curl and
-        // patch build the development broker).
+        // The rest serve the local services and tests (PostgreSQL, pgrep, promtool, nft; curl
+        // and patch build the development broker).
         .filter(|p| {
-            !p.starts_with("postgresql") && !["procps", "prometheus", "curl", "patch"].contains(p)
+            !p.starts_with("postgresql")
+                && !["procps", "prometheus", "nftables", "curl", "patch"].contains(p)
         })
     {
         assert!(

@@ -7,6 +7,7 @@ pub mod broker;
 pub mod cluster;
 pub mod daemon;
 pub mod kafka;
+pub mod partition;
 
 // The host helpers the benches use too (one copy for both).
 #[path = "../../../benches/support/host.rs"]
