@@ -32,6 +32,8 @@ pub enum BridgeError {
     Metrics(#[from] prometheus::Error),
     #[error("cannot build the HTTP client: {0}")]
     Http(#[from] reqwest::Error),
+    #[error(transparent)]
+    WorkerEnded(#[from] keyed::WorkerEnded),
 }
 
 pub struct Bridge {
@@ -107,9 +109,9 @@ impl Bridge {
 
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), BridgeError> {
         let outcomes = Arc::new(Outcomes(Arc::clone(&self.shared)));
-        self.consumer.run(outcomes, shutdown).await;
+        let consumed = self.consumer.run(outcomes, shutdown).await;
         let _ = self.shared.producer.flush(Duration::from_secs(5));
         tracing::info!("bridge stopped");
-        Ok(())
+        Ok(consumed?)
     }
 }

@@ -1,8 +1,9 @@
 //! The bridge's own dead-letter topic (`<prefix>.bridge.dlq`, schema
 //! `schemas/kafka/bridge-dlq.json`): one record per outcome and URL that could not be
 //! delivered (attempts exhausted, a permanent answer, an excessive `Retry-After`), or per
-//! record that is not an outcome at all. It holds the whole outcome, so nothing is lost; merge's
-//! `<prefix>.dlq` is a different topic with a different owner.
+//! record that is not an outcome at all. It holds the whole outcome, so nothing is lost (an
+//! outcome too large for a dead letter stays readable at its origin, which the letter names);
+//! merge's `<prefix>.dlq` is a different topic with a different owner.
 
 use base64::Engine as _;
 use chrono::{SecondsFormat, Utc};
@@ -107,5 +108,60 @@ impl BridgeDeadLetter {
             outcome,
             outcome_base64,
         }
+    }
+
+    /// A dead letter that Kafka refused as too large (an outcome near the record limit): the
+    /// same letter without the outcome, which stays readable at its origin (topic, partition,
+    /// offset). `None` when there is nothing left to cut.
+    pub fn shrink(payload: &[u8]) -> Option<Vec<u8>> {
+        let mut letter: BridgeDeadLetter = serde_json::from_slice(payload).ok()?;
+        if letter.outcome.is_none() && letter.outcome_base64.is_none() {
+            return None;
+        }
+        letter.outcome = None;
+        letter.outcome_base64 = None;
+        letter
+            .error
+            .message
+            .push_str(" (the outcome is left out: too large; read it at the origin)");
+        serde_json::to_vec(&letter).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::Timestamp;
+
+    use super::*;
+
+    #[test]
+    fn shrinking_drops_the_outcome_and_keeps_its_origin() {
+        let message = OwnedMessage::new(
+            Some(format!(r#"{{"id":"o1","big":"{}"}}"#, "x".repeat(10_000)).into_bytes()),
+            Some(b"mem_1".to_vec()),
+            "p.sync".into(),
+            Timestamp::NotAvailable,
+            2,
+            40,
+            None,
+        );
+        let error = BridgeError {
+            kind: "http_status".into(),
+            message: "410".into(),
+            status: Some(410),
+            retryable: false,
+        };
+        let letter = BridgeDeadLetter::new(&message, None, error, 1, Some(("o1", "e1")));
+        let full = serde_json::to_vec(&letter).unwrap();
+        let small = BridgeDeadLetter::shrink(&full).expect("the outcome can go");
+        assert!(small.len() < full.len());
+        let shrunk: BridgeDeadLetter = serde_json::from_slice(&small).unwrap();
+        assert_eq!(shrunk.outcome, None);
+        assert_eq!(shrunk.origin, letter.origin);
+        assert_eq!(shrunk.id, letter.id);
+        assert!(
+            BridgeDeadLetter::shrink(&small).is_none(),
+            "nothing left to cut"
+        );
     }
 }

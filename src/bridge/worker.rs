@@ -15,7 +15,7 @@ use super::client::MakeClient;
 use super::dlq::{BridgeDeadLetter, BridgeError, Failed};
 use super::metrics::BridgeMetrics;
 use super::route::{OutcomeHead, Router, Target};
-use crate::kafka::producer::{Producer, Record};
+use crate::kafka::producer::{Producer, Record, Sent};
 use crate::sinks::retry::{Class, RetryPolicy};
 
 /// What every worker shares.
@@ -181,8 +181,9 @@ async fn deliver(
     }
 }
 
-/// Produces the dead letter and waits for Kafka's acknowledgement, retrying until it comes
-/// (the record is not finished before).
+/// Produces the dead letter and waits for Kafka's acknowledgement, however long Kafka is away
+/// (the record is not finished before). `false`: stopped first, or the producer broke (the
+/// worker then ends, and with it the role, to be restarted).
 async fn dead_letter(
     shared: &Shared,
     letter: &BridgeDeadLetter,
@@ -197,25 +198,26 @@ async fn dead_letter(
         payload: &payload,
         headers: &[("membersync-dlq-id", letter.id.as_bytes())],
     };
-    let mut wait = Duration::from_millis(200);
-    loop {
-        match shared.producer.send(&record, shared.kafka_wait).await {
-            Ok(_) => {
-                shared
-                    .metrics
-                    .dead_letters
-                    .with_label_values(&[route, &letter.error.kind])
-                    .inc();
-                return true;
-            }
-            Err(e) => {
-                tracing::warn!(topic = record.topic, error = %e, "Kafka did not take the dead letter; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = stop.cancelled() => return false,
-                }
-                wait = (wait * 2).min(Duration::from_secs(10));
-            }
+    let sent = shared
+        .producer
+        .send_until_acknowledged(&record, shared.kafka_wait, stop, BridgeDeadLetter::shrink)
+        .await;
+    match sent {
+        Sent::Acknowledged { .. } => {
+            shared
+                .metrics
+                .dead_letters
+                .with_label_values(&[route, &letter.error.kind])
+                .inc();
+            true
+        }
+        // Refused even without its outcome (not for size: what is left is a few hundred
+        // bytes): the producer logged it, and retrying cannot help.
+        Sent::Refused(_) => true,
+        Sent::Stopped => false,
+        Sent::Fatal(e) => {
+            tracing::error!(error = %e, "the Kafka producer failed fatally; the bridge stops to be restarted");
+            false
         }
     }
 }

@@ -9,6 +9,11 @@
 //! more, synchronously. At most `max_in_flight` records are read and not finished: past that
 //! the consumer stops reading (backpressure, bounded memory, however long a worker waits out
 //! an outage).
+//!
+//! A worker that ends outside a shutdown (a panic, or a handler that gave up: its producer
+//! broke) would leave its members' records waiting for good while the role looked alive. So the
+//! consumer stops too, commits what is finished and returns [`WorkerEnded`]: the role fails,
+//! the daemon exits non-zero, and the supervisor starts a fresh one.
 
 use std::future::Future;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -23,12 +28,21 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::lag::{self, ConsumerLag};
 use super::offsets::OffsetTracker;
 use crate::config::KafkaConfig;
 use crate::telemetry::liveness;
+
+/// A worker ended while the consumer was running: see the module's documentation.
+#[derive(Debug, thiserror::Error)]
+#[error("a {role} worker ended unexpectedly ({how}); the role stops so that it is restarted")]
+pub struct WorkerEnded {
+    pub role: &'static str,
+    pub how: String,
+}
 
 /// What a worker does with one record.
 pub trait Handler: Send + Sync + 'static {
@@ -38,8 +52,9 @@ pub trait Handler: Send + Sync + 'static {
     fn worker(&self) -> Self::Worker;
 
     /// Handles the record until its effects (or its dead letter) are durable: `true`. `false`:
-    /// interrupted by `stop` first; the record is not reported finished, so its offset is not
-    /// committed and it is read again after the restart.
+    /// interrupted by `stop` first, or unable to go on (its producer broke); the record is not
+    /// reported finished, so its offset is not committed and it is read again after the
+    /// restart. Outside a shutdown, `false` ends the role ([`WorkerEnded`]).
     fn handle(
         &self,
         worker: &mut Self::Worker,
@@ -145,23 +160,28 @@ impl KeyedConsumer {
         })
     }
 
-    /// Consumes until `shutdown`, then drains and commits.
-    pub async fn run<H: Handler>(mut self, handler: Arc<H>, shutdown: CancellationToken) {
+    /// Consumes until `shutdown`, then drains and commits; or until a worker ends on its own.
+    pub async fn run<H: Handler>(
+        mut self,
+        handler: Arc<H>,
+        shutdown: CancellationToken,
+    ) -> Result<(), WorkerEnded> {
         let role = self.settings.role;
         let stop_workers = CancellationToken::new();
         let (finished_tx, mut finished) = mpsc::unbounded_channel::<Finished>();
         let mut queues = Vec::with_capacity(self.settings.workers);
-        let mut handles = Vec::with_capacity(self.settings.workers);
+        let mut workers = JoinSet::new();
         for _ in 0..self.settings.workers.max(1) {
             let (tx, rx) = mpsc::channel::<OwnedMessage>(self.settings.max_in_flight);
             queues.push(tx);
-            handles.push(tokio::spawn(work(
+            workers.spawn(work(
                 Arc::clone(&handler),
                 rx,
                 finished_tx.clone(),
                 stop_workers.clone(),
-            )));
+            ));
         }
+        let mut ended = None;
         drop(finished_tx);
         let mut tracker = OffsetTracker::default();
         tracing::info!(workers = self.settings.workers, "{role} consuming");
@@ -178,6 +198,17 @@ impl KeyedConsumer {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
+                Some(joined) = workers.join_next() => {
+                    let how = match joined {
+                        Err(e) if e.is_panic() => "it panicked".to_owned(),
+                        Err(e) => e.to_string(),
+                        Ok(()) => "its handler could not go on".to_owned(),
+                    };
+                    let error = WorkerEnded { role, how };
+                    tracing::error!(error = %error, "{role} stops consuming");
+                    ended = Some(error);
+                    break;
+                }
                 _ = tick.tick() => {}
                 Some(parts) = self.revoked.recv() => {
                     for (topic, partition) in parts {
@@ -206,9 +237,7 @@ impl KeyedConsumer {
             }
         }
         stop_workers.cancel();
-        for h in handles {
-            let _ = h.await;
-        }
+        while workers.join_next().await.is_some() {}
         let mut tpl = TopicPartitionList::new();
         for (topic, partition, offset) in tracker.committable() {
             let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(offset + 1));
@@ -220,6 +249,7 @@ impl KeyedConsumer {
         }
         self.lag.clear();
         tracing::info!(unfinished = tracker.in_flight(), "{role} stopped consuming");
+        ended.map_or(Ok(()), Err)
     }
 
     async fn dispatch(

@@ -8,8 +8,10 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::util::Timeout;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::KafkaConfig;
+use crate::sinks::retry::RetryPolicy;
 
 /// One record to produce. Headers are `(name, value)` pairs.
 #[derive(Debug, Clone)]
@@ -69,6 +71,22 @@ impl ProduceError {
     }
 }
 
+/// How [`Producer::send_until_acknowledged`] ended.
+#[derive(Debug)]
+pub enum Sent {
+    /// The broker holds the record — its smaller version (`shrunk`) when the broker refused
+    /// the original for good.
+    Acknowledged { shrunk: bool },
+    /// Refused for good, and there is no smaller version: nothing was stored. Logged here; the
+    /// caller counts it and moves on (retrying cannot help, and would stop its stream).
+    Refused(ProduceError),
+    /// `stop` came first; the record may or may not be stored.
+    Stopped,
+    /// The producer is broken (a fatal idempotence error) and will refuse every record: the
+    /// caller must end its role so that the supervisor restarts it with a new producer.
+    Fatal(ProduceError),
+}
+
 #[derive(Clone)]
 pub struct Producer {
     inner: FutureProducer,
@@ -113,6 +131,64 @@ impl Producer {
                 offset: delivery.offset,
             }),
             Err((err, _)) => Err(ProduceError::classify(err)),
+        }
+    }
+
+    /// Sends until the broker acknowledges, backing off (jittered, 200 ms doubling to 10 s)
+    /// while it is away, however long that is: the one produce loop of the consumers that must
+    /// not move on before their record is stored (dead letters, outcomes).
+    ///
+    /// A record the broker refuses for good (too large for its record limit) is replaced by
+    /// `shrink`'s smaller version of it and sent again; without one it is [`Sent::Refused`].
+    pub async fn send_until_acknowledged(
+        &self,
+        record: &Record<'_>,
+        queue_wait: Duration,
+        stop: &CancellationToken,
+        shrink: impl Fn(&[u8]) -> Option<Vec<u8>>,
+    ) -> Sent {
+        let backoff = RetryPolicy::new(
+            u32::MAX,
+            Duration::from_millis(200),
+            Duration::from_secs(10),
+        );
+        let mut failures = 0;
+        let mut smaller: Option<Vec<u8>> = None;
+        loop {
+            let current = Record {
+                payload: smaller.as_deref().unwrap_or(record.payload),
+                ..record.clone()
+            };
+            let error = match self.send(&current, queue_wait).await {
+                Ok(_) => {
+                    return Sent::Acknowledged {
+                        shrunk: smaller.is_some(),
+                    };
+                }
+                Err(e) => e,
+            };
+            match error {
+                ProduceError::Rejected(_) => match shrink(current.payload) {
+                    Some(s) if s.len() < current.payload.len() => {
+                        tracing::warn!(topic = record.topic, bytes = current.payload.len(), error = %error, "Kafka refused the record; sending it without its largest values");
+                        smaller = Some(s);
+                    }
+                    _ => {
+                        tracing::error!(topic = record.topic, bytes = current.payload.len(), error = %error, "Kafka refused the record and it cannot be made smaller: not sent");
+                        return Sent::Refused(error);
+                    }
+                },
+                ProduceError::Fatal(_) | ProduceError::Create(_) => return Sent::Fatal(error),
+                ProduceError::QueueFull | ProduceError::Unavailable(_) => {
+                    failures += 1;
+                    let wait = backoff.delay(failures, None);
+                    tracing::warn!(topic = record.topic, error = %error, retry_in_ms = wait.as_millis() as u64, "Kafka did not take the record; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stop.cancelled() => return Sent::Stopped,
+                    }
+                }
+            }
         }
     }
 

@@ -37,6 +37,8 @@ pub enum MergeError {
     Memberstack(#[from] crate::sinks::memberstack::MemberstackError),
     #[error("Supabase Auth client: {0}")]
     Auth(#[from] crate::sinks::supabase_auth::AuthError),
+    #[error(transparent)]
+    WorkerEnded(#[from] keyed::WorkerEnded),
 }
 
 pub struct Merge {
@@ -205,7 +207,7 @@ impl Merge {
             shared: Arc::clone(&self.shared),
             prefix: self.prefix.clone(),
         });
-        self.consumer.run(records, shutdown).await;
+        let consumed = self.consumer.run(records, shutdown).await;
         // What remains of the drain: let the relay send the last outcomes.
         let deadline = tokio::time::Instant::now() + self.drain / 2;
         let _ = tokio::time::timeout_at(deadline, outbox::drained(&self.shared)).await;
@@ -220,6 +222,6 @@ impl Merge {
         }
         let _ = self.shared.producer.flush(Duration::from_secs(5));
         tracing::info!("merge stopped");
-        Ok(())
+        Ok(consumed?)
     }
 }

@@ -107,3 +107,92 @@ async fn idempotent_produce_then_group_consume_resumes_from_committed_offset() {
     assert_eq!(m.offset(), 4, "resumed from the committed offset");
     assert_eq!(m.payload(), Some(&b"{\"n\":4}"[..]));
 }
+
+/// The keyed consumer merge and the bridge share: a worker whose handler cannot go on (its
+/// producer broke) ends the consumer with `WorkerEnded` — the role fails and is restarted —
+/// instead of leaving that worker's members waiting while the role looks alive. The record
+/// it gave up on is not committed, so the restarted role reads it again.
+#[tokio::test]
+async fn a_worker_that_cannot_go_on_ends_the_keyed_consumer() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use membersync::kafka::keyed::{Handler, KeyedConsumer, Settings};
+    use tokio_util::sync::CancellationToken;
+
+    struct GivesUpOn(&'static [u8], AtomicUsize);
+    impl Handler for GivesUpOn {
+        type Worker = ();
+        fn worker(&self) {}
+        async fn handle(
+            &self,
+            _: &mut (),
+            message: rdkafka::message::OwnedMessage,
+            _: &CancellationToken,
+        ) -> bool {
+            self.1.fetch_add(1, Ordering::SeqCst);
+            message.key() != Some(self.0)
+        }
+    }
+
+    let mut cfg = support::kafka::config();
+    cfg.topic_partitions = 1;
+    let topic = format!("{}.keyed", cfg.topic_prefix);
+    KafkaAdmin::new(&cfg)
+        .unwrap()
+        .ensure_topics(std::slice::from_ref(&topic))
+        .await
+        .unwrap();
+    let producer: FutureProducer = membersync::kafka::producer_config(&cfg).create().unwrap();
+    for key in ["mem_ok_1", "mem_broken", "mem_ok_2"] {
+        producer
+            .send(
+                FutureRecord::to(&topic).key(key).payload("{}"),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    let group = support::unique_name("keyed");
+    let settings = Settings {
+        group_id: group.clone(),
+        topics: vec![topic.clone()],
+        workers: 4,
+        max_in_flight: 16,
+        commit_interval_ms: 100,
+        fetch_wait_max_ms: 100,
+        session_timeout_ms: 10_000,
+        drain: Duration::from_secs(5),
+        role: "keyed-test",
+    };
+    let registry = prometheus::Registry::new();
+    let in_flight = prometheus::IntGauge::new("keyed_test_in_flight", "test").unwrap();
+    let keyed = KeyedConsumer::new(&cfg, settings, &registry, in_flight).unwrap();
+    let handler = Arc::new(GivesUpOn(b"mem_broken", AtomicUsize::new(0)));
+    let shutdown = CancellationToken::new();
+    let ended = tokio::time::timeout(
+        Duration::from_secs(60),
+        keyed.run(Arc::clone(&handler), shutdown.clone()),
+    )
+    .await
+    .expect("the consumer ends on its own, without a shutdown");
+    let error = ended.expect_err("a worker that gave up is an error");
+    assert!(error.to_string().contains("keyed-test"), "{error}");
+    assert!(!shutdown.is_cancelled());
+
+    // The record given up on was not committed: a new member of the group (same assignment
+    // protocol as the keyed consumer) reads it again.
+    let again: StreamConsumer = membersync::kafka::client_config(&cfg)
+        .set("group.id", &group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .create()
+        .expect("consumer");
+    again.subscribe(&[topic.as_str()]).expect("subscribe");
+    let mut keys = Vec::new();
+    while !keys.iter().any(|k| k == "mem_broken") {
+        let m = next(&again).await;
+        keys.push(String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned());
+    }
+}
