@@ -150,20 +150,32 @@ impl Applier {
         origin: &Origin,
         attempt: u32,
     ) -> Result<Outcome, ApplyError> {
+        let mut change = change.clone();
+        if change.member_id.is_none()
+            && let ChangeKind::Stripe {
+                customer_id: Some(customer),
+                ..
+            } = &change.kind
+        {
+            // No member metadata: the customer's member, as Memberstack told us (a read of
+            // committed rows, before the member's transaction).
+            change.member_id = store::member_by_stripe_customer(&*client, customer).await?;
+        }
         let Some(member_id) = change.member_id.clone() else {
             let why = match change.kind {
-                ChangeKind::Stripe { .. } => "the Stripe event names no Memberstack member",
+                ChangeKind::Stripe { .. } => {
+                    "the Stripe event names no Memberstack member and no member has its customer"
+                }
                 _ => "the change names no Memberstack member",
             };
             return self
                 .skip(
                     client,
-                    Outcome::new(change, Status::Skipped).with_reason(why),
+                    Outcome::new(&change, Status::Skipped).with_reason(why),
                     attempt,
                 )
                 .await;
         };
-        let mut change = change.clone();
         match &change.kind {
             ChangeKind::Cdc { own: true, op, .. } if op != "d" && op != "t" => {
                 return self.observe_own_write(client, &change, &member_id).await;
@@ -196,6 +208,21 @@ impl Applier {
                 }
             },
             _ => {}
+        }
+        // Plan events, and a Stripe subscription that ended, name one plan connection: the
+        // member's plan is chosen from all of them, re-read here — outside the transaction, no
+        // lock is held while Memberstack answers; an outage is retried like any other.
+        if (change.is_plan_event() || change.is_subscription_end())
+            && let Some(ms) = &self.memberstack
+        {
+            match ms.get_member(&member_id).await? {
+                Some(member) => change.with_plan_connections(&member.raw),
+                None => {
+                    let outcome = Outcome::new(&change, Status::Skipped)
+                        .with_reason("the member no longer exists in Memberstack");
+                    return self.skip(client, outcome, attempt).await;
+                }
+            }
         }
 
         let tx = client.transaction().await?;
@@ -260,7 +287,18 @@ impl Applier {
             &mut outcome,
         );
 
-        let doc = store::column_values(&writes);
+        let mut doc = store::column_values(&writes);
+        if let Some(customer) = change.stripe_customer_id()
+            && row.as_ref().is_none_or(|r| {
+                r.columns.get("stripe_customer_id").and_then(Value::as_str) != Some(customer)
+            })
+        {
+            // Kept so that a Stripe event naming only this customer finds the member.
+            doc.insert(
+                "stripe_customer_id".into(),
+                Value::String(customer.to_owned()),
+            );
+        }
         if !doc.is_empty() || create_row {
             store::mark_origin(&tx).await?;
             store::write_member(&tx, &member_id, user_id, &doc, row.is_some()).await?;
