@@ -80,6 +80,9 @@ impl ApplyError {
     }
 }
 
+/// The event id prefix of the snapshots `POST /v1/members/me/resync` publishes.
+const RESYNC_PREFIX: &str = "resync_";
+
 /// A mapped field with its parsed Memberstack path.
 #[derive(Debug, Clone)]
 pub struct Field {
@@ -333,6 +336,18 @@ impl Applier {
         }
         self.log(&tx, &change, &member_id, user_id, &decided, &outcome)
             .await?;
+        if change.is_snapshot() && change.event_id.starts_with(RESYNC_PREFIX) {
+            // A member's own resync (`POST /v1/members/me/resync`) is an administrative action:
+            // recorded once, with its decision (the API role itself is read-only).
+            store::audit(
+                &tx,
+                &format!("member:{member_id}"),
+                "member_resync",
+                &member_id,
+                &json!({"event_id": change.event_id, "status": outcome.status}),
+            )
+            .await?;
+        }
 
         // The desired external state, coalesced with what is pending for the member.
         let (push, settled) = self.memberstack_intent(&change, &decided);

@@ -357,6 +357,22 @@ pub async fn log_change(
     Ok(())
 }
 
+/// An `audit_logs` row, inside the change's transaction.
+pub async fn audit(
+    tx: &Transaction<'_>,
+    actor: &str,
+    action: &str,
+    target: &str,
+    details: &Value,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "insert into public.audit_logs (actor, action, target, details) values ($1, $2, $3, $4)",
+        &[&actor, &action, &target, details],
+    )
+    .await?;
+    Ok(())
+}
+
 /// Marks the event processed; its outcome is kept so a redelivery can re-announce it.
 pub async fn mark_processed(
     tx: &Transaction<'_>,

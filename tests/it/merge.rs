@@ -1941,6 +1941,23 @@ async fn an_email_change_without_verified_is_checked_in_memberstack() {
     })
     .await;
     assert!(s.conflicts(&id).await.is_empty());
+    // Issue #16, item 9: the member's resync is an administrative action with its trace.
+    let audit: Vec<(String, String)> = s
+        .admin
+        .query(
+            "select actor, details->>'event_id' from public.audit_logs
+              where action = 'member_resync' and target = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        audit,
+        [(format!("member:{id}"), "resync_verified_1".to_owned())]
+    );
     s.ms.resume_webhooks();
     s.quiescent(Duration::from_millis(500)).await;
 }
