@@ -19,3 +19,13 @@ create index members_stripe_customer_id_idx on public.members (stripe_customer_i
 grant insert on public.audit_logs to membersync_merge;
 create policy audit_logs_membersync_merge_insert on public.audit_logs
   for insert to membersync_merge with check (true);
+
+-- Deleted members' tombstones (issue #16, item 6): after `member.deleted`, merge ignores (and
+-- logs) every later change of that member — a delayed `member.created` or `member.updated`, an
+-- application edit of its row, a Stripe event — and pushes nothing for it. Kept whatever
+-- `merge.on_member_deleted` says (with `ignore` the row keeps no trace of the deletion), on the
+-- member's Memberstack intent, which housekeeping then never prunes.
+alter table membersync_meta.merge_intents add column if not exists deleted_at timestamptz;
+
+comment on column membersync_meta.merge_intents.deleted_at is
+  'membersync: when Memberstack deleted the member (a tombstone: later changes are ignored).';

@@ -248,6 +248,23 @@ impl Applier {
         outcome.attempts = attempt;
         outcome.user_id = row.as_ref().and_then(|r| r.user_id).map(|u| u.to_string());
 
+        // Tombstones: a member Memberstack deleted stays deleted. A later change of it — a
+        // delayed `member.created` or `member.updated` (webhooks are retried for hours), the
+        // application's edit of its row, a Stripe event — is ignored and logged; nothing is
+        // written or pushed for it.
+        if !change.is_deleted()
+            && let Some(deleted) = outbox::deleted_at(&tx, &member_id).await?
+        {
+            tracing::info!(member = %member_id, event_id = %change.event_id, %deleted, "change of a deleted member ignored");
+            outcome.status = Status::Skipped;
+            outcome.reason = Some(format!(
+                "the member was deleted in Memberstack at {}: its later changes are ignored",
+                deleted.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+            ));
+            commit_decision(tx, &change, &member_id, &mut outcome, false).await?;
+            return Ok(outcome);
+        }
+
         // Orphans: a member Memberstack answered 404 for gets nothing pushed until a change
         // from Memberstack shows it exists.
         if matches!(change.kind, ChangeKind::Memberstack { .. }) {
@@ -591,8 +608,9 @@ impl Applier {
                 outcome.deleted = true;
             }
         }
-        // Nothing more is pushed for a deleted member.
+        // Nothing more is pushed for a deleted member, and its later changes are ignored.
         outbox::cancel_intents(&tx, member_id).await?;
+        outbox::mark_deleted(&tx, member_id, change.occurred_at).await?;
         let user_id: Option<Uuid> = outcome.user_id.as_deref().and_then(|u| u.parse().ok());
         store::log_change(
             &tx,

@@ -775,7 +775,7 @@ async fn random_edits_on_both_sides_converge() {
         for n in 0..ops {
             let id = members[rng.random_range(0..members.len())].clone();
             let value = format!("s{seed}-{n}");
-            let op = rng.random_range(0..5);
+            let op = rng.random_range(0..9);
             eprintln!(
                 "op {n} {} {id} {op}",
                 chrono::Utc::now().format("%H:%M:%S%.3f")
@@ -815,6 +815,44 @@ async fn random_edits_on_both_sides_converge() {
                     );
                     ms_edits += 1;
                 }
+                // Plans (Memberstack's): a paid plan added or a plan cancelled, in any order
+                // and mix with free ones; the row follows the whole list (issue #16, item 2).
+                5 => {
+                    let (plan, kind) = [
+                        ("pln_pro", "SUBSCRIPTION"),
+                        ("pln_team", "SUBSCRIPTION"),
+                        ("pln_bonus", "FREE"),
+                    ][rng.random_range(0..3)];
+                    s.plan(
+                        &id,
+                        json!({"action": "add", "planId": plan, "type": kind, "status": "ACTIVE"}),
+                    );
+                }
+                6 => {
+                    let plans = ["pln_pro", "pln_team", "pln_bonus", "pln_free"];
+                    let plan = plans[rng.random_range(0..plans.len())];
+                    let _ = s.ms.dashboard_plan(
+                        &id,
+                        serde_json::from_value(json!({"action": "cancel", "planId": plan}))
+                            .unwrap(),
+                    );
+                }
+                // A custom field removed, on either side (issue #16, item 7).
+                7 => {
+                    if rng.random_bool(0.5) {
+                        s.dashboard_update(&id, json!({"customFields": {"k": ""}}));
+                        ms_edits += 1;
+                    } else {
+                        s.admin
+                            .execute(
+                                "update public.members set custom_fields = custom_fields - 'k' where memberstack_id = $1",
+                                &[&id],
+                            )
+                            .await
+                            .unwrap();
+                    }
+                    expect.insert((id, "custom_fields"), json!({}));
+                }
                 // memberstack-owned: Memberstack's edits win, Supabase's are reverted.
                 _ => {
                     let email = format!("{value}@example.com");
@@ -839,13 +877,31 @@ async fn random_edits_on_both_sides_converge() {
         for id in &members {
             let row = s.row(id).await;
             let ms = s.ms_member(id);
-            // Both sides agree on every field …
-            if row["custom_fields"] != ms["customFields"] {
+            // Both sides agree on every field (a cleared custom field is `""` in Memberstack
+            // and an absent key in Supabase) …
+            let (row_cf, ms_cf) = (
+                custom_fields(&row["custom_fields"]),
+                custom_fields(&ms["customFields"]),
+            );
+            if row_cf != ms_cf {
                 eprintln!("{}", s.history(id).await);
             }
+            assert_eq!(row_cf, ms_cf, "seed {seed} {id} custom_fields");
+            // … the plan is the one Memberstack's whole list says …
+            let plan_id = membersync::merge::MemberstackPath::PlanId
+                .get(&ms)
+                .unwrap_or(Value::Null);
+            let status = membersync::merge::normalize::plan_status(
+                &membersync::merge::MemberstackPath::PlanStatus
+                    .get(&ms)
+                    .unwrap_or(Value::Null),
+            );
             assert_eq!(
-                row["custom_fields"], ms["customFields"],
-                "seed {seed} {id} custom_fields"
+                (&row["plan_id"], row["subscription_status"].as_str()),
+                (&plan_id, Some(status)),
+                "seed {seed} {id} plan of {}\n{}",
+                ms["planConnections"],
+                s.history(id).await
             );
             // A key Memberstack never had is Supabase's default, {}.
             let ms_project = ms["metaData"]
@@ -859,7 +915,7 @@ async fn random_edits_on_both_sides_converge() {
             assert_eq!(row["email"], ms["auth"]["email"], "seed {seed} {id} email");
             // … and on the authority's value: no edit was lost.
             for (field, ms_value) in [
-                ("custom_fields", &ms["customFields"]),
+                ("custom_fields", &ms_cf),
                 ("project_data", &ms_project),
                 ("email", &ms["auth"]["email"]),
             ] {
@@ -877,6 +933,19 @@ async fn random_edits_on_both_sides_converge() {
             patches <= 2 * ops,
             "seed {seed}: {patches} PATCHes for {ops} edits ({ms_edits} in Memberstack)"
         );
+    }
+}
+
+/// Custom fields as both sides mean them: a key whose value is `""` or null is no key.
+fn custom_fields(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(_, v)| !v.is_null() && v.as_str() != Some(""))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        ),
+        _ => json!({}),
     }
 }
 
@@ -2322,4 +2391,100 @@ async fn a_custom_field_removed_in_supabase_is_cleared_in_memberstack() {
         s.history(&id).await
     );
     assert_eq!(s.ms_member(&id)["customFields"], json!({"a": "2", "k": ""}));
+}
+
+/// Issue #16, item 6: a deleted member keeps a tombstone. A delayed `member.created` or
+/// `member.updated` delivered after `member.deleted` changes nothing (nor creates anything),
+/// and the application's edits of the deleted row are not pushed (no 404, no dead letter).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_member_stays_deleted_whatever_arrives_later() {
+    let s = Stack::start(&[]).await;
+    let id = s.dashboard_member("tombstone@example.com", json!({})).await;
+    s.quiescent(Duration::from_millis(500)).await;
+    let created =
+        s.ms.deliveries()
+            .into_iter()
+            .find(|d| d.member_id == id)
+            .expect("the member.created delivery");
+
+    s.ms.dashboard_delete(&id).unwrap();
+    let deleted = s.row_where(&id, "deleted_at is not null").await;
+    s.quiescent(Duration::from_millis(500)).await;
+    let patches_before = s.patches();
+
+    // A member.updated that Svix delivers late, and the original member.created again under a
+    // new message id (a resend).
+    let late = chrono::Utc::now().timestamp_millis();
+    s.post_memberstack(
+        "msg_tombstone_update",
+        json!({"event": "member.updated", "timestamp": late,
+               "payload": {"id": id, "auth": {"email": "revived@example.com"}, "customFields": {"x": "1"}, "metaData": {}}}),
+    )
+    .await;
+    let body: Value = serde_json::from_str(&created.body).unwrap();
+    s.post_memberstack("msg_tombstone_created", body).await;
+    // The application edits the deleted row.
+    s.admin
+        .execute(
+            "update public.members set project_data = '{\"after\": \"delete\"}' where memberstack_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    for event in ["msg_tombstone_update", "msg_tombstone_created"] {
+        let outcome = s.processed_event(event).await;
+        assert_eq!(outcome["status"], "skipped", "{event}: {outcome}");
+        assert!(
+            outcome["reason"].as_str().unwrap().contains("deleted"),
+            "{outcome}"
+        );
+    }
+    wait_for("the application's edit decided", WAIT, || async {
+        let n: i64 = s
+            .admin
+            .query_one(
+                "select count(*) from public.webhook_log where memberstack_id = $1 and source = 'supabase' and result->>'status' = 'skipped'",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n >= 1).then_some(())
+    })
+    .await;
+    s.quiescent(Duration::from_millis(500)).await;
+    let row = s.row(&id).await;
+    assert_eq!(
+        row["email"],
+        "tombstone@example.com",
+        "{}",
+        s.history(&id).await
+    );
+    assert_eq!(row["custom_fields"], json!({}));
+    assert_eq!(row["deleted_at"], deleted["deleted_at"]);
+    assert_eq!(
+        s.patches(),
+        patches_before,
+        "nothing pushed for a deleted member"
+    );
+    let users: i64 = s
+        .admin
+        .query_one(
+            "select count(*) from auth.users where raw_user_meta_data->>'memberstack_id' = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(users, 1, "no second auth user");
+    let errors: i64 = s
+        .admin
+        .query_one(
+            "select count(*) from public.error_logs where memberstack_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(errors, 0, "no 404, no dead letter");
 }
