@@ -772,10 +772,12 @@ async fn random_edits_on_both_sides_converge() {
         let patches_before = s.patches();
         let ops = 24;
         let mut ms_edits = 0;
+        let mut deleted: Vec<String> = Vec::new();
+        let mut replays = false;
         for n in 0..ops {
             let id = members[rng.random_range(0..members.len())].clone();
             let value = format!("s{seed}-{n}");
-            let op = rng.random_range(0..9);
+            let op = rng.random_range(0..11);
             eprintln!(
                 "op {n} {} {id} {op}",
                 chrono::Utc::now().format("%H:%M:%S%.3f")
@@ -853,6 +855,35 @@ async fn random_edits_on_both_sides_converge() {
                     }
                     expect.insert((id, "custom_fields"), json!({}));
                 }
+                // A member deleted in Memberstack and another created (issue #16, item 6):
+                // the deleted one stays deleted, the new one is synced like the others.
+                8 => {
+                    s.ms.dashboard_delete(&id).unwrap();
+                    expect.retain(|(m, _), _| *m != id);
+                    members.retain(|m| *m != id);
+                    deleted.push(id);
+                    members.push(
+                        s.dashboard_member(&format!("new-{value}@example.com"), json!({"k": "0"}))
+                            .await,
+                    );
+                }
+                // A push Memberstack refuses for good (dead letter), replayed at the end with
+                // `dlq replay --all` (issue #16, items 1 and 9), while the application goes on
+                // editing the member.
+                9 => {
+                    s.ms.fail_next(1, 422);
+                    for v in [format!("{value}-a"), value.clone()] {
+                        s.admin
+                            .execute(
+                                "update public.members set project_data = jsonb_build_object('v', $2::text) where memberstack_id = $1",
+                                &[&id, &v],
+                            )
+                            .await
+                            .unwrap();
+                    }
+                    expect.insert((id, "project_data"), json!({"v": value}));
+                    replays = true;
+                }
                 // memberstack-owned: Memberstack's edits win, Supabase's are reverted.
                 _ => {
                     let email = format!("{value}@example.com");
@@ -874,6 +905,25 @@ async fn random_edits_on_both_sides_converge() {
             tokio::time::sleep(Duration::from_millis(rng.random_range(20..120))).await;
         }
         s.quiescent(Duration::from_secs(2)).await;
+        if replays {
+            s.ms.reset_faults();
+            let before = s.replays().await;
+            let out = cli(&s.env, &["dlq", "replay", "--all"]);
+            let sent = out.lines().filter(|l| l.contains("replayed")).count() as i64;
+            eprintln!("seed {seed}: dlq replay --all: {out}");
+            wait_for("the replays processed", WAIT, || async {
+                (s.replays().await >= before + sent).then_some(())
+            })
+            .await;
+            s.quiescent(Duration::from_secs(2)).await;
+        }
+        for id in &deleted {
+            let row = s.row(id).await;
+            assert!(
+                row["deleted_at"].is_string(),
+                "seed {seed}: {id} stays deleted: {row}"
+            );
+        }
         for id in &members {
             let row = s.row(id).await;
             let ms = s.ms_member(id);
@@ -2106,6 +2156,18 @@ impl Stack {
                 .map(|r| r.get::<_, Value>(0))
         })
         .await
+    }
+
+    /// Replayed dead letters merge processed.
+    async fn replays(&self) -> i64 {
+        self.admin
+            .query_one(
+                "select count(*) from public.webhook_log where event_id like '%#replay:%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
     }
 
     /// The member's processed plan events, counted.
