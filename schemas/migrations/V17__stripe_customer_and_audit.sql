@@ -29,3 +29,29 @@ alter table membersync_meta.merge_intents add column if not exists deleted_at ti
 
 comment on column membersync_meta.merge_intents.deleted_at is
   'membersync: when Memberstack deleted the member (a tombstone: later changes are ignored).';
+
+-- Column edit times comparable with the CDC commit time (issue #16, item 4). V9 recorded the
+-- writing transaction's start (`now()`): in a transaction that began before a Memberstack edit
+-- and wrote after it, the column looked older than the Memberstack edit although its value was
+-- set later. The time of the write itself (`clock_timestamp()`, at or before the commit the CDC
+-- event carries) is when the value was set; merge dates a Supabase edit by it both before its
+-- CDC event arrives and when it does, so one edit is judged by one time.
+create or replace function membersync_meta.record_member_column_edits()
+  returns trigger
+  language plpgsql
+  security definer
+  set search_path to ''
+as $$
+begin
+  insert into membersync_meta.member_column_edits as e (member_id, column_name, edited_at)
+  select new.id, n.key, pg_catalog.clock_timestamp()
+    from pg_catalog.jsonb_each(pg_catalog.to_jsonb(new)) n
+    left join pg_catalog.jsonb_each(
+           case when tg_op = 'UPDATE' then pg_catalog.to_jsonb(old) end) o
+      on o.key = n.key
+   where n.key not in ('updated_at', 'created_at', 'id')
+     and (tg_op = 'INSERT' or o.value is distinct from n.value)
+  on conflict (member_id, column_name) do update set edited_at = excluded.edited_at;
+  return null;
+end
+$$;

@@ -345,9 +345,9 @@ fn from_supabase(
     };
     let (v, t) = match &current {
         Some((now, at)) => (now, *at),
-        // Dated by when its column changed (`member_column_edits`, the transaction's start),
+        // Dated by when its column was written (`member_column_edits`, the write's own time),
         // the time `from_memberstack` used for it while this event was on its way — not the
-        // commit time the event carries, which is later: one edit, one time, whichever
+        // commit time the event carries, which can be later: one edit, one time, whichever
         // arrives first.
         None => (
             &inc.value,
