@@ -215,11 +215,22 @@ impl Applier {
         // Plan events, and a Stripe subscription that ended, name one plan connection: the
         // member's plan is chosen from all of them, re-read here — outside the transaction, no
         // lock is held while Memberstack answers; an outage is retried like any other.
-        if (change.is_plan_event() || change.is_subscription_end())
+        if (change.is_plan_event() || change.is_subscription_loss())
             && let Some(ms) = &self.memberstack
         {
             match ms.get_member(&member_id).await? {
-                Some(member) => change.with_plan_connections(&member.raw),
+                // A subscription that ended: Memberstack, which owns the status, says what is
+                // left (it sends its own plan event once it has ended the connection).
+                Some(member) if change.is_plan_event() || change.is_subscription_end() => {
+                    change.with_plan_connections(&member.raw)
+                }
+                // A subscription past due (or unpaid, …) while the member has two or more
+                // active paid plans: whichever this one is, another one still gives access.
+                Some(member) => {
+                    if active_paid_plans(&member.raw) >= 2 {
+                        change.with_plan_connections(&member.raw);
+                    }
+                }
                 None => {
                     let outcome = Outcome::new(&change, Status::Skipped)
                         .with_reason("the member no longer exists in Memberstack");
@@ -698,6 +709,23 @@ impl Applier {
         }
         Ok(())
     }
+}
+
+/// How many active paid (not `FREE`) plan connections the member has.
+fn active_paid_plans(member: &Value) -> usize {
+    member
+        .get("planConnections")
+        .and_then(Value::as_array)
+        .map_or(0, |list| {
+            list.iter()
+                .filter(|p| p.get("active").and_then(Value::as_bool) == Some(true))
+                .filter(|p| {
+                    !p.get("type")
+                        .and_then(Value::as_str)
+                        .is_some_and(|t| t.eq_ignore_ascii_case("free"))
+                })
+                .count()
+        })
 }
 
 /// The end of every decision: the exactly-once marker with the outcome, the outcome into the

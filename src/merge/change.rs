@@ -326,6 +326,18 @@ impl Change {
         matches!(&self.kind, ChangeKind::Stripe { event, .. } if event == "customer.subscription.deleted")
     }
 
+    /// A Stripe subscription event whose status takes access away (past due, unpaid, …) — a
+    /// subscription that ended included. Whether the member loses access depends on its other
+    /// subscriptions.
+    pub fn is_subscription_loss(&self) -> bool {
+        matches!(&self.kind, ChangeKind::Stripe { event, .. } if event.starts_with("customer.subscription."))
+            && self
+                .payload
+                .get("planConnection")
+                .and_then(|c| c.get("status"))
+                .is_some_and(|s| crate::merge::normalize::plan_status(s) != "active")
+    }
+
     /// The member's plan connections, re-read from Memberstack, stand for the change's own
     /// plan data (one connection, or a Stripe status): the plan fields are chosen from the
     /// whole list. Nothing else of the member is taken from the re-read: its other fields are

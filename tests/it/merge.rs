@@ -2319,8 +2319,30 @@ async fn stripe_events_respect_other_subscriptions_and_find_the_member_by_custom
         s.history(&id).await
     );
     assert_eq!(row["plan_id"], "pln_pro");
+    // One of them is past due: the other still gives access.
+    s.post_stripe(json!({
+        "id": "evt_merge_16_past_due", "object": "event", "type": "customer.subscription.updated",
+        "created": chrono::Utc::now().timestamp(),
+        "data": {"object": {"id": "sub_team", "object": "subscription", "customer": "cus_merge_16",
+                 "status": "past_due", "metadata": {"memberstack_user_id": id}}}
+    }))
+    .await;
+    s.processed_event("evt_merge_16_past_due").await;
+    s.quiescent(Duration::from_millis(500)).await;
+    assert_eq!(
+        s.row(&id).await["subscription_status"],
+        "active",
+        "{}",
+        s.history(&id).await
+    );
 
-    // A Stripe event that names only the customer.
+    // Memberstack ends the team plan; then a Stripe event that names only the customer says
+    // the remaining subscription is past due.
+    s.plan(&id, json!({"action": "cancel", "planId": "pln_team"}));
+    wait_for("the cancellation processed", WAIT, || async {
+        (s.plan_events(&id).await == 3).then_some(())
+    })
+    .await;
     s.post_stripe(json!({
         "id": "evt_merge_16_customer", "object": "event", "type": "customer.subscription.updated",
         "created": chrono::Utc::now().timestamp() + 1,
