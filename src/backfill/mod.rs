@@ -192,6 +192,23 @@ pub async fn run(config: &Config, options: &Options) -> Result<Outcome, Backfill
             "backfill: incremental snapshot of the captured tables requested"
         );
     }
+    audit(
+        &db,
+        if run.resumed {
+            "backfill_resumed"
+        } else {
+            "backfill_started"
+        },
+        run.id,
+        serde_json::json!({
+            "page_size": options.page_size,
+            "snapshot": options.snapshot,
+            "restart": options.restart,
+            "cursor": run.cursor,
+            "members_published": run.members_published,
+        }),
+    )
+    .await?;
     if run.resumed {
         tracing::info!(
             run_id = run.id,
@@ -244,6 +261,13 @@ pub async fn run(config: &Config, options: &Options) -> Result<Outcome, Backfill
         snapshot: snapshot.as_ref().map(SnapshotSummary::from),
         elapsed_secs: started.elapsed().as_secs_f64(),
     };
+    audit(
+        &db,
+        "backfill_completed",
+        run.id,
+        serde_json::to_value(&outcome).unwrap_or_default(),
+    )
+    .await?;
     tracing::info!(
         run_id = outcome.run_id,
         pages_done = outcome.pages_done,
@@ -253,6 +277,23 @@ pub async fn run(config: &Config, options: &Options) -> Result<Outcome, Backfill
         "backfill: Memberstack pass completed"
     );
     Ok(outcome)
+}
+
+/// An `audit_logs` row for the run (issue #16: backfill runs leave a trace, as `dlq replay`
+/// does): who ran it, which run, and what it was asked or did.
+async fn audit(
+    db: &tokio_postgres::Client,
+    action: &str,
+    run_id: i64,
+    details: serde_json::Value,
+) -> Result<(), BackfillError> {
+    let actor = std::env::var("USER").unwrap_or_else(|_| "membersync-cli".into());
+    db.execute(
+        "insert into public.audit_logs (actor, action, target, details) values ($1, $2, $3, $4)",
+        &[&actor, &action, &format!("backfill_run:{run_id}"), &details],
+    )
+    .await?;
+    Ok(())
 }
 
 /// Polls the incremental snapshot until it ends (done, failed or cancelled).

@@ -33,6 +33,8 @@ const MERGE_NEEDS: &[(&str, &str)] = &[
     ("membersync_meta.outcome_outbox", "DELETE"),
     // The unreplayed dead-letter gauge (V16).
     ("public.audit_logs", "SELECT"),
+    // A member's resync, recorded when merge applies it (V17).
+    ("public.audit_logs", "INSERT"),
 ];
 
 /// What the API reads (src/api/sync_view.rs, src/api/status.rs).

@@ -80,6 +80,9 @@ impl ApplyError {
     }
 }
 
+/// The event id prefix of the snapshots `POST /v1/members/me/resync` publishes.
+const RESYNC_PREFIX: &str = "resync_";
+
 /// A mapped field with its parsed Memberstack path.
 #[derive(Debug, Clone)]
 pub struct Field {
@@ -150,20 +153,32 @@ impl Applier {
         origin: &Origin,
         attempt: u32,
     ) -> Result<Outcome, ApplyError> {
+        let mut change = change.clone();
+        if change.member_id.is_none()
+            && let ChangeKind::Stripe {
+                customer_id: Some(customer),
+                ..
+            } = &change.kind
+        {
+            // No member metadata: the customer's member, as Memberstack told us (a read of
+            // committed rows, before the member's transaction).
+            change.member_id = store::member_by_stripe_customer(&*client, customer).await?;
+        }
         let Some(member_id) = change.member_id.clone() else {
             let why = match change.kind {
-                ChangeKind::Stripe { .. } => "the Stripe event names no Memberstack member",
+                ChangeKind::Stripe { .. } => {
+                    "the Stripe event names no Memberstack member and no member has its customer"
+                }
                 _ => "the change names no Memberstack member",
             };
             return self
                 .skip(
                     client,
-                    Outcome::new(change, Status::Skipped).with_reason(why),
+                    Outcome::new(&change, Status::Skipped).with_reason(why),
                     attempt,
                 )
                 .await;
         };
-        let mut change = change.clone();
         match &change.kind {
             ChangeKind::Cdc { own: true, op, .. } if op != "d" && op != "t" => {
                 return self.observe_own_write(client, &change, &member_id).await;
@@ -197,6 +212,32 @@ impl Applier {
             },
             _ => {}
         }
+        // Plan events, and a Stripe subscription that ended, name one plan connection: the
+        // member's plan is chosen from all of them, re-read here — outside the transaction, no
+        // lock is held while Memberstack answers; an outage is retried like any other.
+        if (change.is_plan_event() || change.is_subscription_loss())
+            && let Some(ms) = &self.memberstack
+        {
+            match ms.get_member(&member_id).await? {
+                // A subscription that ended: Memberstack, which owns the status, says what is
+                // left (it sends its own plan event once it has ended the connection).
+                Some(member) if change.is_plan_event() || change.is_subscription_end() => {
+                    change.with_plan_connections(&member.raw)
+                }
+                // A subscription past due (or unpaid, …) while the member has two or more
+                // active paid plans: whichever this one is, another one still gives access.
+                Some(member) => {
+                    if active_paid_plans(&member.raw) >= 2 {
+                        change.with_plan_connections(&member.raw);
+                    }
+                }
+                None => {
+                    let outcome = Outcome::new(&change, Status::Skipped)
+                        .with_reason("the member no longer exists in Memberstack");
+                    return self.skip(client, outcome, attempt).await;
+                }
+            }
+        }
 
         let tx = client.transaction().await?;
         // The lock first: a concurrent delivery of the same event waits here, then sees it
@@ -217,6 +258,23 @@ impl Applier {
         let mut outcome = Outcome::new(&change, Status::Unchanged);
         outcome.attempts = attempt;
         outcome.user_id = row.as_ref().and_then(|r| r.user_id).map(|u| u.to_string());
+
+        // Tombstones: a member Memberstack deleted stays deleted. A later change of it — a
+        // delayed `member.created` or `member.updated` (webhooks are retried for hours), the
+        // application's edit of its row, a Stripe event — is ignored and logged; nothing is
+        // written or pushed for it.
+        if !change.is_deleted()
+            && let Some(deleted) = outbox::deleted_at(&tx, &member_id).await?
+        {
+            tracing::info!(member = %member_id, event_id = %change.event_id, %deleted, "change of a deleted member ignored");
+            outcome.status = Status::Skipped;
+            outcome.reason = Some(format!(
+                "the member was deleted in Memberstack at {}: its later changes are ignored",
+                deleted.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+            ));
+            commit_decision(tx, &change, &member_id, &mut outcome, false).await?;
+            return Ok(outcome);
+        }
 
         // Orphans: a member Memberstack answered 404 for gets nothing pushed until a change
         // from Memberstack shows it exists.
@@ -260,7 +318,18 @@ impl Applier {
             &mut outcome,
         );
 
-        let doc = store::column_values(&writes);
+        let mut doc = store::column_values(&writes);
+        if let Some(customer) = change.stripe_customer_id()
+            && row.as_ref().is_none_or(|r| {
+                r.columns.get("stripe_customer_id").and_then(Value::as_str) != Some(customer)
+            })
+        {
+            // Kept so that a Stripe event naming only this customer finds the member.
+            doc.insert(
+                "stripe_customer_id".into(),
+                Value::String(customer.to_owned()),
+            );
+        }
         if !doc.is_empty() || create_row {
             store::mark_origin(&tx).await?;
             store::write_member(&tx, &member_id, user_id, &doc, row.is_some()).await?;
@@ -295,6 +364,18 @@ impl Applier {
         }
         self.log(&tx, &change, &member_id, user_id, &decided, &outcome)
             .await?;
+        if change.is_snapshot() && change.event_id.starts_with(RESYNC_PREFIX) {
+            // A member's own resync (`POST /v1/members/me/resync`) is an administrative action:
+            // recorded once, with its decision (the API role itself is read-only).
+            store::audit(
+                &tx,
+                &format!("member:{member_id}"),
+                "member_resync",
+                &member_id,
+                &json!({"event_id": change.event_id, "status": outcome.status}),
+            )
+            .await?;
+        }
 
         // The desired external state, coalesced with what is pending for the member.
         let (push, settled) = self.memberstack_intent(&change, &decided);
@@ -538,8 +619,9 @@ impl Applier {
                 outcome.deleted = true;
             }
         }
-        // Nothing more is pushed for a deleted member.
+        // Nothing more is pushed for a deleted member, and its later changes are ignored.
         outbox::cancel_intents(&tx, member_id).await?;
+        outbox::mark_deleted(&tx, member_id, change.occurred_at).await?;
         let user_id: Option<Uuid> = outcome.user_id.as_deref().and_then(|u| u.parse().ok());
         store::log_change(
             &tx,
@@ -627,6 +709,23 @@ impl Applier {
         }
         Ok(())
     }
+}
+
+/// How many active paid (not `FREE`) plan connections the member has.
+fn active_paid_plans(member: &Value) -> usize {
+    member
+        .get("planConnections")
+        .and_then(Value::as_array)
+        .map_or(0, |list| {
+            list.iter()
+                .filter(|p| p.get("active").and_then(Value::as_bool) == Some(true))
+                .filter(|p| {
+                    !p.get("type")
+                        .and_then(Value::as_str)
+                        .is_some_and(|t| t.eq_ignore_ascii_case("free"))
+                })
+                .count()
+        })
 }
 
 /// The end of every decision: the exactly-once marker with the outcome, the outcome into the

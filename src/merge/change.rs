@@ -30,9 +30,16 @@ pub enum ChangeKind {
         deleted: bool,
         refetch: bool,
         snapshot: bool,
+        /// A plan event (`member.plan.*`): it carries one plan connection, which says nothing
+        /// about the member's other plans; merge re-reads the member's whole list.
+        plan: bool,
     },
-    /// A Stripe event.
-    Stripe { event: String },
+    /// A Stripe event. `customer_id`: the Stripe customer it names (merge maps an event
+    /// without member metadata to the member through `members.stripe_customer_id`).
+    Stripe {
+        event: String,
+        customer_id: Option<String>,
+    },
     /// A row change of `public.members`. `own`: written by membersync (never pushed back).
     Cdc { op: String, own: bool },
 }
@@ -148,6 +155,7 @@ fn memberstack(v: Value, position: Position) -> Result<Change, DecodeError> {
             deleted: kind == "member_deleted",
             refetch: !known,
             snapshot: kind == SNAPSHOT_KIND,
+            plan: matches!(kind, "plan_added" | "plan_updated" | "plan_canceled"),
         },
         occurred_at: instant(&v, "occurred_at")?,
         payload,
@@ -195,7 +203,13 @@ fn stripe(v: Value, position: Position) -> Result<Change, DecodeError> {
         },
         side: Side::Memberstack,
         source: "stripe",
-        kind: ChangeKind::Stripe { event },
+        kind: ChangeKind::Stripe {
+            event,
+            customer_id: v
+                .get("customer_id")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+        },
         occurred_at: instant(&v, "occurred_at")?,
         payload: Value::Object(payload),
         position,
@@ -284,10 +298,13 @@ impl Change {
                 (v.as_str() != Some(UNCHANGED_TOAST)).then(|| v.clone())
             }
             ChangeKind::Stripe { .. } => {
+                // Stripe reports a subscription's status; with the member's plan connections
+                // re-read from Memberstack (a subscription that ended), its plan too.
                 let path = MemberstackPath::parse(&field.memberstack).ok()?;
-                (path == MemberstackPath::PlanStatus)
-                    .then(|| path.get(&self.payload))
-                    .flatten()
+                let carried = path == MemberstackPath::PlanStatus
+                    || (path == MemberstackPath::PlanId
+                        && self.payload.get("planConnections").is_some());
+                carried.then(|| path.get(&self.payload)).flatten()
             }
             ChangeKind::Memberstack { snapshot: true, .. } => {
                 Some(snapshot_field_value(&self.payload, field))
@@ -295,6 +312,63 @@ impl Change {
             ChangeKind::Memberstack { .. } => MemberstackPath::parse(&field.memberstack)
                 .ok()?
                 .get(&self.payload),
+        }
+    }
+
+    /// A plan event of Memberstack (`member.plan.*`).
+    pub fn is_plan_event(&self) -> bool {
+        matches!(self.kind, ChangeKind::Memberstack { plan: true, .. })
+    }
+
+    /// A Stripe subscription that ended: whether the member still has a plan depends on its
+    /// other plan connections.
+    pub fn is_subscription_end(&self) -> bool {
+        matches!(&self.kind, ChangeKind::Stripe { event, .. } if event == "customer.subscription.deleted")
+    }
+
+    /// A Stripe subscription event whose status takes access away (past due, unpaid, …) — a
+    /// subscription that ended included. Whether the member loses access depends on its other
+    /// subscriptions.
+    pub fn is_subscription_loss(&self) -> bool {
+        matches!(&self.kind, ChangeKind::Stripe { event, .. } if event.starts_with("customer.subscription."))
+            && self
+                .payload
+                .get("planConnection")
+                .and_then(|c| c.get("status"))
+                .is_some_and(|s| crate::merge::normalize::plan_status(s) != "active")
+    }
+
+    /// The member's plan connections, re-read from Memberstack, stand for the change's own
+    /// plan data (one connection, or a Stripe status): the plan fields are chosen from the
+    /// whole list. Nothing else of the member is taken from the re-read: its other fields are
+    /// dated by their own webhooks.
+    pub fn with_plan_connections(&mut self, member: &Value) {
+        let list = member
+            .get("planConnections")
+            .cloned()
+            .filter(Value::is_array)
+            .unwrap_or_else(|| Value::Array(Vec::new()));
+        let mut payload = Map::new();
+        if let Some(id) = self.payload.get("id") {
+            payload.insert("id".into(), id.clone());
+        }
+        payload.insert("planConnections".into(), list);
+        if let Some(customer) = member.get("stripeCustomerId").filter(|c| c.is_string()) {
+            payload.insert("stripeCustomerId".into(), customer.clone());
+        }
+        self.payload = Value::Object(payload);
+    }
+
+    /// The member's Stripe customer, when this Memberstack change shows it (the member
+    /// object's `stripeCustomerId`).
+    pub fn stripe_customer_id(&self) -> Option<&str> {
+        match self.kind {
+            ChangeKind::Memberstack { .. } => self
+                .payload
+                .get("stripeCustomerId")
+                .and_then(Value::as_str)
+                .filter(|c| !c.is_empty()),
+            _ => None,
         }
     }
 
@@ -313,7 +387,7 @@ impl Change {
 
     pub fn event_type(&self) -> &str {
         match &self.kind {
-            ChangeKind::Memberstack { event, .. } | ChangeKind::Stripe { event } => event,
+            ChangeKind::Memberstack { event, .. } | ChangeKind::Stripe { event, .. } => event,
             ChangeKind::Cdc { op, .. } => op,
         }
     }

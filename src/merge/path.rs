@@ -71,12 +71,8 @@ impl MemberstackPath {
             Self::CustomField(k) => member.get("customFields")?.get(k).cloned(),
             Self::MetaData(k) => member.get("metaData")?.get(k).cloned(),
             Self::Json(k) => member.get("json")?.get(k).cloned(),
-            Self::PlanStatus => {
-                primary_plan(member).map(|p| p.get("status").cloned().unwrap_or(Value::Null))
-            }
-            Self::PlanId => {
-                primary_plan(member).map(|p| p.get("planId").cloned().unwrap_or(Value::Null))
-            }
+            Self::PlanStatus => plan_key(member, "status"),
+            Self::PlanId => plan_key(member, "planId"),
         }
     }
 
@@ -94,16 +90,17 @@ impl MemberstackPath {
                 patch.insert("email".into(), value);
             }
             Self::CustomFields => {
-                // Memberstack shallow-merges customFields: every key is sent.
+                // Memberstack shallow-merges customFields: every key is sent, a cleared one as
+                // the empty string (docs/merge.md, "Removing a custom field").
                 let mut merged = object(patch, "customFields");
                 if let Value::Object(m) = value {
-                    merged.extend(m);
+                    merged.extend(m.into_iter().map(|(k, v)| (k, cleared_as_empty(v))));
                 }
                 patch.insert("customFields".into(), Value::Object(merged));
             }
             Self::CustomField(k) => {
                 let mut m = object(patch, "customFields");
-                m.insert(k.clone(), value);
+                m.insert(k.clone(), cleared_as_empty(value));
                 patch.insert("customFields".into(), Value::Object(m));
             }
             Self::MetaData(k) => {
@@ -133,8 +130,28 @@ impl MemberstackPath {
     }
 }
 
+/// A custom field is text: no value is the empty string, a value Memberstack's shallow merge
+/// stores like any other (null is not documented for it).
+fn cleared_as_empty(v: Value) -> Value {
+    if v.is_null() {
+        Value::String(String::new())
+    } else {
+        v
+    }
+}
+
+/// A key of the member's primary plan connection. No plan at all is a fact (null); a
+/// connection that lacks the key does not carry it (`None`): it never nulls the column.
+fn plan_key(member: &Value, key: &str) -> Option<Value> {
+    match primary_plan(member)? {
+        Value::Null => Some(Value::Null),
+        connection => connection.get(key).filter(|v| !v.is_null()).cloned(),
+    }
+}
+
 /// The plan connection that stands for the member's subscription: the first active paid one,
-/// else the first active one, else the first. Plan webhooks carry a single `planConnection`.
+/// else the first active one, else the first. Plan webhooks carry a single `planConnection`
+/// (merge replaces it with the member's re-read list when it can).
 fn primary_plan(member: &Value) -> Option<Value> {
     if let Some(single) = member.get("planConnection").filter(|v| v.is_object()) {
         return Some(single.clone());
@@ -197,6 +214,26 @@ mod tests {
             Some(Value::Null)
         );
         assert_eq!(MemberstackPath::PlanId.get(&json!({"auth": {}})), None);
+    }
+
+    #[test]
+    fn a_free_plan_never_hides_a_paid_one_and_a_missing_key_is_not_null() {
+        // Issue #16, item 2: the whole list decides, whatever connection an event names.
+        let m = json!({"planConnections": [
+            {"planId": "pln_free", "status": "ACTIVE", "active": true, "type": "FREE"},
+            {"planId": "pln_pro", "status": "ACTIVE", "active": true, "type": "SUBSCRIPTION"},
+            {"planId": "pln_bonus", "status": "CANCELED", "active": false, "type": "FREE"}
+        ]});
+        assert_eq!(MemberstackPath::PlanId.get(&m), Some(json!("pln_pro")));
+        assert_eq!(MemberstackPath::PlanStatus.get(&m), Some(json!("ACTIVE")));
+        let no_id = json!({"planConnection": {"id": "con_1", "status": "ACTIVE"}});
+        assert_eq!(MemberstackPath::PlanId.get(&no_id), None);
+        assert_eq!(
+            MemberstackPath::PlanStatus.get(&no_id),
+            Some(json!("ACTIVE"))
+        );
+        let null_id = json!({"planConnections": [{"planId": null, "active": true}]});
+        assert_eq!(MemberstackPath::PlanId.get(&null_id), None);
     }
 
     #[test]

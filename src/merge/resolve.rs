@@ -345,8 +345,26 @@ fn from_supabase(
     };
     let (v, t) = match &current {
         Some((now, at)) => (now, *at),
-        None => (&inc.value, inc.at),
+        // Dated by when its column was written (`member_column_edits`, the write's own time),
+        // the time `from_memberstack` used for it while this event was on its way — not the
+        // commit time the event carries, which can be later: one edit, one time, whichever
+        // arrives first.
+        None => (
+            &inc.value,
+            sb.edited_at.filter(|e| *e <= inc.at).unwrap_or(inc.at),
+        ),
     };
+    if !inc.replayed
+        && let Some(now) = &sb.value
+        && !same(n, now, v)
+    {
+        // The row no longer holds this edit: a newer write replaced it (the application's,
+        // its own event still on its way, or merge's, which decided it already). This edit
+        // neither reverts the row nor is pushed: either would overwrite the newer value,
+        // which is decided when its own event arrives.
+        st.supabase_seen = Some(v.clone());
+        return outcome(Verdict::Stale, st);
+    }
     let edited = inc.replayed
         || st
             .supabase_seen

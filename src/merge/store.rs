@@ -85,6 +85,23 @@ pub async fn lock_member(
     }))
 }
 
+/// The member whose Stripe customer this is (`members.stripe_customer_id`, kept from
+/// Memberstack's member object), if any.
+pub async fn member_by_stripe_customer(
+    client: &impl tokio_postgres::GenericClient,
+    customer_id: &str,
+) -> Result<Option<String>, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "select memberstack_id from public.members
+              where stripe_customer_id = $1 and deleted_at is null
+              order by updated_at desc limit 1",
+            &[&customer_id],
+        )
+        .await?
+        .map(|r| r.get(0)))
+}
+
 /// The outcome stored for an already-processed event, if any.
 pub async fn processed(
     tx: &Transaction<'_>,
@@ -204,6 +221,17 @@ pub fn column_values(writes: &[(&FieldMapping, Value)]) -> Map<String, Value> {
             if field.supabase == "subscription_status" {
                 doc.insert("subscription_status_raw".into(), value.clone());
             }
+        } else if field.normalize == Normalize::CustomFields
+            && let Value::Object(m) = value
+        {
+            // A custom field Memberstack cleared (the empty string) is a key the row does not
+            // have: the two spell "no value" differently (docs/merge.md).
+            let kept = m
+                .iter()
+                .filter(|(_, v)| !v.is_null() && v.as_str() != Some(""))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            doc.insert(field.supabase.clone(), Value::Object(kept));
         } else if value.is_null() && JSON_OBJECT_COLUMNS.contains(&field.supabase.as_str()) {
             // These columns are NOT NULL objects: a cleared value is an empty object.
             doc.insert(field.supabase.clone(), Value::Object(Map::new()));
@@ -324,6 +352,22 @@ pub async fn log_change(
         "insert into public.user_logs (user_id, memberstack_id, change_type, old_data, new_data, source)
          values ($1, $2, $3, $4, $5, $6)",
         &[&e.user_id, &e.memberstack_id, &e.change_type, &e.old, &e.new, &e.source],
+    )
+    .await?;
+    Ok(())
+}
+
+/// An `audit_logs` row, inside the change's transaction.
+pub async fn audit(
+    tx: &Transaction<'_>,
+    actor: &str,
+    action: &str,
+    target: &str,
+    details: &Value,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "insert into public.audit_logs (actor, action, target, details) values ($1, $2, $3, $4)",
+        &[&actor, &action, &target, details],
     )
     .await?;
     Ok(())

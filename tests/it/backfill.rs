@@ -509,6 +509,31 @@ async fn an_interrupted_backfill_resumes_without_rereading_finished_pages() {
         outcome["this_invocation"]["pages"],
         json!(MEMBERS / 20 - pages_at_kill as usize)
     );
+    // Issue #16, item 9: each invocation leaves its trace in audit_logs.
+    let audit: Vec<(String, String, Value)> = env
+        .admin
+        .query(
+            "select action, target, details from public.audit_logs
+              where action like 'backfill_%' order by created_at, action",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let actions: Vec<&str> = audit.iter().map(|(a, _, _)| a.as_str()).collect();
+    assert_eq!(
+        actions,
+        ["backfill_started", "backfill_resumed", "backfill_completed"],
+        "{audit:?}"
+    );
+    assert!(
+        audit
+            .iter()
+            .all(|(_, target, _)| *target == format!("backfill_run:{run_id}"))
+    );
+    assert_eq!(audit[2].2["members_published"], json!(MEMBERS));
 
     // The second invocation starts at the saved cursor and never asks for an earlier page.
     let calls = env.list_calls();

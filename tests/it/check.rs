@@ -186,6 +186,8 @@ async fn duty_roles_have_exactly_their_duties() {
         "select pg_logical_emit_message(true, 'membersync.test', '')",
         // V16: the unreplayed dead-letter gauge.
         "select count(*) from public.audit_logs",
+        // V17: a member's resync, recorded when merge applies it.
+        "insert into public.audit_logs (actor, action) values ('merge', 'member_resync')",
     ] {
         assert_eq!(
             as_role("membersync_merge", sql).await,
@@ -195,7 +197,7 @@ async fn duty_roles_have_exactly_their_duties() {
     }
     for sql in [
         "delete from public.members",
-        "insert into public.audit_logs (actor, action) values ('merge', 'x')",
+        "delete from public.audit_logs",
         "select * from membersync_meta.cdc_incremental_snapshots",
         "select * from membersync_meta.backfill_runs",
         "select pg_create_logical_replication_slot('duty_merge_slot', 'pgoutput')",

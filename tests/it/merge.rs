@@ -772,10 +772,12 @@ async fn random_edits_on_both_sides_converge() {
         let patches_before = s.patches();
         let ops = 24;
         let mut ms_edits = 0;
+        let mut deleted: Vec<String> = Vec::new();
+        let mut replays = false;
         for n in 0..ops {
             let id = members[rng.random_range(0..members.len())].clone();
             let value = format!("s{seed}-{n}");
-            let op = rng.random_range(0..5);
+            let op = rng.random_range(0..11);
             eprintln!(
                 "op {n} {} {id} {op}",
                 chrono::Utc::now().format("%H:%M:%S%.3f")
@@ -815,6 +817,73 @@ async fn random_edits_on_both_sides_converge() {
                     );
                     ms_edits += 1;
                 }
+                // Plans (Memberstack's): a paid plan added or a plan cancelled, in any order
+                // and mix with free ones; the row follows the whole list (issue #16, item 2).
+                5 => {
+                    let (plan, kind) = [
+                        ("pln_pro", "SUBSCRIPTION"),
+                        ("pln_team", "SUBSCRIPTION"),
+                        ("pln_bonus", "FREE"),
+                    ][rng.random_range(0..3)];
+                    s.plan(
+                        &id,
+                        json!({"action": "add", "planId": plan, "type": kind, "status": "ACTIVE"}),
+                    );
+                }
+                6 => {
+                    let plans = ["pln_pro", "pln_team", "pln_bonus", "pln_free"];
+                    let plan = plans[rng.random_range(0..plans.len())];
+                    let _ = s.ms.dashboard_plan(
+                        &id,
+                        serde_json::from_value(json!({"action": "cancel", "planId": plan}))
+                            .unwrap(),
+                    );
+                }
+                // A custom field removed, on either side (issue #16, item 7).
+                7 => {
+                    if rng.random_bool(0.5) {
+                        s.dashboard_update(&id, json!({"customFields": {"k": ""}}));
+                        ms_edits += 1;
+                    } else {
+                        s.admin
+                            .execute(
+                                "update public.members set custom_fields = custom_fields - 'k' where memberstack_id = $1",
+                                &[&id],
+                            )
+                            .await
+                            .unwrap();
+                    }
+                    expect.insert((id, "custom_fields"), json!({}));
+                }
+                // A member deleted in Memberstack and another created (issue #16, item 6):
+                // the deleted one stays deleted, the new one is synced like the others.
+                8 => {
+                    s.ms.dashboard_delete(&id).unwrap();
+                    expect.retain(|(m, _), _| *m != id);
+                    members.retain(|m| *m != id);
+                    deleted.push(id);
+                    members.push(
+                        s.dashboard_member(&format!("new-{value}@example.com"), json!({"k": "0"}))
+                            .await,
+                    );
+                }
+                // A push Memberstack refuses for good (dead letter), replayed at the end with
+                // `dlq replay --all` (issue #16, items 1 and 9), while the application goes on
+                // editing the member.
+                9 => {
+                    s.ms.fail_next(1, 422);
+                    for v in [format!("{value}-a"), value.clone()] {
+                        s.admin
+                            .execute(
+                                "update public.members set project_data = jsonb_build_object('v', $2::text) where memberstack_id = $1",
+                                &[&id, &v],
+                            )
+                            .await
+                            .unwrap();
+                    }
+                    expect.insert((id, "project_data"), json!({"v": value}));
+                    replays = true;
+                }
                 // memberstack-owned: Memberstack's edits win, Supabase's are reverted.
                 _ => {
                     let email = format!("{value}@example.com");
@@ -836,16 +905,53 @@ async fn random_edits_on_both_sides_converge() {
             tokio::time::sleep(Duration::from_millis(rng.random_range(20..120))).await;
         }
         s.quiescent(Duration::from_secs(2)).await;
+        if replays {
+            s.ms.reset_faults();
+            let before = s.changes_finished().await;
+            let out = cli(&s.env, &["dlq", "replay", "--all"]);
+            let sent = out.lines().filter(|l| l.contains("replayed")).count() as i64;
+            eprintln!("seed {seed}: dlq replay --all: {out}");
+            wait_for("the replays processed", WAIT, || async {
+                (s.changes_finished().await >= before + sent as f64).then_some(())
+            })
+            .await;
+            s.quiescent(Duration::from_secs(2)).await;
+        }
+        for id in &deleted {
+            let row = s.row(id).await;
+            assert!(
+                row["deleted_at"].is_string(),
+                "seed {seed}: {id} stays deleted: {row}"
+            );
+        }
         for id in &members {
             let row = s.row(id).await;
             let ms = s.ms_member(id);
-            // Both sides agree on every field …
-            if row["custom_fields"] != ms["customFields"] {
+            // Both sides agree on every field (a cleared custom field is `""` in Memberstack
+            // and an absent key in Supabase) …
+            let (row_cf, ms_cf) = (
+                custom_fields(&row["custom_fields"]),
+                custom_fields(&ms["customFields"]),
+            );
+            if row_cf != ms_cf {
                 eprintln!("{}", s.history(id).await);
             }
+            assert_eq!(row_cf, ms_cf, "seed {seed} {id} custom_fields");
+            // … the plan is the one Memberstack's whole list says …
+            let plan_id = membersync::merge::MemberstackPath::PlanId
+                .get(&ms)
+                .unwrap_or(Value::Null);
+            let status = membersync::merge::normalize::plan_status(
+                &membersync::merge::MemberstackPath::PlanStatus
+                    .get(&ms)
+                    .unwrap_or(Value::Null),
+            );
             assert_eq!(
-                row["custom_fields"], ms["customFields"],
-                "seed {seed} {id} custom_fields"
+                (&row["plan_id"], row["subscription_status"].as_str()),
+                (&plan_id, Some(status)),
+                "seed {seed} {id} plan of {}\n{}",
+                ms["planConnections"],
+                s.history(id).await
             );
             // A key Memberstack never had is Supabase's default, {}.
             let ms_project = ms["metaData"]
@@ -859,7 +965,7 @@ async fn random_edits_on_both_sides_converge() {
             assert_eq!(row["email"], ms["auth"]["email"], "seed {seed} {id} email");
             // … and on the authority's value: no edit was lost.
             for (field, ms_value) in [
-                ("custom_fields", &ms["customFields"]),
+                ("custom_fields", &ms_cf),
                 ("project_data", &ms_project),
                 ("email", &ms["auth"]["email"]),
             ] {
@@ -877,6 +983,19 @@ async fn random_edits_on_both_sides_converge() {
             patches <= 2 * ops,
             "seed {seed}: {patches} PATCHes for {ops} edits ({ms_edits} in Memberstack)"
         );
+    }
+}
+
+/// Custom fields as both sides mean them: a key whose value is `""` or null is no key.
+fn custom_fields(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(_, v)| !v.is_null() && v.as_str() != Some(""))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        ),
+        _ => json!({}),
     }
 }
 
@@ -1941,6 +2060,514 @@ async fn an_email_change_without_verified_is_checked_in_memberstack() {
     })
     .await;
     assert!(s.conflicts(&id).await.is_empty());
+    // Issue #16, item 9: the member's resync is an administrative action with its trace.
+    let audit: Vec<(String, String)> = s
+        .admin
+        .query(
+            "select actor, details->>'event_id' from public.audit_logs
+              where action = 'member_resync' and target = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        audit,
+        [(format!("member:{id}"), "resync_verified_1".to_owned())]
+    );
     s.ms.resume_webhooks();
     s.quiescent(Duration::from_millis(500)).await;
+}
+
+// ---- Issue #16: plans, edit times, custom-field removal, Stripe customers -----------------
+
+impl Stack {
+    /// A plan change made in the Memberstack dashboard (a webhook follows).
+    fn plan(&self, id: &str, change: Value) {
+        self.ms
+            .dashboard_plan(id, serde_json::from_value(change).unwrap())
+            .expect("plan change");
+    }
+
+    /// Posts a Stripe event, signed, to ingest.
+    async fn post_stripe(&self, body: Value) {
+        let stripe = membersync::ingest::verify::stripe::StripeVerifier::new(&[STRIPE_SECRET
+            .to_owned()
+            .into()])
+        .unwrap();
+        let body = body.to_string();
+        let ts = chrono::Utc::now().timestamp();
+        let resp = reqwest::Client::new()
+            .post(format!("{}/webhooks/stripe", self.daemon.ingest))
+            .header("content-type", "application/json")
+            .header(
+                "stripe-signature",
+                stripe.signature_header(ts, body.as_bytes()),
+            )
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.status(),
+            200,
+            "{}",
+            resp.text().await.unwrap_or_default()
+        );
+    }
+
+    /// Posts a Memberstack webhook body, Svix-signed, to ingest, as Memberstack would.
+    async fn post_memberstack(&self, svix_id: &str, body: Value) {
+        let secret = self
+            .env
+            .iter()
+            .find(|(k, _)| k == "MEMBERSYNC__INGEST__MEMBERSTACK_WEBHOOK_SECRETS")
+            .unwrap()
+            .1
+            .clone();
+        let svix = membersync::ingest::verify::svix::SvixVerifier::new(&[secret.into()]).unwrap();
+        let body = body.to_string();
+        let now = chrono::Utc::now().timestamp();
+        let resp = reqwest::Client::new()
+            .post(format!("{}/webhooks/memberstack", self.daemon.ingest))
+            .header("content-type", "application/json")
+            .header("svix-id", svix_id)
+            .header("svix-timestamp", now.to_string())
+            .header("svix-signature", svix.sign(svix_id, now, body.as_bytes()))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+
+    /// Waits until merge processed the event, returns its outcome.
+    async fn processed_event(&self, event_id: &str) -> Value {
+        wait_for(&format!("event {event_id} processed"), WAIT * 2, || async {
+            self.admin
+                .query_opt(
+                    "select result from public.webhook_log where event_id = $1",
+                    &[&event_id],
+                )
+                .await
+                .unwrap()
+                .map(|r| r.get::<_, Value>(0))
+        })
+        .await
+    }
+
+    /// Changes merge finished, whatever their status (some are decided before any
+    /// transaction, e.g. a re-read member that no longer exists, and leave no `webhook_log`
+    /// row).
+    async fn changes_finished(&self) -> f64 {
+        let (_, text) = self.daemon.get("/metrics").await.expect("metrics");
+        text.lines()
+            .filter(|l| l.starts_with("membersync_merge_changes_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.trim().parse::<f64>().ok())
+            .sum()
+    }
+
+    /// The member's processed plan events, counted.
+    async fn plan_events(&self, id: &str) -> i64 {
+        self.admin
+            .query_one(
+                "select count(*) from public.webhook_log where memberstack_id = $1 and event_type like 'member.plan.%'",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+}
+
+/// Issue #16, item 2: a plan event names one plan connection; the member's plan is chosen from
+/// all of them (re-read from Memberstack outside the member's transaction). A free plan added
+/// to a paying member, or a secondary plan cancelled, leaves the paid plan; a connection
+/// without `planId` never nulls `plan_id`; an outage of the re-read is waited out, never
+/// dead-lettered.
+#[tokio::test(flavor = "multi_thread")]
+async fn plan_events_choose_the_plan_from_all_the_members_plans() {
+    let s = Stack::start(&[]).await;
+    let id = s.dashboard_member("plans@example.com", json!({})).await;
+    s.quiescent(Duration::from_millis(500)).await;
+
+    s.plan(
+        &id,
+        json!({"action": "add", "planId": "pln_pro", "type": "SUBSCRIPTION", "status": "ACTIVE"}),
+    );
+    s.row_where(
+        &id,
+        "plan_id = 'pln_pro' and subscription_status = 'active'",
+    )
+    .await;
+
+    // A free plan added to the paying member.
+    s.plan(
+        &id,
+        json!({"action": "add", "planId": "pln_bonus", "type": "FREE"}),
+    );
+    wait_for("the free plan's event processed", WAIT, || async {
+        (s.plan_events(&id).await == 2).then_some(())
+    })
+    .await;
+    s.quiescent(Duration::from_millis(500)).await;
+    let row = s.row(&id).await;
+    assert_eq!(
+        (row["plan_id"].clone(), row["subscription_status"].clone()),
+        (json!("pln_pro"), json!("active")),
+        "a free plan never hides the paid one: {}",
+        s.history(&id).await
+    );
+
+    // The secondary plan cancelled while the paid one is active.
+    s.plan(&id, json!({"action": "cancel", "planId": "pln_bonus"}));
+    wait_for("the cancellation processed", WAIT, || async {
+        (s.plan_events(&id).await == 3).then_some(())
+    })
+    .await;
+    s.quiescent(Duration::from_millis(500)).await;
+    let row = s.row(&id).await;
+    assert_eq!(
+        (row["plan_id"].clone(), row["subscription_status"].clone()),
+        (json!("pln_pro"), json!("active")),
+        "cancelling a secondary plan does not cancel the member: {}",
+        s.history(&id).await
+    );
+
+    // A plan event whose connection has no planId, while Memberstack's API is down for a
+    // moment: the re-read waits the outage out.
+    s.ms.fail_next(2, 503);
+    let svix_id = "msg_plan_without_plan_id";
+    s.post_memberstack(
+        svix_id,
+        json!({
+            "event": "member.plan.updated",
+            "timestamp": chrono::Utc::now().timestamp_millis(),
+            "payload": {"id": id, "planConnection": {"id": "con_x", "active": true, "status": "ACTIVE", "type": "SUBSCRIPTION"}},
+        }),
+    )
+    .await;
+    let outcome = s.processed_event(svix_id).await;
+    assert_ne!(outcome["status"], "failed", "{outcome}");
+    let row = s.row(&id).await;
+    assert_eq!(row["plan_id"], "pln_pro", "{}", s.history(&id).await);
+    assert_eq!(row["subscription_status"], "active");
+    let gets =
+        s.ms.calls()
+            .iter()
+            .filter(|c| c.method == "GET" && c.path.contains(&id))
+            .count();
+    assert!(gets >= 3, "the re-read was retried: {gets} GETs");
+    assert_eq!(
+        s.daemon
+            .metric("membersync_merge_dead_letters_total{kind=\"memberstack\"}")
+            .await,
+        0.0
+    );
+
+    // The paid plan cancelled: the member is left with its free plan.
+    s.plan(&id, json!({"action": "cancel", "planId": "pln_pro"}));
+    s.row_where(&id, "plan_id = 'pln_free'").await;
+}
+
+/// Issue #16, items 2 and 9: a Stripe subscription that ended does not cancel a member who has
+/// another active subscription; a Stripe event without member metadata finds its member
+/// through the member's Stripe customer (Memberstack's `stripeCustomerId`, kept on the row).
+#[tokio::test(flavor = "multi_thread")]
+async fn stripe_events_respect_other_subscriptions_and_find_the_member_by_customer() {
+    let s = Stack::start(&[]).await;
+    let id = s.dashboard_member("stripe@example.com", json!({})).await;
+    s.quiescent(Duration::from_millis(500)).await;
+
+    // A checkout: the Stripe customer, then two paid plans.
+    s.ms.dashboard_stripe_customer(&id, "cus_merge_16").unwrap();
+    s.plan(
+        &id,
+        json!({"action": "add", "planId": "pln_pro", "type": "SUBSCRIPTION", "status": "ACTIVE"}),
+    );
+    s.plan(
+        &id,
+        json!({"action": "add", "planId": "pln_team", "type": "SUBSCRIPTION", "status": "ACTIVE"}),
+    );
+    let row = s
+        .row_where(&id, "stripe_customer_id = 'cus_merge_16'")
+        .await;
+    assert_eq!(row["plan_id"], "pln_pro");
+    wait_for("both plan events processed", WAIT, || async {
+        (s.plan_events(&id).await == 2).then_some(())
+    })
+    .await;
+    s.quiescent(Duration::from_millis(500)).await;
+
+    // One of the subscriptions ends in Stripe: the member still pays for the other.
+    s.post_stripe(json!({
+        "id": "evt_merge_16_deleted", "object": "event", "type": "customer.subscription.deleted",
+        "created": chrono::Utc::now().timestamp(),
+        "data": {"object": {"id": "sub_team", "object": "subscription", "customer": "cus_merge_16",
+                 "status": "canceled", "metadata": {"memberstack_user_id": id}}}
+    }))
+    .await;
+    s.processed_event("evt_merge_16_deleted").await;
+    s.quiescent(Duration::from_millis(500)).await;
+    let row = s.row(&id).await;
+    assert_eq!(
+        row["subscription_status"],
+        "active",
+        "{}",
+        s.history(&id).await
+    );
+    assert_eq!(row["plan_id"], "pln_pro");
+    // One of them is past due: the other still gives access.
+    s.post_stripe(json!({
+        "id": "evt_merge_16_past_due", "object": "event", "type": "customer.subscription.updated",
+        "created": chrono::Utc::now().timestamp(),
+        "data": {"object": {"id": "sub_team", "object": "subscription", "customer": "cus_merge_16",
+                 "status": "past_due", "metadata": {"memberstack_user_id": id}}}
+    }))
+    .await;
+    s.processed_event("evt_merge_16_past_due").await;
+    s.quiescent(Duration::from_millis(500)).await;
+    assert_eq!(
+        s.row(&id).await["subscription_status"],
+        "active",
+        "{}",
+        s.history(&id).await
+    );
+
+    // Memberstack ends the team plan; then a Stripe event that names only the customer says
+    // the remaining subscription is past due.
+    s.plan(&id, json!({"action": "cancel", "planId": "pln_team"}));
+    wait_for("the cancellation processed", WAIT, || async {
+        (s.plan_events(&id).await == 3).then_some(())
+    })
+    .await;
+    s.post_stripe(json!({
+        "id": "evt_merge_16_customer", "object": "event", "type": "customer.subscription.updated",
+        "created": chrono::Utc::now().timestamp() + 1,
+        "data": {"object": {"id": "sub_pro", "object": "subscription", "customer": "cus_merge_16",
+                 "status": "past_due", "metadata": {}}}
+    }))
+    .await;
+    let outcome = s.processed_event("evt_merge_16_customer").await;
+    assert_eq!(outcome["member_id"], id.as_str(), "{outcome}");
+    let row = s.row_where(&id, "subscription_status = 'inactive'").await;
+    assert_eq!(row["subscription_status_raw"], "past_due");
+}
+
+/// Issue #16, item 4: an old Supabase edit that lost to a newer Memberstack edit must not
+/// revert the row over an even newer application edit whose CDC event is still on its way,
+/// and that newer edit is then pushed with the row holding it. CDC does not run here: the
+/// test delivers the CDC events itself, when it wants.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_losing_old_supabase_edit_never_overwrites_a_newer_one() {
+    let s = Stack::start_roles(&["ingest", "merge"], &[]).await;
+    let id = s
+        .dashboard_member("edit-times@example.com", json!({"tier": "bronze"}))
+        .await;
+    s.quiescent(Duration::from_millis(300)).await;
+
+    let edit = |tier: &'static str| {
+        let s = &s;
+        let id = id.clone();
+        async move {
+            let r = s
+                .admin
+                .query_one(
+                    "update public.members set custom_fields = jsonb_build_object('tier', $2::text)
+                      where memberstack_id = $1
+                  returning to_jsonb(members.*), (extract(epoch from clock_timestamp()) * 1000)::bigint",
+                    &[&id, &tier],
+                )
+                .await
+                .unwrap();
+            (r.get::<_, Value>(0), r.get::<_, i64>(1))
+        }
+    };
+    // A: an application edit, its CDC event delayed.
+    let (row_a, at_a) = edit("A").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // A newer Memberstack edit wins over A (A's column edit time is older) …
+    s.dashboard_update(&id, json!({"customFields": {"tier": "M"}}));
+    s.row_where(&id, "custom_fields->>'tier' = 'M'").await;
+    // … and then the application edits again: B, its CDC event delayed too.
+    let (row_b, at_b) = edit("B").await;
+
+    let producer =
+        membersync::kafka::producer::Producer::new(&s.kafka, Duration::from_secs(10)).unwrap();
+    let topic = s.topic("cdc.public.members");
+    let cdc = |row: &Value, at: i64, lsn: u64| {
+        json!({
+            "op": "u", "before": null, "after": row,
+            "source": {"lsn": lsn, "ts_ms": at, "db": "postgres", "schema": "public", "table": "members"},
+            "transaction": {"id": format!("{lsn}"), "total_order": 1, "data_collection_order": 1}
+        })
+        .to_string()
+    };
+    for (row, at, lsn) in [(&row_a, at_a, 9_000_001u64), (&row_b, at_b, 9_000_002)] {
+        producer
+            .send(
+                &membersync::kafka::producer::Record {
+                    topic: &topic,
+                    key: id.as_bytes(),
+                    payload: cdc(row, at, lsn).as_bytes(),
+                    headers: &[],
+                },
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+        let decided = s.processed_event(&format!("cdc:{lsn}:1")).await;
+        if lsn == 9_000_001 {
+            // A lost, and the row holds B: nothing is reverted.
+            assert_eq!(
+                s.row(&id).await["custom_fields"],
+                json!({"tier": "B"}),
+                "A's revert overwrote the newer B: {decided}\n{}",
+                s.history(&id).await
+            );
+        }
+    }
+    s.quiescent(Duration::from_millis(500)).await;
+    assert_eq!(s.row(&id).await["custom_fields"], json!({"tier": "B"}));
+    assert_eq!(
+        s.ms_member(&id)["customFields"],
+        json!({"tier": "B"}),
+        "{}",
+        s.history(&id).await
+    );
+}
+
+/// Issue #16, item 7: Memberstack shallow-merges `customFields`, so a key removed in Supabase
+/// is sent cleared (the empty string) and does not come back with Memberstack's next webhook.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_custom_field_removed_in_supabase_is_cleared_in_memberstack() {
+    let s = Stack::start(&[]).await;
+    let id = s
+        .dashboard_member("remove-key@example.com", json!({"a": "1", "k": "x"}))
+        .await;
+    s.quiescent(Duration::from_millis(500)).await;
+
+    s.admin
+        .execute(
+            "update public.members set custom_fields = custom_fields - 'k' where memberstack_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    wait_for("the key cleared in Memberstack", WAIT, || async {
+        let k = s.ms_member(&id)["customFields"].get("k").cloned();
+        matches!(k.as_ref().and_then(Value::as_str), None | Some("")).then_some(())
+    })
+    .await;
+    s.quiescent(Duration::from_millis(500)).await;
+
+    // Memberstack's next change of the member does not bring the key back.
+    s.dashboard_update(&id, json!({"customFields": {"a": "2"}}));
+    s.row_where(&id, "custom_fields->>'a' = '2'").await;
+    s.quiescent(Duration::from_millis(500)).await;
+    assert_eq!(
+        s.row(&id).await["custom_fields"],
+        json!({"a": "2"}),
+        "{}",
+        s.history(&id).await
+    );
+    assert_eq!(s.ms_member(&id)["customFields"], json!({"a": "2", "k": ""}));
+}
+
+/// Issue #16, item 6: a deleted member keeps a tombstone. A delayed `member.created` or
+/// `member.updated` delivered after `member.deleted` changes nothing (nor creates anything),
+/// and the application's edits of the deleted row are not pushed (no 404, no dead letter).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_member_stays_deleted_whatever_arrives_later() {
+    let s = Stack::start(&[]).await;
+    let id = s.dashboard_member("tombstone@example.com", json!({})).await;
+    s.quiescent(Duration::from_millis(500)).await;
+    let created =
+        s.ms.deliveries()
+            .into_iter()
+            .find(|d| d.member_id == id)
+            .expect("the member.created delivery");
+
+    s.ms.dashboard_delete(&id).unwrap();
+    let deleted = s.row_where(&id, "deleted_at is not null").await;
+    s.quiescent(Duration::from_millis(500)).await;
+    let patches_before = s.patches();
+
+    // A member.updated that Svix delivers late, and the original member.created again under a
+    // new message id (a resend).
+    let late = chrono::Utc::now().timestamp_millis();
+    s.post_memberstack(
+        "msg_tombstone_update",
+        json!({"event": "member.updated", "timestamp": late,
+               "payload": {"id": id, "auth": {"email": "revived@example.com"}, "customFields": {"x": "1"}, "metaData": {}}}),
+    )
+    .await;
+    let body: Value = serde_json::from_str(&created.body).unwrap();
+    s.post_memberstack("msg_tombstone_created", body).await;
+    // The application edits the deleted row.
+    s.admin
+        .execute(
+            "update public.members set project_data = '{\"after\": \"delete\"}' where memberstack_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    for event in ["msg_tombstone_update", "msg_tombstone_created"] {
+        let outcome = s.processed_event(event).await;
+        assert_eq!(outcome["status"], "skipped", "{event}: {outcome}");
+        assert!(
+            outcome["reason"].as_str().unwrap().contains("deleted"),
+            "{outcome}"
+        );
+    }
+    wait_for("the application's edit decided", WAIT, || async {
+        let n: i64 = s
+            .admin
+            .query_one(
+                "select count(*) from public.webhook_log where memberstack_id = $1 and source = 'supabase' and result->>'status' = 'skipped'",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n >= 1).then_some(())
+    })
+    .await;
+    s.quiescent(Duration::from_millis(500)).await;
+    let row = s.row(&id).await;
+    assert_eq!(
+        row["email"],
+        "tombstone@example.com",
+        "{}",
+        s.history(&id).await
+    );
+    assert_eq!(row["custom_fields"], json!({}));
+    assert_eq!(row["deleted_at"], deleted["deleted_at"]);
+    assert_eq!(
+        s.patches(),
+        patches_before,
+        "nothing pushed for a deleted member"
+    );
+    let users: i64 = s
+        .admin
+        .query_one(
+            "select count(*) from auth.users where raw_user_meta_data->>'memberstack_id' = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(users, 1, "no second auth user");
+    let errors: i64 = s
+        .admin
+        .query_one(
+            "select count(*) from public.error_logs where memberstack_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(errors, 0, "no 404, no dead letter");
 }

@@ -250,7 +250,7 @@ const APP_COLUMNS: [&str; 2] = ["project_data", "custom_fields"];
 /// Every other column of `members`, with a value a user might try to give it; `{me}` and
 /// `{other}` are replaced by the user's and the other user's id. Memberstack owns identity
 /// and subscription, the daemon the rest.
-const OTHER_COLUMNS: [(&str, &str); 14] = [
+const OTHER_COLUMNS: [(&str, &str); 15] = [
     ("usage_stats", "'{\"calls\": 0}'"),
     ("subscription_status", "'active'"),
     ("subscription_status_raw", "'ACTIVE'"),
@@ -265,6 +265,8 @@ const OTHER_COLUMNS: [(&str, &str); 14] = [
     ("created_at", "now()"),
     ("updated_at", "'2000-01-01T00:00:00Z'"),
     ("last_synced_at", "now()"),
+    // V17: which member a Stripe customer's events go to is Memberstack's to say.
+    ("stripe_customer_id", "'cus_someone_else'"),
 ];
 
 /// What the fixture's members rows were created with.

@@ -25,6 +25,7 @@ use tokio_postgres::{Client, Transaction};
 use super::lanes::{Failure, IntentApplier};
 use super::{Intent, Target};
 use crate::config::MergeConfig;
+use crate::merge::MemberstackPath;
 use crate::merge::apply::Field;
 use crate::merge::normalize::same;
 use crate::merge::resolve::Echo;
@@ -119,8 +120,13 @@ impl IntentApplier for Pusher {
             if *state != before {
                 store::save_field_state(tx, &intent.member_id, name, state).await?;
             }
+            let sent = if field.path == MemberstackPath::CustomFields {
+                with_cleared_keys(value, [&state.memberstack_seen, &state.pushed_value])
+            } else {
+                value.clone()
+            };
             push.values.insert(name.clone(), value.clone());
-            push.fields.push((field.clone(), value.clone()));
+            push.fields.push((field.clone(), sent));
         }
         Ok((!push.fields.is_empty()).then_some(push))
     }
@@ -221,6 +227,27 @@ impl IntentApplier for Pusher {
     }
 }
 
+/// Memberstack shallow-merges `customFields`: a key left out keeps its value there. A key
+/// Memberstack holds (its last webhook, or our last push) that the desired value no longer has
+/// is sent cleared, as the empty string, so that a key removed in Supabase does not stay in
+/// Memberstack and come back with its next webhook.
+fn with_cleared_keys(desired: &Value, known: [&Option<Value>; 2]) -> Value {
+    let Value::Object(want) = desired else {
+        return desired.clone();
+    };
+    let mut out = want.clone();
+    for held in known.into_iter().flatten() {
+        let Value::Object(held) = held else { continue };
+        for (k, v) in held {
+            let has_value = !v.is_null() && v.as_str() != Some("");
+            if has_value && !out.contains_key(k) {
+                out.insert(k.clone(), Value::String(String::new()));
+            }
+        }
+    }
+    Value::Object(out)
+}
+
 impl Pusher {
     /// Memberstack does not have the member: report it once, push nothing more for it.
     async fn orphan(
@@ -271,5 +298,23 @@ impl Pusher {
         )
         .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn keys_memberstack_holds_and_supabase_removed_are_sent_cleared() {
+        let desired = json!({"a": "1"});
+        let seen = Some(json!({"a": "0", "k": "x", "gone": ""}));
+        let pushed = Some(json!({"p": 2}));
+        assert_eq!(
+            with_cleared_keys(&desired, [&seen, &pushed]),
+            json!({"a": "1", "k": "", "p": ""})
+        );
+        assert_eq!(with_cleared_keys(&desired, [&None, &None]), desired);
     }
 }

@@ -446,6 +446,40 @@ pub async fn mark_orphan(
     Ok(n == 1)
 }
 
+/// Inside the merge transaction of `member.deleted`: the member's tombstone. Nothing is
+/// pushed for it any more (what was pending is dropped), and later changes of it are ignored.
+pub async fn mark_deleted(
+    tx: &Transaction<'_>,
+    member_id: &str,
+    at: DateTime<Utc>,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "insert into membersync_meta.merge_intents as i (memberstack_id, target, deleted_at)
+         values ($1, 'memberstack', $2)
+         on conflict (memberstack_id, target) do update set
+             deleted_at = coalesce(i.deleted_at, excluded.deleted_at), desired = '{}'::jsonb,
+             version = i.version + 1, updated_at = now()",
+        &[&member_id, &at],
+    )
+    .await?;
+    Ok(())
+}
+
+/// When Memberstack deleted the member, if it did (its tombstone).
+pub async fn deleted_at(
+    client: &impl GenericClient,
+    member_id: &str,
+) -> Result<Option<DateTime<Utc>>, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "select deleted_at from membersync_meta.merge_intents
+              where memberstack_id = $1 and target = 'memberstack' and deleted_at is not null",
+            &[&member_id],
+        )
+        .await?
+        .map(|r| r.get(0)))
+}
+
 /// Whether Memberstack answered 404 for the member and has not shown it since.
 pub async fn is_orphan(
     client: &impl GenericClient,
@@ -529,7 +563,7 @@ pub async fn prune(client: &impl GenericClient) -> Result<u64, tokio_postgres::E
         .execute(
             "delete from membersync_meta.merge_intents
               where desired = '{}'::jsonb and not_before < now() - interval '1 minute'
-                and orphan_since is null
+                and orphan_since is null and deleted_at is null
                 and (claimed_until is null or claimed_until < now())",
             &[],
         )

@@ -562,3 +562,52 @@ fn a_replayed_change_whose_push_failed_pushes_the_agreed_value() {
     );
     assert_eq!(r.push_memberstack, Some(json!({"calls": 7})));
 }
+
+/// Issue #16, item 4: a Supabase edit the row no longer holds (a newer write replaced it, its
+/// event still queued) neither reverts the row nor is pushed, whatever the authority.
+#[test]
+fn a_supabase_edit_the_row_no_longer_holds_neither_reverts_nor_pushes() {
+    for a in [
+        Authority::Latest,
+        Authority::Memberstack,
+        Authority::Supabase,
+    ] {
+        let r = resolve(
+            &rules(a, 100),
+            &agreed(json!("M"), 50, Side::Memberstack),
+            &row(json!("B"), 70),
+            &sb(json!("A"), 40),
+        );
+        assert_eq!(r.verdict, Verdict::Stale, "{a:?}");
+        assert_eq!(r.write_supabase, None, "{a:?}: no revert over B");
+        assert_eq!(r.push_memberstack, None, "{a:?}: A is not pushed");
+        assert_eq!(r.state.supabase_seen, Some(json!("A")));
+        assert_eq!(r.state.value, Some(json!("M")));
+    }
+}
+
+/// Issue #16, item 4: a Supabase edit is dated by its column's write time, the time a
+/// Memberstack edit was judged against while the CDC event was on its way, not by the later
+/// commit time the event carries.
+#[test]
+fn a_supabase_edit_is_dated_by_its_write_not_its_commit() {
+    // Written at 40, committed at 60; a Memberstack edit made at 50 is newer.
+    let mut st = agreed(json!("old"), 10, Side::Memberstack);
+    st.supabase_seen = Some(json!("old"));
+    st.memberstack_seen = Some(json!("M"));
+    st.value = Some(json!("M"));
+    st.synced_at = Some(at(50));
+    let r = resolve(
+        &rules(Authority::Latest, 100),
+        &st,
+        &row(json!("A"), 40),
+        &sb(json!("A"), 60),
+    );
+    assert_eq!(r.verdict, Verdict::Stale);
+    assert_eq!(r.push_memberstack, None);
+    assert_eq!(
+        r.write_supabase,
+        Some(json!("M")),
+        "the older A is reverted"
+    );
+}

@@ -283,6 +283,11 @@ impl MemberstackSim {
     ) -> Result<Option<PlanConnection>, SimError> {
         self.inner.store().change_plan(id, change, false)
     }
+    /// The member's Stripe customer, as a Stripe checkout sets it (no webhook of its own; the
+    /// plan the checkout adds sends one).
+    pub fn dashboard_stripe_customer(&self, id: &str, customer: &str) -> Result<(), SimError> {
+        self.inner.store().set_stripe_customer(id, customer)
+    }
     pub fn dashboard_delete(&self, id: &str) -> Result<(), SimError> {
         self.inner.store().delete(id)
     }

@@ -215,6 +215,15 @@ impl Store {
         Ok(member)
     }
 
+    /// Sets the member's Stripe customer, as a Stripe checkout does. No webhook: the
+    /// documented `member.updated` payload does not carry `stripeCustomerId`; the member
+    /// object (`GET /members/:id`) does.
+    pub fn set_stripe_customer(&mut self, id: &str, customer: &str) -> Result<(), SimError> {
+        let entry = self.entry_mut(id)?;
+        entry.member.stripe_customer_id = Some(customer.to_owned());
+        Ok(())
+    }
+
     /// Deletes a member → `member.deleted`.
     pub fn delete(&mut self, id: &str) -> Result<(), SimError> {
         let seq = self
