@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use rand::Rng;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
@@ -11,7 +10,8 @@ use super::dlq::DeadLetter;
 use super::worker::Shared;
 use crate::config::DatabaseConfig;
 use crate::db::{self, Login};
-use crate::kafka::producer::Record;
+use crate::kafka::producer::{Record, Sent};
+use crate::sinks::retry::RetryPolicy;
 
 /// A database step failed: connecting, or a statement.
 #[derive(Debug, thiserror::Error)]
@@ -36,67 +36,52 @@ pub async fn connected<'a>(
     Ok(db.as_mut().expect("connected above"))
 }
 
-/// Capped exponential backoff with full jitter in its upper half: `base × 2^(attempt-1)`,
-/// at most `max`, then a random point between half and all of it, so instances that failed
-/// together do not retry together.
+/// Capped exponential backoff with jitter in its upper half: `base × 2^(attempt-1)`, at most
+/// `max`, then a random point between half and all of it, so instances that failed together
+/// do not retry together (the sinks' retry policy, with equal jitter).
 pub fn jittered(base: Duration, max: Duration, attempt: u32) -> Duration {
-    let factor = 1u32 << attempt.saturating_sub(1).min(20);
-    let full = base.saturating_mul(factor).min(max);
-    let half = full / 2;
-    half + full
-        .saturating_sub(half)
-        .mul_f64(rand::rng().random::<f64>())
+    RetryPolicy::new(u32::MAX, base, max).delay(attempt, None)
 }
 
-/// Produces until Kafka acknowledges, backing off while it is away. A record Kafka refuses for
-/// good (too large for its record limit) is replaced by `shrink`'s smaller version, or dropped
-/// — logged and counted — when there is none: it is never retried forever, which would stop
-/// the worker or the relay. `false`: stopped first.
+/// Produces until Kafka acknowledges, however long it is away (the producer's one loop). A
+/// record Kafka refuses for good (too large for its record limit) is replaced by `shrink`'s
+/// smaller version, or dropped — logged and counted — when there is none: it is never retried
+/// forever, which would stop the worker or the relay. `false`: stopped first.
+///
+/// A producer that failed fatally refuses every record from then on: this panics, which the
+/// daemon's panic hook turns into a failed process (readiness 503, drain, non-zero exit) for
+/// its supervisor to restart with a new producer — rather than a relay or lane that polls on
+/// while nothing it announces arrives.
 pub async fn send_until_acknowledged(
     shared: &Shared,
     record: &Record<'_>,
     stop: &CancellationToken,
     shrink: fn(&[u8]) -> Option<Vec<u8>>,
 ) -> bool {
-    let mut attempt = 0;
-    let mut smaller: Option<Vec<u8>> = None;
-    loop {
-        let current = Record {
-            payload: smaller.as_deref().unwrap_or(record.payload),
-            ..record.clone()
-        };
-        match shared.producer.send(&current, shared.kafka_wait).await {
-            Ok(_) => return true,
-            Err(e) if !e.is_retryable() => match shrink(current.payload) {
-                Some(s) if s.len() < current.payload.len() => {
-                    tracing::warn!(topic = record.topic, bytes = current.payload.len(), error = %e, "Kafka refused the record; sending it without its largest values");
-                    shared
-                        .metrics
-                        .refused_records
-                        .with_label_values(&[record.topic, "shrunk"])
-                        .inc();
-                    smaller = Some(s);
-                }
-                _ => {
-                    tracing::error!(topic = record.topic, bytes = current.payload.len(), error = %e, "Kafka refused the record and it cannot be made smaller: dropped");
-                    shared
-                        .metrics
-                        .refused_records
-                        .with_label_values(&[record.topic, "dropped"])
-                        .inc();
-                    return true;
-                }
-            },
-            Err(e) => {
-                attempt += 1;
-                let wait = jittered(Duration::from_millis(200), Duration::from_secs(10), attempt);
-                tracing::warn!(topic = record.topic, error = %e, retry_in_ms = wait.as_millis() as u64, "Kafka did not take the record; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = stop.cancelled() => return false,
-                }
+    let refused = |how| {
+        shared
+            .metrics
+            .refused_records
+            .with_label_values(&[record.topic, how])
+            .inc();
+    };
+    match shared
+        .producer
+        .send_until_acknowledged(record, shared.kafka_wait, stop, shrink)
+        .await
+    {
+        Sent::Acknowledged { shrunk } => {
+            if shrunk {
+                refused("shrunk");
             }
+            true
         }
+        Sent::Refused(_) => {
+            refused("dropped");
+            true
+        }
+        Sent::Stopped => false,
+        Sent::Fatal(e) => panic!("merge: the Kafka producer failed fatally: {e}"),
     }
 }
 

@@ -294,6 +294,47 @@ async fn a_wedged_role_fails_liveness_while_a_healthy_daemon_stays_alive() {
     assert!(body.contains("merge"), "{body}");
 }
 
+/// Liveness sees a wedged merge applier, not only a wedged consumer loop: the outcome relay
+/// blocks on a future that never resolves (as on a database statement that never returns) and
+/// `/healthz` answers 503 naming `merge-relay`, while merge's consumer loop still beats.
+#[tokio::test]
+async fn a_wedged_outbox_relay_fails_liveness() {
+    const TIMEOUT_SECS: u64 = 4;
+    let db = TestDb::migrated().await;
+    let kafka = support::kafka::config();
+    let mut env = env_for(&db, &kafka.topic_prefix);
+    env.push((
+        "MEMBERSYNC__TELEMETRY__LIVENESS_TIMEOUT_SECS".into(),
+        TIMEOUT_SECS.to_string(),
+    ));
+    env.push(("MEMBERSYNC_TEST_WEDGE_ROLE".into(), "merge-relay".into()));
+    env.push(("MEMBERSYNC_TEST_WEDGE_AFTER_MS".into(), "2000".into()));
+    let daemon = Daemon::start("run", env).await;
+    let body = wait_for(
+        "/healthz to name the wedged relay",
+        Duration::from_secs(30),
+        || {
+            let d = &daemon;
+            async move {
+                match d.get("/healthz").await? {
+                    (503, body) => Some(body),
+                    _ => None,
+                }
+            }
+        },
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let roles = v["roles"].as_object().expect(&body);
+    assert!(
+        roles["merge-relay"]
+            .as_str()
+            .is_some_and(|r| r.contains("no heartbeat")),
+        "{body}"
+    );
+    assert!(!roles.contains_key("merge"), "the consumer loop still beats: {body}");
+}
+
 /// `membersync_dlq_unreplayed{topic}`: dead letters on `<prefix>.dlq` minus the distinct
 /// ones `audit_logs` records as replayed, computed by the merge role.
 #[tokio::test]

@@ -10,6 +10,12 @@
 //! - **Permanent** (a 4xx other than 408/429): the intent's
 //!   latest contributing change is dead-lettered (`dlq replay` re-feeds it) and what was
 //!   claimed is dropped.
+//!
+//! Each lane beats a heartbeat of its own (`merge-<target>-lane-<n>` in `/healthz`) on every
+//! turn, and while it waits on something bounded or deliberate — the service's answer (the
+//! client's timeouts bound it), Kafka taking a dead letter, a backoff. Only a database
+//! statement is awaited without beating: one that never returns (a connection cut off without
+//! a reset) silences the lane, and liveness sees it after `telemetry.liveness_timeout_secs`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -23,6 +29,7 @@ use super::{Intent, MEMBER_LOCK_SQL, Target};
 use crate::merge::dlq::{DeadLetter, DlqError};
 use crate::merge::report;
 use crate::merge::worker::Shared;
+use crate::telemetry::liveness::{self, Heartbeat};
 
 /// Why an apply failed, by what retrying can do about it.
 #[derive(Debug, Clone)]
@@ -92,17 +99,30 @@ pub async fn run<A: IntentApplier>(
     stop: CancellationToken,
 ) {
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..lanes.max(1) {
+    for n in 0..lanes.max(1) {
         tasks.spawn(lane(
             Arc::clone(&applier),
             Arc::clone(&shared),
+            lane_name(A::TARGET, n),
             stop.clone(),
         ));
     }
     while tasks.join_next().await.is_some() {}
 }
 
-async fn lane<A: IntentApplier>(applier: Arc<A>, shared: Arc<Shared>, stop: CancellationToken) {
+/// A lane's name in `/healthz`. The liveness registry holds `&'static str`s: each name is
+/// made once per process (a few bytes per lane), as the daemon starts its appliers once.
+fn lane_name(target: Target, n: usize) -> &'static str {
+    Box::leak(format!("merge-{}-lane-{n}", target.as_str()).into_boxed_str())
+}
+
+async fn lane<A: IntentApplier>(
+    applier: Arc<A>,
+    shared: Arc<Shared>,
+    name: &'static str,
+    stop: CancellationToken,
+) {
+    let heartbeat = liveness::heartbeat(name);
     let mut db: Option<Client> = None;
     let mut failures = 0u32;
     let poll = Duration::from_millis(shared.cfg.poll_interval_ms);
@@ -111,9 +131,11 @@ async fn lane<A: IntentApplier>(applier: Arc<A>, shared: Arc<Shared>, stop: Canc
         if stop.is_cancelled() {
             return;
         }
+        heartbeat.beat();
+        liveness::test_wedge(name).await;
         let step = async {
             let client = report::connected(&shared.database, &mut db).await?;
-            step(&*applier, &shared, client, &stop).await
+            step(&*applier, &shared, client, &heartbeat, &stop).await
         }
         .await;
         match step {
@@ -133,10 +155,7 @@ async fn lane<A: IntentApplier>(applier: Arc<A>, shared: Arc<Shared>, stop: Canc
                 }
                 let wait = shared.cfg.backoff(failures);
                 tracing::warn!(target_system = A::TARGET.as_str(), error = %e, retry_in_ms = wait.as_millis() as u64, "merge outbox: database unavailable; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = stop.cancelled() => return,
-                }
+                liveness::sleep_beating(&heartbeat, wait, &stop).await;
             }
         }
     }
@@ -147,6 +166,7 @@ async fn step<A: IntentApplier>(
     applier: &A,
     shared: &Shared,
     client: &mut Client,
+    heartbeat: &Heartbeat,
     stop: &CancellationToken,
 ) -> Result<bool, report::DbFailure> {
     let lease = Duration::from_secs(shared.cfg.claim_lease_secs);
@@ -164,7 +184,7 @@ async fn step<A: IntentApplier>(
     };
     let target = A::TARGET.as_str();
     let started = Instant::now();
-    let result = applier.apply(client, &plan).await;
+    let result = liveness::beating_while(heartbeat, applier.apply(client, &plan)).await;
     shared
         .metrics
         .outbox
@@ -205,7 +225,8 @@ async fn step<A: IntentApplier>(
                 .inc();
             tracing::error!(member = %intent.member_id, target_system = target, error = %failure, "apply failed permanently: dead-lettered");
             let attempts = intent.attempts as u32 + 1;
-            if !dead_letter(shared, client, &intent, &failure, attempts, stop).await {
+            let sent = dead_letter(shared, client, &intent, &failure, attempts, stop);
+            if !liveness::beating_while(heartbeat, sent).await {
                 // Stopping: the claim ends with our session and the intent is tried again.
                 return Ok(true);
             }

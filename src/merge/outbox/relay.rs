@@ -7,6 +7,9 @@
 //! is claimed elsewhere or waits for its auth user, and claims are serialised by one advisory
 //! lock (they are short), so two merge instances never send one member's outcomes in parallel.
 //! Within a batch each member's outcomes are sent one after the other; members in parallel.
+//!
+//! Liveness (`merge-relay` in `/healthz`): the loop beats on every turn and while it waits for
+//! Kafka or a backoff; only a database statement that never returns silences it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,6 +22,7 @@ use crate::kafka::producer::Record;
 use crate::merge::outcome::{Outcome, Status};
 use crate::merge::report;
 use crate::merge::worker::Shared;
+use crate::telemetry::liveness;
 
 /// Key of the advisory lock that serialises claims (`'membersync.outcome_relay'`).
 const CLAIM_LOCK_SQL: &str =
@@ -33,6 +37,8 @@ struct Claimed {
 }
 
 pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
+    const NAME: &str = "merge-relay";
+    let heartbeat = liveness::heartbeat(NAME);
     let mut db: Option<Client> = None;
     let mut failures = 0u32;
     let poll = Duration::from_millis(shared.cfg.poll_interval_ms);
@@ -40,9 +46,11 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
         if stop.is_cancelled() {
             return;
         }
+        heartbeat.beat();
+        liveness::test_wedge(NAME).await;
         let result = async {
             let client = report::connected(&shared.database, &mut db).await?;
-            relay_batch(&shared, client, &stop).await
+            relay_batch(&shared, client, &heartbeat, &stop).await
         }
         .await;
         match result {
@@ -59,10 +67,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                 failures += 1;
                 let wait = shared.cfg.backoff(failures);
                 tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "outcome relay: database unavailable; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = stop.cancelled() => return,
-                }
+                liveness::sleep_beating(&heartbeat, wait, &stop).await;
             }
         }
     }
@@ -72,6 +77,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
 async fn relay_batch(
     shared: &Shared,
     client: &mut Client,
+    heartbeat: &liveness::Heartbeat,
     stop: &CancellationToken,
 ) -> Result<usize, report::DbFailure> {
     let lease_ms = (shared.cfg.claim_lease_secs * 1000) as f64;
@@ -117,7 +123,7 @@ async fn relay_batch(
     let sends = by_member
         .into_values()
         .map(|list| send_member(shared, list, stop));
-    let sent: Vec<i64> = futures::future::join_all(sends)
+    let sent: Vec<i64> = liveness::beating_while(heartbeat, futures::future::join_all(sends))
         .await
         .into_iter()
         .flatten()
