@@ -560,9 +560,10 @@ async fn before_images_follow_the_replica_identity() {
     s.sql("delete from public.cdc_t where id = 20").await;
 
     let mut reader = s.reader("cdc_t");
-    let events = reader.count(7, Duration::from_secs(30)).await.to_vec();
+    let events = reader.count(8, Duration::from_secs(30)).await.to_vec();
     let ops: Vec<&str> = events.iter().map(Event::op).collect();
-    assert_eq!(ops, ["c", "u", "u", "d", "c", "u", "d"], "{events:#?}");
+    // The key change (10 → 11) is a delete of 10 and a create of 11, as Debezium publishes it.
+    assert_eq!(ops, ["c", "u", "d", "c", "d", "c", "u", "d"], "{events:#?}");
     let key_only = |before: &Value, id: i64| {
         let obj = before
             .as_object()
@@ -576,8 +577,8 @@ async fn before_images_follow_the_replica_identity() {
         }
     };
 
-    // DEFAULT: an update that keeps the key has no before image; one that changes it, the old
-    // key; a delete, the key.
+    // DEFAULT: an update that keeps the key has no before image; one that changes it is a
+    // delete with the old key and a create; a delete has the key.
     let b = &events[1].value["before"];
     assert!(b.is_null() || b.as_object().is_some_and(|_| true), "{b}");
     if !b.is_null() {
@@ -585,21 +586,28 @@ async fn before_images_follow_the_replica_identity() {
     }
     assert_eq!(events[1].value["after"]["name"], "changed");
     key_only(&events[2].value["before"], 10);
-    assert_eq!(events[2].value["after"]["id"], 11);
-    key_only(&events[3].value["before"], 11);
+    assert_eq!(events[2].key.as_deref(), Some("10"));
+    assert_eq!(events[3].value["after"]["id"], 11);
+    assert_eq!(events[3].value["before"], Value::Null);
+    assert_eq!(events[3].key.as_deref(), Some("11"));
+    assert_eq!(
+        events[2].value["source"]["lsn"], events[3].value["source"]["lsn"],
+        "one change, one LSN"
+    );
+    key_only(&events[4].value["before"], 11);
 
     // FULL: the whole old row.
     let full_old = json!({"id": 20, "memberstack_id": "mem_20", "name": "n20", "big": null, "n": "1.5",
-                          "js": {"v": 20}, "ts": events[4].value["after"]["ts"], "tags": ["x"], "raw": "AQ=="});
-    assert_eq!(events[5].value["before"], full_old, "update under FULL");
-    assert_eq!(events[5].value["after"]["name"], "changed");
+                          "js": {"v": 20}, "ts": events[5].value["after"]["ts"], "tags": ["x"], "raw": "AQ=="});
+    assert_eq!(events[6].value["before"], full_old, "update under FULL");
+    assert_eq!(events[6].value["after"]["name"], "changed");
     assert_eq!(
-        events[6].value["before"]["name"], "changed",
+        events[7].value["before"]["name"], "changed",
         "delete under FULL: {}",
-        events[6].value
+        events[7].value
     );
-    assert_eq!(events[6].value["before"]["js"], json!({"v": 20}));
-    assert_eq!(events[6].value["after"], Value::Null);
+    assert_eq!(events[7].value["before"]["js"], json!({"v": 20}));
+    assert_eq!(events[7].value["after"], Value::Null);
 }
 
 #[tokio::test]
@@ -944,7 +952,7 @@ async fn keys_are_the_member_id_for_members_and_the_primary_key_elsewhere() {
         .to_vec();
     let cdc_t = s
         .reader("cdc_t")
-        .count(8, Duration::from_secs(30))
+        .count(9, Duration::from_secs(30))
         .await
         .to_vec();
     let expected = [
@@ -963,7 +971,9 @@ async fn keys_are_the_member_id_for_members_and_the_primary_key_elsewhere() {
                 ("r", "1"),
                 ("c", "2"),
                 ("u", "2"),
-                ("u", "3"),
+                // The key change 2 → 3: a delete under 2, a create under 3.
+                ("d", "2"),
+                ("c", "3"),
                 ("d", "3"),
                 ("c", "4"),
                 ("u", "4"),
