@@ -263,13 +263,13 @@ fn json_key(row: &Map<String, Value>, columns: &[String]) -> Option<Vec<u8>> {
 /// The member id a CDC record's key names, in either key format: the bare text, or the
 /// `memberstack_id` of a Debezium JSON key. For readers (merge, tools) that group by member.
 pub fn member_id_of_key(key: &[u8]) -> Option<String> {
-    if key.first() == Some(&b'{') {
-        if let Ok(Value::Object(o)) = serde_json::from_slice::<Value>(key) {
-            return o
-                .get("memberstack_id")
-                .and_then(Value::as_str)
-                .map(str::to_owned);
-        }
+    if key.first() == Some(&b'{')
+        && let Ok(Value::Object(o)) = serde_json::from_slice::<Value>(key)
+    {
+        return o
+            .get("memberstack_id")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
     }
     std::str::from_utf8(key).ok().map(str::to_owned)
 }

@@ -329,3 +329,60 @@ async fn flink_debezium_json_materialises_the_postgres_table() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `cdc.key_format = "debezium"`: every key is Debezium's JSON object of the key columns, the
+/// tombstone after a delete included; `member_id_of_key` reads the member back.
+#[tokio::test]
+async fn debezium_key_format_keys_by_a_json_object() {
+    let db = TestDb::migrated().await;
+    let admin = db.admin().await;
+    let mut kafka = support::kafka::config();
+    kafka.topic_partitions = 1;
+    let mut env = db.env();
+    env.extend(
+        [
+            ("MEMBERSYNC__KAFKA__BROKERS", kafka.brokers.as_str()),
+            (
+                "MEMBERSYNC__KAFKA__TOPIC_PREFIX",
+                kafka.topic_prefix.as_str(),
+            ),
+            ("MEMBERSYNC__KAFKA__TOPIC_PARTITIONS", "1"),
+            ("MEMBERSYNC__CDC__KEY_FORMAT", "debezium"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    admin
+        .batch_execute("insert into public.members (memberstack_id) values ('mem_a')")
+        .await
+        .unwrap();
+    let mut daemon = Daemon::start("cdc", env).await;
+    let topic = format!("{}.cdc.public.members", kafka.topic_prefix);
+    support::kafka::consume(&kafka, &topic, 1, Duration::from_secs(60)).await;
+    admin
+        .batch_execute(
+            "update public.members set email = 'a@example.com' where memberstack_id = 'mem_a';
+             delete from public.members where memberstack_id = 'mem_a'",
+        )
+        .await
+        .unwrap();
+    // r, u, d, tombstone
+    let records = support::kafka::consume(&kafka, &topic, 4, Duration::from_secs(60)).await;
+    daemon.terminate().await;
+    for m in &records {
+        let key = m.key().expect("every record is keyed");
+        assert_eq!(key, br#"{"memberstack_id":"mem_a"}"#);
+        assert_eq!(
+            membersync::cdc::envelope::member_id_of_key(key).as_deref(),
+            Some("mem_a")
+        );
+    }
+    assert!(records[3].payload().is_none(), "the delete's tombstone");
+    let update: Value = serde_json::from_slice(records[1].payload().unwrap()).unwrap();
+    assert_eq!(update["op"], "u");
+    assert_eq!(
+        update["before"]["email"],
+        Value::Null,
+        "FULL (V18): the whole old row"
+    );
+    assert_eq!(update["before"]["memberstack_id"], "mem_a");
+}
