@@ -18,7 +18,7 @@ use serde_json::Value;
 use crate::support::{self, TestDb, daemon::Daemon, repo_root, wait_for};
 
 /// The install command CI runs (and the message of a missing Flink).
-const INSTALL: &str = "python3 -m pip install apache-flink";
+const INSTALL: &str = "python3 -m pip install apache-flink==2.3.0";
 
 const TABLE: &str = r#"
 create table public.dbz_t (
