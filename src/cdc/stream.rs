@@ -391,6 +391,14 @@ async fn change(
         }
         snapshots.changed(&keys);
     }
+    // Keys first: a key column holding the unchanged-TOAST marker gives no key.
+    let key_columns = ctx.key_columns(&rel.qualified_name(), &identity);
+    let new_key = after
+        .as_ref()
+        .and_then(|r| ctx.kafka_key(&r.values, &key_columns));
+    let old_key = before
+        .as_ref()
+        .and_then(|r| ctx.kafka_key(&r.values, &key_columns));
     // Published with the configured placeholder (Debezium's by default).
     let placeholder = &ctx.config.cdc.unavailable_value_placeholder;
     let mut before = before.map(|r| r.values);
@@ -398,9 +406,6 @@ async fn change(
     for row in [before.as_mut(), after.as_mut()].into_iter().flatten() {
         envelope::publish_placeholders(row, placeholder);
     }
-    let key_columns = ctx.key_columns(&rel.qualified_name(), &identity);
-    let new_key = after.as_ref().and_then(|r| ctx.kafka_key(r, &key_columns));
-    let old_key = before.as_ref().and_then(|r| ctx.kafka_key(r, &key_columns));
     let event = |op, key, before, after| Event {
         op,
         key,
@@ -411,7 +416,7 @@ async fn change(
     match op {
         // A key change, as Debezium: a delete under the old key (and its tombstone), then a
         // create under the new one, so that keyed consumers drop the old key.
-        Op::Update if old_key.is_some() && old_key != new_key => {
+        Op::Update if old_key.is_some() && new_key.is_some() && old_key != new_key => {
             let old_key = old_key.as_deref();
             emit(
                 ctx,
