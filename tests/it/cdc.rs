@@ -2106,3 +2106,49 @@ async fn a_change_too_large_for_kafka_is_replaced_and_the_stream_moves_on() {
 
 #[path = "incremental.rs"]
 mod incremental;
+
+// ------------------------------------------------------------------------------------------
+// cdc.replica_identity (Debezium's replica.identity.autoset.values)
+// ------------------------------------------------------------------------------------------
+
+/// The leader sets the configured identity where the daemon role may (here it owns `cdc_t`),
+/// and leaves a table it may not alter as it is (`members`, owned by the migrating role, is
+/// FULL since V18 anyway): updates then carry the whole old row.
+#[tokio::test]
+async fn the_configured_replica_identity_is_set_at_start() {
+    let s = Setup::new().await;
+    s.sql("alter table public.cdc_t owner to membersync").await;
+    let identity = |table: &'static str| {
+        let admin = &s.admin;
+        async move {
+            let c: i8 = admin
+                .query_one(
+                    "select relreplident::\"char\" from pg_class where oid = $1::text::regclass",
+                    &[&table],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            c as u8
+        }
+    };
+    assert_eq!(identity("public.cdc_t").await, b'd');
+    let env = s.env_with(&[(
+        "MEMBERSYNC__CDC__REPLICA_IDENTITY",
+        r#"{"public.cdc_t"="full","public.members"="full"}"#,
+    )]);
+    let _daemon = Daemon::start("cdc", env).await;
+    s.snapshot_done().await;
+    assert_eq!(identity("public.cdc_t").await, b'f', "set by the leader");
+    assert_eq!(identity("public.members").await, b'f', "V18");
+    s.sql("insert into public.cdc_t (id, memberstack_id, name) values (1, 'mem_1', 'a')")
+        .await;
+    s.sql("update public.cdc_t set name = 'b' where id = 1")
+        .await;
+    let events = s
+        .reader("cdc_t")
+        .count(2, Duration::from_secs(30))
+        .await
+        .to_vec();
+    assert_eq!(events[1].value["before"]["name"], "a", "{:?}", events[1]);
+}
