@@ -94,7 +94,8 @@ pub struct Source<'a> {
     pub snapshot: Snapshot,
     pub db: &'a str,
     /// Debezium's `sequence`: a JSON array of two strings in a string,
-    /// `["<last commit LSN>","<this change's LSN>"]` (the first `null` when unknown).
+    /// `["<last commit LSN>","<this change's LSN>"]` (the first `null` when unknown, and on
+    /// snapshot rows, as Debezium's).
     pub sequence: Option<String>,
     pub ts_us: i64,
     pub ts_ns: i64,

@@ -221,6 +221,7 @@ impl Out<'_> {
         );
         source.snapshot = Snapshot::of_row(self.first, last, row.first_in_table, row.last_in_table);
         source.tx_id = self.tx_id;
+        source.sequence = Some(super::envelope::sequence(None, self.lsn));
         self.first = false;
         let envelope = Envelope::new(Op::Read, None, Some(&row.after), source, None);
         ctx.sink

@@ -530,6 +530,7 @@ impl Driver {
                 lsn,
             );
             source.snapshot = Snapshot::Incremental;
+            source.sequence = Some(envelope::sequence(None, lsn));
             let event = Envelope::new(Op::Read, None, Some(after), source, None);
             let key = ctx.kafka_key(after, &key_columns);
             if ctx
