@@ -18,6 +18,7 @@ pub mod sink;
 pub mod slot;
 pub mod snapshot;
 pub mod stream;
+pub mod temporal;
 pub mod value;
 
 use std::sync::{Arc, Mutex};

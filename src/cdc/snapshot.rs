@@ -11,6 +11,7 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::StreamContext;
 use super::envelope::{Envelope, Op, Snapshot, Source, now_us};
+use super::temporal::{self, ColumnType};
 use super::value::text_to_json;
 
 #[derive(Debug, thiserror::Error)]
@@ -88,15 +89,15 @@ pub async fn run(
     let mut total = 0u64;
     for table in &ctx.config.cdc.tables {
         let (schema, name) = table.split_once('.').expect("validated schema.table");
-        let columns: Vec<(String, u32)> = tx
+        let columns: Vec<(String, u32, i32)> = tx
             .query(
-                "select attname::text, atttypid::oid from pg_attribute
+                "select attname::text, atttypid::oid, atttypmod from pg_attribute
                  where attrelid = $1::text::regclass and attnum > 0 and not attisdropped order by attnum",
                 &[&table],
             )
             .await?
             .iter()
-            .map(|r| (r.get(0), r.get(1)))
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect();
         if columns.is_empty() {
             return Err(SnapshotError::NoColumns(table.clone()));
@@ -126,12 +127,18 @@ pub async fn run(
                 };
                 fetched += 1;
                 let mut after = Map::with_capacity(columns.len());
-                for (i, (col, oid)) in columns.iter().enumerate() {
+                for (i, (col, oid, _)) in columns.iter().enumerate() {
                     let value = row
                         .get(i)
                         .map_or(Value::Null, |text| text_to_json(*oid, text));
                     after.insert(col.clone(), value);
                 }
+                let types = columns.iter().map(|(name, oid, typmod)| ColumnType {
+                    name,
+                    type_oid: *oid,
+                    type_modifier: *typmod,
+                });
+                temporal::encode(ctx.config.cdc.time_precision_mode, &mut after, types);
                 let key = ctx.kafka_key(&after, &key_columns);
                 out.push(Row {
                     topic: topic.clone(),

@@ -16,6 +16,7 @@ use super::incremental::{WATERMARK_PREFIX, driver::Driver};
 use super::pgoutput::{self, Message, OldTuple};
 use super::relation::{Relation, RelationCache};
 use super::slot::{self, Leader, SlotError};
+use super::temporal::{self, ColumnType};
 use super::{CdcError, ORIGIN_NAME, ORIGIN_PREFIX, StreamContext};
 
 #[derive(Debug, thiserror::Error)]
@@ -341,7 +342,7 @@ async fn change(
         table: rel.qualified_name(),
         reason: e.to_string(),
     };
-    let before = match &old {
+    let mut before = match &old {
         Some(OldTuple::Full(t)) | Some(OldTuple::Key(t)) => {
             Some(rel.row(t).map_err(|e| row_error(&e))?)
         }
@@ -351,6 +352,15 @@ async fn change(
         Some(t) => Some(rel.row(t).map_err(|e| row_error(&e))?),
         None => None,
     };
+    let mode = ctx.config.cdc.time_precision_mode;
+    for row in [before.as_mut(), after.as_mut()].into_iter().flatten() {
+        let columns = rel.columns.iter().map(|c| ColumnType {
+            name: &c.name,
+            type_oid: c.type_oid,
+            type_modifier: c.type_modifier,
+        });
+        temporal::encode(mode, &mut row.values, columns);
+    }
     // An unchanged TOASTed value stays marked, unless the old full row (REPLICA IDENTITY
     // FULL) knows it.
     let mut unchanged = Vec::new();

@@ -301,6 +301,9 @@ pub struct CdcConfig {
     /// `replica.identity.autoset.values`): `"public.members" = "full"`; unlisted tables are
     /// left as they are.
     pub replica_identity: std::collections::BTreeMap<String, crate::cdc::identity::ReplicaIdentity>,
+    /// Debezium's `time.precision.mode` for `date`, `time` and `timestamp`: `iso_string`,
+    /// `adaptive` or `connect`.
+    pub time_precision_mode: crate::cdc::temporal::TimePrecisionMode,
 }
 
 impl Default for CdcConfig {
@@ -335,6 +338,7 @@ impl Default for CdcConfig {
                 crate::cdc::identity::ReplicaIdentity::Full,
             )]
             .into(),
+            time_precision_mode: crate::cdc::temporal::TimePrecisionMode::IsoString,
         }
     }
 }

@@ -2152,3 +2152,45 @@ async fn the_configured_replica_identity_is_set_at_start() {
         .to_vec();
     assert_eq!(events[1].value["before"]["name"], "a", "{:?}", events[1]);
 }
+
+// ------------------------------------------------------------------------------------------
+// cdc.time_precision_mode (Debezium's time.precision.mode)
+// ------------------------------------------------------------------------------------------
+
+/// `adaptive`: dates as days, times and timestamps as micro- or milliseconds by precision, in
+/// snapshot rows and streamed changes alike; `timestamptz` stays an ISO string.
+#[tokio::test]
+async fn adaptive_time_precision_publishes_debezium_numbers() {
+    let s = Setup::with_kafka(support::kafka::config()).await;
+    s.sql(
+        "alter table public.cdc_t add column d date, add column t time, add column t3 time(3),
+           add column lts timestamp, add column lts0 timestamp(0), add column ds date[]",
+    )
+    .await;
+    s.sql(
+        "insert into public.cdc_t (id, memberstack_id, d, t, t3, lts, lts0, ds) values
+           (1, 'mem_1', '2024-02-29', '12:34:56.789012', '00:00:01.5', '2024-02-29 12:34:56.789012',
+            '1969-12-31 23:59:59', '{1970-01-02,NULL}')",
+    )
+    .await;
+    let env = s.env_with(&[("MEMBERSYNC__CDC__TIME_PRECISION_MODE", "adaptive")]);
+    let _daemon = Daemon::start("cdc", env).await;
+    s.snapshot_done().await;
+    s.sql("update public.cdc_t set name = 'x' where id = 1")
+        .await;
+    let events = s
+        .reader("cdc_t")
+        .count(2, Duration::from_secs(30))
+        .await
+        .to_vec();
+    for e in &events {
+        let a = &e.value["after"];
+        assert_eq!(a["d"], 19_782, "{a}");
+        assert_eq!(a["t"], 45_296_789_012i64, "{a}");
+        assert_eq!(a["t3"], 1_500, "{a}");
+        assert_eq!(a["lts"], 1_709_210_096_789_012i64, "{a}");
+        assert_eq!(a["lts0"], -1_000, "{a}");
+        assert_eq!(a["ds"], json!([1, null]), "{a}");
+    }
+    assert_eq!(events[1].value["op"], "u");
+}

@@ -419,6 +419,7 @@ impl Driver {
             until: active.until.clone(),
             limit: ctx.config.cdc.incremental_chunk_rows,
             low: low.clone(),
+            time_mode: ctx.config.cdc.time_precision_mode,
         };
         ctx.metrics
             .incremental_tables_remaining
