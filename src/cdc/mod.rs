@@ -7,6 +7,7 @@
 
 pub mod ack;
 pub mod envelope;
+pub mod identity;
 pub mod incremental;
 pub mod leader;
 pub mod metrics;
@@ -17,6 +18,7 @@ pub mod sink;
 pub mod slot;
 pub mod snapshot;
 pub mod stream;
+pub mod temporal;
 pub mod value;
 
 use std::sync::{Arc, Mutex};
@@ -101,10 +103,25 @@ pub struct StreamContext {
     pub metrics: CdcMetrics,
     /// The role's liveness heartbeat: every turn of CDC's loops beats it.
     pub heartbeat: Heartbeat,
+    /// Operations not published (`cdc.skipped_operations`).
+    pub skipped: Vec<envelope::Op>,
 }
 
 impl StreamContext {
     /// The key columns of `table`: configured ones, else `fallback` (the replica identity).
+    pub fn skips(&self, op: envelope::Op) -> bool {
+        self.skipped.contains(&op)
+    }
+
+    /// The Kafka key of an event about `row`, in the configured format.
+    pub fn kafka_key(
+        &self,
+        row: &serde_json::Map<String, serde_json::Value>,
+        columns: &[String],
+    ) -> Option<Vec<u8>> {
+        envelope::kafka_key(row, columns, self.config.cdc.key_format)
+    }
+
     pub fn key_columns(&self, table: &str, fallback: &[String]) -> Vec<String> {
         self.config
             .cdc
@@ -185,6 +202,9 @@ impl Cdc {
                 tracker,
                 metrics,
                 heartbeat,
+                // Validated with the configuration.
+                skipped: identity::skipped_operations(&config.cdc.skipped_operations)
+                    .unwrap_or_default(),
             }),
         })
     }
@@ -286,6 +306,7 @@ async fn lead(
     status: &CdcStatus,
 ) -> Result<(), CdcError> {
     let slot = &ctx.config.cdc.slot;
+    identity::apply(leader.client(), &ctx.config.cdc).await;
     let state = slot::inspect(leader.client(), &ctx.config).await?;
     ctx.metrics.slot_lost.set(0);
     let mut replication = replication_client(ctx).await?;

@@ -204,6 +204,17 @@ impl CdcSink {
         Ok(waited || waited_dlq)
     }
 
+    /// Hands a tombstone (a record with the key and no value) of transaction `seq` to
+    /// librdkafka: log compaction then drops the key, as Debezium's `tombstones.on.delete`.
+    pub async fn send_tombstone(
+        &self,
+        seq: u64,
+        topic: &str,
+        key: &[u8],
+    ) -> Result<bool, SinkError> {
+        self.send_record(seq, topic, Some(key), None, None).await
+    }
+
     async fn send_raw(
         &self,
         seq: u64,
@@ -212,11 +223,26 @@ impl CdcSink {
         payload: &[u8],
         dlq_id: Option<&str>,
     ) -> Result<bool, SinkError> {
+        self.send_record(seq, topic, key, Some(payload), dlq_id)
+            .await
+    }
+
+    async fn send_record(
+        &self,
+        seq: u64,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        dlq_id: Option<&str>,
+    ) -> Result<bool, SinkError> {
         // Count first: the delivery callback may run before `send` returns.
         self.tracker.produced(seq);
         let mut waited = false;
         loop {
-            let mut record = BaseRecord::with_opaque_to(topic, seq as usize).payload(payload);
+            let mut record = BaseRecord::<[u8], [u8], usize>::with_opaque_to(topic, seq as usize);
+            if let Some(payload) = payload {
+                record = record.payload(payload);
+            }
             if let Some(key) = key {
                 record = record.key(key);
             }

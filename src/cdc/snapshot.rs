@@ -10,7 +10,8 @@ use serde_json::{Map, Value};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::StreamContext;
-use super::envelope::{Envelope, Op, Source, now_ms};
+use super::envelope::{Envelope, Op, Snapshot, Source, now_us};
+use super::temporal::{self, ColumnType};
 use super::value::text_to_json;
 
 #[derive(Debug, thiserror::Error)]
@@ -67,20 +68,36 @@ pub async fn run(
         snapshot_name.replace('\'', "''")
     ))
     .await?;
+    // Debezium's txId of snapshot rows: the reading transaction's id (32 bits, as pgoutput's).
+    let tx_id: i64 = tx
+        .query_one(
+            "select pg_current_xact_id()::text::bigint % 4294967296",
+            &[],
+        )
+        .await?
+        .get(0);
     let seq = ctx.tracker.begin();
-    let ts_ms = now_ms();
+    let mut out = Out {
+        ctx,
+        seq,
+        ts_us: now_us(),
+        tx_id: u32::try_from(tx_id).ok(),
+        lsn: consistent_point,
+        pending: None,
+        first: true,
+    };
     let mut total = 0u64;
     for table in &ctx.config.cdc.tables {
         let (schema, name) = table.split_once('.').expect("validated schema.table");
-        let columns: Vec<(String, u32)> = tx
+        let columns: Vec<(String, u32, i32)> = tx
             .query(
-                "select attname::text, atttypid::oid from pg_attribute
+                "select attname::text, atttypid::oid, atttypmod from pg_attribute
                  where attrelid = $1::text::regclass and attnum > 0 and not attisdropped order by attnum",
                 &[&table],
             )
             .await?
             .iter()
-            .map(|r| (r.get(0), r.get(1)))
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect();
         if columns.is_empty() {
             return Err(SnapshotError::NoColumns(table.clone()));
@@ -99,6 +116,7 @@ pub async fn run(
             ctx.config.cdc.snapshot_fetch_rows
         );
         let mut table_rows = 0u64;
+        let mut first_in_table = true;
         loop {
             ctx.heartbeat.beat();
             let messages = tx.simple_query(&fetch).await?;
@@ -109,37 +127,30 @@ pub async fn run(
                 };
                 fetched += 1;
                 let mut after = Map::with_capacity(columns.len());
-                for (i, (col, oid)) in columns.iter().enumerate() {
+                for (i, (col, oid, _)) in columns.iter().enumerate() {
                     let value = row
                         .get(i)
                         .map_or(Value::Null, |text| text_to_json(*oid, text));
                     after.insert(col.clone(), value);
                 }
-                let envelope = Envelope {
-                    before: None,
-                    after: Some(&after),
-                    source: Source {
-                        version: crate::telemetry::BUILD_VERSION,
-                        connector: "membersync",
-                        name: &ctx.config.kafka.topic_prefix,
-                        ts_ms,
-                        snapshot: "true",
-                        db: &ctx.config.database.dbname,
-                        schema,
-                        table: name,
-                        tx_id: None,
-                        lsn: consistent_point,
-                        origin: None,
-                        unchanged_columns: &[],
-                    },
-                    op: Op::Read,
-                    ts_ms: now_ms(),
-                    transaction: None,
-                };
-                let key = super::envelope::key(&after, &key_columns);
-                ctx.sink
-                    .send(seq, &topic, key.as_deref(), &envelope.to_vec())
-                    .await?;
+                let types = columns.iter().map(|(name, oid, typmod)| ColumnType {
+                    name,
+                    type_oid: *oid,
+                    type_modifier: *typmod,
+                });
+                temporal::encode(ctx.config.cdc.time_precision_mode, &mut after, types);
+                let key = ctx.kafka_key(&after, &key_columns);
+                out.push(Row {
+                    topic: topic.clone(),
+                    schema: schema.to_owned(),
+                    table: name.to_owned(),
+                    key,
+                    after,
+                    first_in_table,
+                    last_in_table: false,
+                })
+                .await?;
+                first_in_table = false;
                 table_rows += 1;
             }
             if fetched == 0 {
@@ -147,6 +158,9 @@ pub async fn run(
             }
         }
         tx.batch_execute("close membersync_snapshot").await?;
+        if let Some(p) = out.pending.as_mut() {
+            p.last_in_table = true;
+        }
         ctx.metrics
             .events
             .with_label_values(&[table, Op::Read.as_str()])
@@ -154,6 +168,7 @@ pub async fn run(
         tracing::info!(table, rows = table_rows, "snapshot of table produced");
         total += table_rows;
     }
+    out.flush(true).await?;
     tx.commit().await?;
     // The snapshot is one "transaction" ending at the consistent point: confirmed when every
     // row is acknowledged.
@@ -165,4 +180,60 @@ pub async fn run(
         "initial snapshot acknowledged by Kafka"
     );
     Ok(total)
+}
+
+/// A snapshot row waiting for the next one: whether it is the last (of its table, of the
+/// snapshot) is known only then.
+struct Row {
+    topic: String,
+    schema: String,
+    table: String,
+    key: Option<Vec<u8>>,
+    after: Map<String, Value>,
+    first_in_table: bool,
+    last_in_table: bool,
+}
+
+/// Produces snapshot rows one behind, so that each gets Debezium's `source.snapshot` mark.
+struct Out<'a> {
+    ctx: &'a StreamContext,
+    seq: u64,
+    ts_us: i64,
+    tx_id: Option<u32>,
+    lsn: u64,
+    pending: Option<Row>,
+    first: bool,
+}
+
+impl Out<'_> {
+    async fn push(&mut self, row: Row) -> Result<(), SnapshotError> {
+        self.flush(false).await?;
+        self.pending = Some(row);
+        Ok(())
+    }
+
+    /// Produces the pending row; `last` when no row follows it.
+    async fn flush(&mut self, last: bool) -> Result<(), SnapshotError> {
+        let Some(row) = self.pending.take() else {
+            return Ok(());
+        };
+        let ctx = self.ctx;
+        let mut source = Source::new(
+            &ctx.config.kafka.topic_prefix,
+            &ctx.config.database.dbname,
+            &row.schema,
+            &row.table,
+            self.ts_us,
+            self.lsn,
+        );
+        source.snapshot = Snapshot::of_row(self.first, last, row.first_in_table, row.last_in_table);
+        source.tx_id = self.tx_id;
+        source.sequence = Some(super::envelope::sequence(None, self.lsn));
+        self.first = false;
+        let envelope = Envelope::new(Op::Read, None, Some(&row.after), source, None);
+        ctx.sink
+            .send(self.seq, &row.topic, row.key.as_deref(), &envelope.to_vec())
+            .await?;
+        Ok(())
+    }
 }

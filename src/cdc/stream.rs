@@ -9,12 +9,14 @@ use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::envelope::{
-    Envelope, Op, Source, Transaction, UNCHANGED_TOAST, now_ms, pg_micros_to_unix_ms,
+    self, Envelope, Op, Source, Transaction, UNCHANGED_TOAST, now_ms, pg_micros_to_unix_ms,
+    pg_micros_to_unix_us,
 };
 use super::incremental::{WATERMARK_PREFIX, driver::Driver};
 use super::pgoutput::{self, Message, OldTuple};
 use super::relation::{Relation, RelationCache};
 use super::slot::{self, Leader, SlotError};
+use super::temporal::{self, ColumnType};
 use super::{CdcError, ORIGIN_NAME, ORIGIN_PREFIX, StreamContext};
 
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +36,11 @@ struct OpenTx {
     seq: u64,
     xid: u32,
     final_lsn: u64,
-    commit_ms: i64,
+    /// Commit time, Unix microseconds.
+    commit_us: i64,
+    /// End LSN of the transaction committed before this one (Debezium's `lastCommitLsn`, the
+    /// first element of `source.sequence`).
+    last_commit: Option<u64>,
     origin: bool,
     total_order: u64,
     per_table: HashMap<u32, u64>,
@@ -52,6 +58,8 @@ pub async fn run(
     let mut relations = RelationCache::new();
     let mut primary_keys: HashMap<u32, Vec<String>> = HashMap::new();
     let mut tx: Option<OpenTx> = None;
+    // Streaming resumes after the slot's confirmed position: the last commit known to be done.
+    let mut last_commit = confirmed_flush(leader, &cfg.slot).await;
     let heartbeat_every = Duration::from_secs(cfg.heartbeat_interval_secs.max(1));
     let mut heartbeat = tokio::time::interval_at(
         tokio::time::Instant::now() + heartbeat_every,
@@ -94,7 +102,7 @@ pub async fn run(
             }
             event = repl.recv() => {
                 let Some(event) = event? else { return Err(StreamError::Ended.into()) };
-                handle(ctx, repl, leader, &mut relations, &mut primary_keys, &mut tx, &mut snapshots, event).await?;
+                handle(ctx, repl, leader, &mut relations, &mut primary_keys, &mut tx, &mut last_commit, &mut snapshots, event).await?;
             }
         }
     }
@@ -152,6 +160,20 @@ async fn watch_slot(ctx: &StreamContext, leader: &Leader) -> Result<(), CdcError
     }
 }
 
+/// The slot's confirmed flush LSN, if it can be read.
+async fn confirmed_flush(leader: &Leader, slot: &str) -> Option<u64> {
+    let row = leader
+        .client()
+        .query_opt(
+            "select confirmed_flush_lsn::text from pg_replication_slots where slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .ok()??;
+    let text: Option<String> = row.get(0);
+    Lsn::parse(&text?).ok().map(|l| l.as_u64())
+}
+
 /// Postgres commit timestamp (µs since 2000) → the `Instant` it corresponds to here.
 fn instant_of(pg_micros: i64) -> Instant {
     let age_ms = (now_ms() - pg_micros_to_unix_ms(pg_micros)).max(0) as u64;
@@ -168,6 +190,7 @@ async fn handle(
     relations: &mut RelationCache,
     primary_keys: &mut HashMap<u32, Vec<String>>,
     tx: &mut Option<OpenTx>,
+    last_commit: &mut Option<u64>,
     snapshots: &mut Driver,
     event: ReplicationEvent,
 ) -> Result<(), CdcError> {
@@ -181,7 +204,8 @@ async fn handle(
                 seq: ctx.tracker.begin(),
                 xid,
                 final_lsn: final_lsn.as_u64(),
-                commit_ms: pg_micros_to_unix_ms(commit_time_micros),
+                commit_us: pg_micros_to_unix_us(commit_time_micros),
+                last_commit: *last_commit,
                 origin: false,
                 total_order: 0,
                 per_table: HashMap::new(),
@@ -193,6 +217,7 @@ async fn handle(
             commit_time_micros,
             ..
         } => {
+            *last_commit = Some(end_lsn.as_u64());
             if let Some(open) = tx.take() {
                 ctx.tracker
                     .commit(open.seq, end_lsn.as_u64(), instant_of(commit_time_micros));
@@ -231,12 +256,17 @@ async fn handle(
                 ctx.metrics.confirmed_lsn.set(wal_end.as_u64() as i64);
             }
         }
-        ReplicationEvent::XLogData { data, .. } => {
+        ReplicationEvent::XLogData {
+            wal_start, data, ..
+        } => {
             let message = pgoutput::decode(&data).map_err(StreamError::from)?;
-            // pgoutput v1 carries no per-change LSN (the walsender sends 0 for all but a
-            // transaction's last message), so events carry their commit LSN: stable across
-            // re-deliveries, and with transaction.total_order a unique event position.
-            let lsn = tx.as_ref().map_or(0, |t| t.final_lsn);
+            // The walsender sends each change with its own LSN as the message's start (as
+            // Debezium reads it); messages that are not changes carry 0.
+            let lsn = if wal_start.is_zero() {
+                tx.as_ref().map_or(0, |t| t.final_lsn)
+            } else {
+                wal_start.as_u64()
+            };
             if let Message::Relation(rel) = &message {
                 // Under REPLICA IDENTITY FULL every column is flagged as key; the Kafka key
                 // is then the primary key, read from the catalog once per Relation message.
@@ -290,7 +320,14 @@ async fn change(
                 if snapshots.watching(&rel.qualified_name()) {
                     snapshots.truncated();
                 }
-                emit(ctx, tx, rel, &[], id, Op::Truncate, lsn, None, None, &[]).await?;
+                let e = Event {
+                    op: Op::Truncate,
+                    key: None,
+                    before: None,
+                    after: None,
+                    unchanged: &[],
+                };
+                emit(ctx, tx, rel, id, lsn, e).await?;
             }
             return Ok(());
         }
@@ -305,7 +342,7 @@ async fn change(
         table: rel.qualified_name(),
         reason: e.to_string(),
     };
-    let before = match &old {
+    let mut before = match &old {
         Some(OldTuple::Full(t)) | Some(OldTuple::Key(t)) => {
             Some(rel.row(t).map_err(|e| row_error(&e))?)
         }
@@ -315,6 +352,15 @@ async fn change(
         Some(t) => Some(rel.row(t).map_err(|e| row_error(&e))?),
         None => None,
     };
+    let mode = ctx.config.cdc.time_precision_mode;
+    for row in [before.as_mut(), after.as_mut()].into_iter().flatten() {
+        let columns = rel.columns.iter().map(|c| ColumnType {
+            name: &c.name,
+            type_oid: c.type_oid,
+            type_modifier: c.type_modifier,
+        });
+        temporal::encode(mode, &mut row.values, columns);
+    }
     // An unchanged TOASTed value stays marked, unless the old full row (REPLICA IDENTITY
     // FULL) knows it.
     let mut unchanged = Vec::new();
@@ -355,19 +401,85 @@ async fn change(
         }
         snapshots.changed(&keys);
     }
-    emit(
-        ctx,
-        tx,
-        rel,
-        &identity,
-        relation_id,
+    // Keys first: a key column holding the unchanged-TOAST marker gives no key.
+    let key_columns = ctx.key_columns(&rel.qualified_name(), &identity);
+    let new_key = after
+        .as_ref()
+        .and_then(|r| ctx.kafka_key(&r.values, &key_columns));
+    let old_key = before
+        .as_ref()
+        .and_then(|r| ctx.kafka_key(&r.values, &key_columns));
+    // Published with the configured placeholder (Debezium's by default).
+    let placeholder = &ctx.config.cdc.unavailable_value_placeholder;
+    let mut before = before.map(|r| r.values);
+    let mut after = after.map(|r| r.values);
+    for row in [before.as_mut(), after.as_mut()].into_iter().flatten() {
+        envelope::publish_placeholders(row, placeholder);
+    }
+    let event = |op, key, before, after| Event {
         op,
-        lsn,
-        before.as_ref().map(|r| &r.values),
-        after.as_ref().map(|r| &r.values),
-        &unchanged,
-    )
-    .await
+        key,
+        before,
+        after,
+        unchanged: &unchanged,
+    };
+    match op {
+        // A key change, as Debezium: a delete under the old key (and its tombstone), then a
+        // create under the new one, so that keyed consumers drop the old key.
+        Op::Update if old_key.is_some() && new_key.is_some() && old_key != new_key => {
+            let old_key = old_key.as_deref();
+            emit(
+                ctx,
+                tx,
+                rel,
+                relation_id,
+                lsn,
+                event(Op::Delete, old_key, before.as_ref(), None),
+            )
+            .await?;
+            emit(
+                ctx,
+                tx,
+                rel,
+                relation_id,
+                lsn,
+                event(Op::Create, new_key.as_deref(), None, after.as_ref()),
+            )
+            .await
+        }
+        Op::Delete => {
+            emit(
+                ctx,
+                tx,
+                rel,
+                relation_id,
+                lsn,
+                event(Op::Delete, old_key.as_deref(), before.as_ref(), None),
+            )
+            .await
+        }
+        _ => {
+            emit(
+                ctx,
+                tx,
+                rel,
+                relation_id,
+                lsn,
+                event(op, new_key.as_deref(), before.as_ref(), after.as_ref()),
+            )
+            .await
+        }
+    }
+}
+
+/// One event to publish.
+struct Event<'a> {
+    op: Op,
+    key: Option<&'a [u8]>,
+    before: Option<&'a Map<String, Value>>,
+    after: Option<&'a Map<String, Value>>,
+    /// Columns of `after` holding the placeholder.
+    unchanged: &'a [String],
 }
 
 async fn primary_key(leader: &Leader, relation_id: u32) -> Result<Vec<String>, CdcError> {
@@ -398,64 +510,54 @@ fn is_marker(v: &Value) -> bool {
     v.as_str() == Some(UNCHANGED_TOAST)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Publishes `e` (unless its operation is skipped), and after a delete its tombstone.
 async fn emit(
     ctx: &StreamContext,
     tx: &mut OpenTx,
     rel: &Relation,
-    identity: &[String],
     relation_id: u32,
-    op: Op,
     lsn: u64,
-    before: Option<&Map<String, Value>>,
-    after: Option<&Map<String, Value>>,
-    unchanged: &[String],
+    e: Event<'_>,
 ) -> Result<(), CdcError> {
+    if ctx.skips(e.op) {
+        return Ok(());
+    }
     tx.total_order += 1;
     let table_order = tx.per_table.entry(relation_id).or_insert(0);
     *table_order += 1;
     let qualified = rel.qualified_name();
-    let key_columns = ctx.key_columns(&qualified, identity);
-    // The key comes from the new row, else the old one (deletes); truncates have none.
-    let key = after
-        .or(before)
-        .and_then(|row| super::envelope::key(row, &key_columns));
-    let envelope = Envelope {
-        before,
-        after,
-        source: Source {
-            version: crate::telemetry::BUILD_VERSION,
-            connector: "membersync",
-            name: &ctx.config.kafka.topic_prefix,
-            ts_ms: tx.commit_ms,
-            snapshot: "false",
-            db: &ctx.config.database.dbname,
-            schema: &rel.namespace,
-            table: &rel.name,
-            tx_id: Some(tx.xid),
-            lsn,
-            origin: tx.origin.then_some(ORIGIN_NAME),
-            unchanged_columns: unchanged,
-        },
-        op,
-        ts_ms: now_ms(),
-        transaction: Some(Transaction {
-            id: format!("{}:{}", tx.xid, tx.final_lsn),
-            total_order: tx.total_order,
-            data_collection_order: *table_order,
-        }),
+    let mut source = Source::new(
+        &ctx.config.kafka.topic_prefix,
+        &ctx.config.database.dbname,
+        &rel.namespace,
+        &rel.name,
+        tx.commit_us,
+        lsn,
+    );
+    source.tx_id = Some(tx.xid);
+    source.sequence = Some(envelope::sequence(tx.last_commit, lsn));
+    source.origin = tx.origin.then_some(ORIGIN_NAME);
+    source.unchanged_columns = if e.after.is_some() { e.unchanged } else { &[] };
+    let transaction = Transaction {
+        id: format!("{}:{}", tx.xid, tx.final_lsn),
+        total_order: tx.total_order,
+        data_collection_order: *table_order,
     };
+    let envelope = Envelope::new(e.op, e.before, e.after, source, Some(transaction));
     let topic = ctx.topics.cdc(&rel.namespace, &rel.name);
-    let waited = ctx
+    let mut waited = ctx
         .sink
-        .send(tx.seq, &topic, key.as_deref(), &envelope.to_vec())
+        .send(tx.seq, &topic, e.key, &envelope.to_vec())
         .await?;
+    if let (Op::Delete, true, Some(key)) = (e.op, ctx.config.cdc.tombstones_on_delete, e.key) {
+        waited |= ctx.sink.send_tombstone(tx.seq, &topic, key).await?;
+    }
     if waited {
         ctx.metrics.backpressure_waits.inc();
     }
     ctx.metrics
         .events
-        .with_label_values(&[&qualified, op.as_str()])
+        .with_label_values(&[&qualified, e.op.as_str()])
         .inc();
     Ok(())
 }

@@ -19,6 +19,9 @@
 //! | arrays of the above | JSON arrays (nested for multi-dimensional), elements converted by element type |
 //! | anything else (`text`, `varchar`, `uuid`, `time`, `interval`, enums, …) | string |
 //!
+//! `cdc.time_precision_mode` may turn `date`, `time` and `timestamp` into Debezium's numbers
+//! afterwards (`super::temporal`).
+//!
 //! Years outside 0000–9999 (and BC dates, as astronomical years: 1 BC = `0000`, 44 BC =
 //! `-0043`) use ISO 8601 expanded notation with a sign (`+10000-01-01`, `-0043-03-15`).
 

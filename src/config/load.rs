@@ -328,6 +328,9 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
             ));
         }
     }
+    if let Err(e) = crate::cdc::identity::skipped_operations(&cdc.skipped_operations) {
+        return Err(ConfigError::new("cdc.skipped_operations", e));
+    }
     at_least_one("cdc.snapshot_fetch_rows", cdc.snapshot_fetch_rows as i64)?;
     at_least_one(
         "cdc.incremental_chunk_rows",

@@ -288,6 +288,22 @@ pub struct CdcConfig {
     /// (a hung leader, or one whose connection is gone without the server noticing), and
     /// takes over. Also the TCP keepalive and user timeout budget of the lock session.
     pub leader_lease_timeout_secs: u64,
+    /// The Kafka key of change events: `member_id` (one key column → its bare text, sharing
+    /// partitions with the webhook topics) or `debezium` (a JSON object of the key columns).
+    pub key_format: crate::cdc::envelope::KeyFormat,
+    /// Debezium's `skipped.operations`: comma-separated `c`, `u`, `d`, `t`, or `none`.
+    pub skipped_operations: String,
+    /// Debezium's `tombstones.on.delete`: a null-valued record follows every delete.
+    pub tombstones_on_delete: bool,
+    /// Debezium's `unavailable.value.placeholder`: stands in for an unchanged TOASTed value.
+    pub unavailable_value_placeholder: String,
+    /// The replica identity CDC gives a captured table when it starts (Debezium's
+    /// `replica.identity.autoset.values`): `"public.members" = "full"`; unlisted tables are
+    /// left as they are.
+    pub replica_identity: std::collections::BTreeMap<String, crate::cdc::identity::ReplicaIdentity>,
+    /// Debezium's `time.precision.mode` for `date`, `time` and `timestamp`: `iso_string`,
+    /// `adaptive` or `connect`.
+    pub time_precision_mode: crate::cdc::temporal::TimePrecisionMode,
 }
 
 impl Default for CdcConfig {
@@ -313,6 +329,16 @@ impl Default for CdcConfig {
             max_record_bytes: 1_000_000,
             leader_heartbeat_interval_ms: 2_000,
             leader_lease_timeout_secs: 15,
+            key_format: crate::cdc::envelope::KeyFormat::MemberId,
+            skipped_operations: "t".into(),
+            tombstones_on_delete: true,
+            unavailable_value_placeholder: crate::cdc::envelope::DEBEZIUM_PLACEHOLDER.into(),
+            replica_identity: [(
+                "public.members".to_owned(),
+                crate::cdc::identity::ReplicaIdentity::Full,
+            )]
+            .into(),
+            time_precision_mode: crate::cdc::temporal::TimePrecisionMode::IsoString,
         }
     }
 }

@@ -93,6 +93,10 @@ impl Setup {
             ("MEMBERSYNC__CDC__SLOT_POLL_INTERVAL_SECS", "1"),
             ("MEMBERSYNC__CDC__STATUS_INTERVAL_MS", "200"),
             ("MEMBERSYNC__CDC__RECONNECT_MAX_BACKOFF_SECS", "2"),
+            // These tests read every operation one record each; Debezium's defaults (truncates
+            // skipped, a tombstone after each delete) are tested in `debezium`.
+            ("MEMBERSYNC__CDC__SKIPPED_OPERATIONS", "none"),
+            ("MEMBERSYNC__CDC__TOMBSTONES_ON_DELETE", "false"),
         ] {
             env.push((k.into(), v.into()));
         }
@@ -403,7 +407,8 @@ async fn every_operation_is_a_debezium_envelope_with_converted_values() {
     for e in &events {
         let v = &e.value;
         let src = &v["source"];
-        assert_eq!(src["connector"], "membersync", "{v}");
+        assert_eq!(src["connector"], "postgresql", "{v}");
+        assert_eq!(src["producer"], "membersync", "{v}");
         assert_eq!(src["name"], s.kafka.topic_prefix.as_str(), "{v}");
         assert_eq!(src["db"], s.db.name.as_str(), "{v}");
         assert_eq!(src["schema"], "public", "{v}");
@@ -422,7 +427,7 @@ async fn every_operation_is_a_debezium_envelope_with_converted_values() {
         last_lsn = lsn;
         if e.op() == "r" {
             assert!(
-                matches!(src["snapshot"].as_str(), Some("true" | "last")),
+                matches!(src["snapshot"].as_str(), Some("true" | "first" | "last")),
                 "{v}"
             );
             assert_eq!(v["transaction"], Value::Null, "{v}");
@@ -555,9 +560,10 @@ async fn before_images_follow_the_replica_identity() {
     s.sql("delete from public.cdc_t where id = 20").await;
 
     let mut reader = s.reader("cdc_t");
-    let events = reader.count(7, Duration::from_secs(30)).await.to_vec();
+    let events = reader.count(8, Duration::from_secs(30)).await.to_vec();
     let ops: Vec<&str> = events.iter().map(Event::op).collect();
-    assert_eq!(ops, ["c", "u", "u", "d", "c", "u", "d"], "{events:#?}");
+    // The key change (10 → 11) is a delete of 10 and a create of 11, as Debezium publishes it.
+    assert_eq!(ops, ["c", "u", "d", "c", "d", "c", "u", "d"], "{events:#?}");
     let key_only = |before: &Value, id: i64| {
         let obj = before
             .as_object()
@@ -571,8 +577,8 @@ async fn before_images_follow_the_replica_identity() {
         }
     };
 
-    // DEFAULT: an update that keeps the key has no before image; one that changes it, the old
-    // key; a delete, the key.
+    // DEFAULT: an update that keeps the key has no before image; one that changes it is a
+    // delete with the old key and a create; a delete has the key.
     let b = &events[1].value["before"];
     assert!(b.is_null() || b.as_object().is_some_and(|_| true), "{b}");
     if !b.is_null() {
@@ -580,21 +586,28 @@ async fn before_images_follow_the_replica_identity() {
     }
     assert_eq!(events[1].value["after"]["name"], "changed");
     key_only(&events[2].value["before"], 10);
-    assert_eq!(events[2].value["after"]["id"], 11);
-    key_only(&events[3].value["before"], 11);
+    assert_eq!(events[2].key.as_deref(), Some("10"));
+    assert_eq!(events[3].value["after"]["id"], 11);
+    assert_eq!(events[3].value["before"], Value::Null);
+    assert_eq!(events[3].key.as_deref(), Some("11"));
+    assert_eq!(
+        events[2].value["source"]["lsn"], events[3].value["source"]["lsn"],
+        "one change, one LSN"
+    );
+    key_only(&events[4].value["before"], 11);
 
     // FULL: the whole old row.
     let full_old = json!({"id": 20, "memberstack_id": "mem_20", "name": "n20", "big": null, "n": "1.5",
-                          "js": {"v": 20}, "ts": events[4].value["after"]["ts"], "tags": ["x"], "raw": "AQ=="});
-    assert_eq!(events[5].value["before"], full_old, "update under FULL");
-    assert_eq!(events[5].value["after"]["name"], "changed");
+                          "js": {"v": 20}, "ts": events[5].value["after"]["ts"], "tags": ["x"], "raw": "AQ=="});
+    assert_eq!(events[6].value["before"], full_old, "update under FULL");
+    assert_eq!(events[6].value["after"]["name"], "changed");
     assert_eq!(
-        events[6].value["before"]["name"], "changed",
+        events[7].value["before"]["name"], "changed",
         "delete under FULL: {}",
-        events[6].value
+        events[7].value
     );
-    assert_eq!(events[6].value["before"]["js"], json!({"v": 20}));
-    assert_eq!(events[6].value["after"], Value::Null);
+    assert_eq!(events[7].value["before"]["js"], json!({"v": 20}));
+    assert_eq!(events[7].value["after"], Value::Null);
 }
 
 #[tokio::test]
@@ -700,7 +713,7 @@ async fn unchanged_toast_is_marked_under_default_and_filled_under_full() {
     let default = &events[1].value;
     assert_eq!(default["after"]["name"], "b");
     assert_eq!(
-        default["after"]["big"], "__unchanged_toast",
+        default["after"]["big"], "__debezium_unavailable_value",
         "never null, never the value"
     );
     assert_eq!(default["source"]["unchanged_columns"], json!(["big"]));
@@ -939,7 +952,7 @@ async fn keys_are_the_member_id_for_members_and_the_primary_key_elsewhere() {
         .to_vec();
     let cdc_t = s
         .reader("cdc_t")
-        .count(8, Duration::from_secs(30))
+        .count(9, Duration::from_secs(30))
         .await
         .to_vec();
     let expected = [
@@ -958,7 +971,9 @@ async fn keys_are_the_member_id_for_members_and_the_primary_key_elsewhere() {
                 ("r", "1"),
                 ("c", "2"),
                 ("u", "2"),
-                ("u", "3"),
+                // The key change 2 → 3: a delete under 2, a create under 3.
+                ("d", "2"),
+                ("c", "3"),
                 ("d", "3"),
                 ("c", "4"),
                 ("u", "4"),
@@ -2032,3 +2047,91 @@ async fn a_change_too_large_for_kafka_is_replaced_and_the_stream_moves_on() {
 
 #[path = "incremental.rs"]
 mod incremental;
+
+// ------------------------------------------------------------------------------------------
+// cdc.replica_identity (Debezium's replica.identity.autoset.values)
+// ------------------------------------------------------------------------------------------
+
+/// The leader sets the configured identity where the daemon role may (here it owns `cdc_t`),
+/// and leaves a table it may not alter as it is (`members`, owned by the migrating role, is
+/// FULL since V18 anyway): updates then carry the whole old row.
+#[tokio::test]
+async fn the_configured_replica_identity_is_set_at_start() {
+    let s = Setup::new().await;
+    s.sql("alter table public.cdc_t owner to membersync").await;
+    let identity = |table: &'static str| {
+        let admin = &s.admin;
+        async move {
+            let c: i8 = admin
+                .query_one(
+                    "select relreplident::\"char\" from pg_class where oid = $1::text::regclass",
+                    &[&table],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            c as u8
+        }
+    };
+    assert_eq!(identity("public.cdc_t").await, b'd');
+    let env = s.env_with(&[(
+        "MEMBERSYNC__CDC__REPLICA_IDENTITY",
+        r#"{"public.cdc_t"="full","public.members"="full"}"#,
+    )]);
+    let _daemon = Daemon::start("cdc", env).await;
+    s.snapshot_done().await;
+    assert_eq!(identity("public.cdc_t").await, b'f', "set by the leader");
+    assert_eq!(identity("public.members").await, b'f', "V18");
+    s.sql("insert into public.cdc_t (id, memberstack_id, name) values (1, 'mem_1', 'a')")
+        .await;
+    s.sql("update public.cdc_t set name = 'b' where id = 1")
+        .await;
+    let events = s
+        .reader("cdc_t")
+        .count(2, Duration::from_secs(30))
+        .await
+        .to_vec();
+    assert_eq!(events[1].value["before"]["name"], "a", "{:?}", events[1]);
+}
+
+// ------------------------------------------------------------------------------------------
+// cdc.time_precision_mode (Debezium's time.precision.mode)
+// ------------------------------------------------------------------------------------------
+
+/// `adaptive`: dates as days, times and timestamps as micro- or milliseconds by precision, in
+/// snapshot rows and streamed changes alike; `timestamptz` stays an ISO string.
+#[tokio::test]
+async fn adaptive_time_precision_publishes_debezium_numbers() {
+    let s = Setup::with_kafka(support::kafka::config()).await;
+    s.sql(
+        "alter table public.cdc_t add column d date, add column t time, add column t3 time(3),
+           add column lts timestamp, add column lts0 timestamp(0), add column ds date[]",
+    )
+    .await;
+    s.sql(
+        "insert into public.cdc_t (id, memberstack_id, d, t, t3, lts, lts0, ds) values
+           (1, 'mem_1', '2024-02-29', '12:34:56.789012', '00:00:01.5', '2024-02-29 12:34:56.789012',
+            '1969-12-31 23:59:59', '{1970-01-02,NULL}')",
+    )
+    .await;
+    let env = s.env_with(&[("MEMBERSYNC__CDC__TIME_PRECISION_MODE", "adaptive")]);
+    let _daemon = Daemon::start("cdc", env).await;
+    s.snapshot_done().await;
+    s.sql("update public.cdc_t set name = 'x' where id = 1")
+        .await;
+    let events = s
+        .reader("cdc_t")
+        .count(2, Duration::from_secs(30))
+        .await
+        .to_vec();
+    for e in &events {
+        let a = &e.value["after"];
+        assert_eq!(a["d"], 19_782, "{a}");
+        assert_eq!(a["t"], 45_296_789_012i64, "{a}");
+        assert_eq!(a["t3"], 1_500, "{a}");
+        assert_eq!(a["lts"], 1_709_210_096_789_012i64, "{a}");
+        assert_eq!(a["lts0"], -1_000, "{a}");
+        assert_eq!(a["ds"], json!([1, null]), "{a}");
+    }
+    assert_eq!(events[1].value["op"], "u");
+}

@@ -7,6 +7,7 @@ mod bridge;
 mod cdc;
 mod check;
 mod config;
+mod debezium;
 mod deploy;
 mod docs;
 mod ingest;

@@ -208,8 +208,8 @@ async fn schema_has_its_indexes_constraints_and_publication() {
         "tables without RLS: {without_rls:?}"
     );
 
-    // The CDC publication holds members, whose replica identity is its memberstack_id index
-    // (V7), so a hard delete's CDC event is keyed by the member.
+    // The CDC publication holds members, whose replica identity is FULL (V18): update and
+    // delete events carry the whole old row (and the memberstack_id CDC keys them by).
     let published = strings(&admin, "select schemaname || '.' || tablename from pg_publication_tables where pubname = 'membersync'").await;
     assert_eq!(published, ["public.members"]);
     let identity: i8 = admin
@@ -220,16 +220,7 @@ async fn schema_has_its_indexes_constraints_and_publication() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(identity as u8, b'i');
-    let index: String = admin
-        .query_one(
-            "select indexrelid::regclass::text from pg_index where indrelid = 'public.members'::regclass and indisreplident",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(index, "members_memberstack_id_key");
+    assert_eq!(identity as u8, b'f');
     let realtime = strings(
         &admin,
         "select tablename::text from pg_publication_tables where pubname = 'supabase_realtime'",

@@ -31,6 +31,8 @@ pub struct ChunkRequest {
     pub until: Option<Vec<String>>,
     pub limit: u32,
     pub low: Watermark,
+    /// How temporal values are published (`cdc.time_precision_mode`).
+    pub time_mode: crate::cdc::temporal::TimePrecisionMode,
 }
 
 #[derive(Debug, Clone)]
@@ -69,6 +71,7 @@ struct Column {
     oid: u32,
     /// `format_type` spelling, for casting key literals.
     sql_type: String,
+    typmod: i32,
 }
 
 /// Reads one chunk between two watermarks.
@@ -79,7 +82,7 @@ pub async fn read(client: &Client, req: &ChunkRequest) -> Result<ChunkRows, Chun
         .ok_or_else(|| ChunkError::Unusable(format!("{} is not schema.table", req.table)))?;
     let columns: Vec<Column> = client
         .query(
-            "select attname::text, atttypid::oid, format_type(atttypid, atttypmod) from pg_attribute
+            "select attname::text, atttypid::oid, format_type(atttypid, atttypmod), atttypmod from pg_attribute
              where attrelid = $1::text::regclass and attnum > 0 and not attisdropped order by attnum",
             &[&req.table],
         )
@@ -89,6 +92,7 @@ pub async fn read(client: &Client, req: &ChunkRequest) -> Result<ChunkRows, Chun
             name: r.get(0),
             oid: r.get(1),
             sql_type: r.get(2),
+            typmod: r.get(3),
         })
         .collect();
     if columns.is_empty() {
@@ -248,6 +252,12 @@ pub async fn read(client: &Client, req: &ChunkRequest) -> Result<ChunkRows, Chun
             let value = row.get(i).map_or(Value::Null, |t| text_to_json(c.oid, t));
             after.insert(c.name.clone(), value);
         }
+        let types = columns.iter().map(|c| crate::cdc::temporal::ColumnType {
+            name: &c.name,
+            type_oid: c.oid,
+            type_modifier: c.typmod,
+        });
+        crate::cdc::temporal::encode(req.time_mode, &mut after, types);
         last_key = Some(
             pk_index
                 .iter()

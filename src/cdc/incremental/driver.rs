@@ -20,7 +20,7 @@ use tokio_postgres::Client;
 use super::IncrementalError;
 use super::chunk::{self, ChunkError, ChunkRequest, ChunkRows};
 use super::window::{Mark, RecentCommits, Watermark, Window};
-use crate::cdc::envelope::{self, Envelope, Op, Source, now_ms};
+use crate::cdc::envelope::{self, Envelope, Op, Snapshot, Source, now_us};
 use crate::cdc::{CdcError, StreamContext};
 use crate::db::{self, Login};
 
@@ -419,6 +419,7 @@ impl Driver {
             until: active.until.clone(),
             limit: ctx.config.cdc.incremental_chunk_rows,
             low: low.clone(),
+            time_mode: ctx.config.cdc.time_precision_mode,
         };
         ctx.metrics
             .incremental_tables_remaining
@@ -506,7 +507,7 @@ impl Driver {
         let topic = ctx.topics.cdc(schema, name);
         let key_columns = ctx.key_columns(table, &rows.identity);
         let seq = ctx.tracker.begin();
-        let ts_ms = now_ms();
+        let ts_us = now_us();
         let (mut produced, mut skipped) = (0i64, 0i64);
         for after in &rows.rows {
             let key = envelope::key(after, &key_columns);
@@ -521,27 +522,18 @@ impl Driver {
                 skipped += 1;
                 continue;
             }
-            let event = Envelope {
-                before: None,
-                after: Some(after),
-                source: Source {
-                    version: crate::telemetry::BUILD_VERSION,
-                    connector: "membersync",
-                    name: &ctx.config.kafka.topic_prefix,
-                    ts_ms,
-                    snapshot: "incremental",
-                    db: &ctx.config.database.dbname,
-                    schema,
-                    table: name,
-                    tx_id: None,
-                    lsn,
-                    origin: None,
-                    unchanged_columns: &[],
-                },
-                op: Op::Read,
-                ts_ms: now_ms(),
-                transaction: None,
-            };
+            let mut source = Source::new(
+                &ctx.config.kafka.topic_prefix,
+                &ctx.config.database.dbname,
+                schema,
+                name,
+                ts_us,
+                lsn,
+            );
+            source.snapshot = Snapshot::Incremental;
+            source.sequence = Some(envelope::sequence(None, lsn));
+            let event = Envelope::new(Op::Read, None, Some(after), source, None);
+            let key = ctx.kafka_key(after, &key_columns);
             if ctx
                 .sink
                 .send(seq, &topic, key.as_deref(), &event.to_vec())

@@ -1,0 +1,11 @@
+-- V18: the replica identity of `members` is FULL (replaces V7's memberstack_id index).
+--
+-- Debezium consumers need the whole old row in an update's `before` (Flink's `debezium-json`
+-- refuses an update without it), and only REPLICA IDENTITY FULL makes Postgres log it. It also
+-- lets CDC fill an unchanged TOASTed column (`project_data`) of `after` from the old row
+-- instead of publishing a placeholder. Deletes and key changes still carry `memberstack_id`
+-- (the whole old row does), so change events stay keyed by the member. The cost is WAL: every
+-- update and delete logs the old row too. `cdc.replica_identity` (docs/cdc.md) sets it at CDC
+-- start where the daemon may; this migration sets it for a daemon role that does not own the
+-- table.
+alter table public.members replica identity full;
