@@ -230,12 +230,9 @@ fn cdc(v: Value, position: Position) -> Result<Change, DecodeError> {
         .and_then(Value::as_u64)
         .unwrap_or(0);
     let own = source.get("origin").and_then(Value::as_str) == Some(crate::cdc::ORIGIN_NAME);
-    let row = v
-        .get("after")
-        .filter(|a| a.is_object())
-        .or_else(|| v.get("before"))
-        .cloned()
-        .unwrap_or(Value::Null);
+    // Without the columns the event says are unchanged TOAST (their value is a placeholder,
+    // not the row's): such a change does not carry them.
+    let row = crate::cdc::envelope::available_columns(&v);
     let member_id = row
         .get("memberstack_id")
         .and_then(Value::as_str)

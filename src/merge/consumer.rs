@@ -72,6 +72,11 @@ impl Handler for Records {
     ) -> bool {
         // A configured topic outside the prefix is read as CDC (Debezium shape).
         let kind = TopicKind::of(message.topic(), &self.prefix).unwrap_or(TopicKind::Cdc);
+        // The tombstone after a CDC delete is for compacted topics and upsert consumers; the
+        // delete event before it carried the change.
+        if kind == TopicKind::Cdc && crate::cdc::envelope::is_tombstone(message.payload()) {
+            return true;
+        }
         worker::process(&self.shared, db, message, kind, stop).await
     }
 }

@@ -2571,3 +2571,51 @@ async fn a_deleted_member_stays_deleted_whatever_arrives_later() {
         .get(0);
     assert_eq!(errors, 0, "no 404, no dead letter");
 }
+
+/// A member row deleted in SQL: CDC publishes the delete and then its tombstone (a null value,
+/// for compacted topics). Merge takes the delete and passes over the tombstone — it is no
+/// undecodable record for the dead-letter topic. An insert under the same key afterwards (the
+/// same partition and worker, so handled after the tombstone) is the barrier.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hard_deleted_row_leaves_no_dead_letter_for_its_tombstone() {
+    let s = Stack::start(&[]).await;
+    let id = s
+        .dashboard_member("hard-delete@example.com", json!({}))
+        .await;
+    s.quiescent(Duration::from_millis(500)).await;
+    s.admin
+        .execute(
+            "delete from public.members where memberstack_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let before = s.processed().await;
+    s.admin
+        .execute(
+            "insert into public.members (memberstack_id, email) values ($1, 'again@example.com')",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    wait_for("the insert after the tombstone decided", WAIT, || async {
+        (s.processed().await > before).then_some(())
+    })
+    .await;
+    let letters: i64 = {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let c: BaseConsumer = membersync::kafka::client_config(&s.kafka)
+            .set("group.id", support::unique_name("dlq-count"))
+            .create()
+            .unwrap();
+        (0..s.kafka.topic_partitions as i32)
+            .map(|p| {
+                let (low, high) = c
+                    .fetch_watermarks(&s.topic("dlq"), p, Duration::from_secs(10))
+                    .unwrap();
+                high - low
+            })
+            .sum()
+    };
+    assert_eq!(letters, 0, "dead letters: {}", s.history(&id).await);
+}

@@ -332,7 +332,10 @@ async fn a_wedged_outbox_relay_fails_liveness() {
             .is_some_and(|r| r.contains("no heartbeat")),
         "{body}"
     );
-    assert!(!roles.contains_key("merge"), "the consumer loop still beats: {body}");
+    assert!(
+        !roles.contains_key("merge"),
+        "the consumer loop still beats: {body}"
+    );
 }
 
 /// `membersync_dlq_unreplayed{topic}`: dead letters on `<prefix>.dlq` minus the distinct
