@@ -1398,10 +1398,12 @@ async fn no_lock_is_held_while_memberstack_hangs() {
 /// of the latest values, and both sides end equal.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_member_edited_fifty_times_in_a_second_gets_at_most_two_patches() {
-    // One PATCH at once, the rest coalesced into the next one a pace later. The pace is 5 s
+    // One PATCH at once, the rest coalesced into the next one a pace later. The pace is 8 s
     // here (default 2 s) so that the bound holds however slowly a loaded CI machine moves the
-    // 50 edits through CDC and merge: all of them are decided before the second PATCH.
-    let s = Stack::start(&[("MEMBERSYNC__MERGE__MEMBER_PUSH_INTERVAL_MS", "5000")]).await;
+    // 50 edits through CDC and merge: all of them are decided before the second PATCH. The
+    // edits are paced at 20 ms (one second in all); on a saturated machine the test's own
+    // round trips stretch that, which is fine as long as they end well before the pace.
+    let s = Stack::start(&[("MEMBERSYNC__MERGE__MEMBER_PUSH_INTERVAL_MS", "8000")]).await;
     let id = s.dashboard_member("burst@example.com", json!({})).await;
     s.quiescent(Duration::from_millis(500)).await;
     let before = s.patches();
@@ -1419,8 +1421,12 @@ async fn a_member_edited_fifty_times_in_a_second_gets_at_most_two_patches() {
             tokio::time::sleep(wait).await;
         }
     }
-    assert!(started.elapsed() < Duration::from_millis(2_500));
-    s.quiescent(Duration::from_secs(6)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the 50 edits took {:?}: the machine is too slow for the test's premise",
+        started.elapsed()
+    );
+    s.quiescent(Duration::from_secs(9)).await;
     let patches = s.patches() - before;
     eprintln!("50 edits in {:?} → {patches} PATCH(es)", started.elapsed());
     assert!(patches <= 2, "{patches} PATCHes for one member's burst");
