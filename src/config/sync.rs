@@ -8,7 +8,7 @@ use std::time::Duration;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
-/// Which side's value wins when the two disagree (docs/sync-rules.md §2, docs/merge.md).
+/// Which side's value wins when the two disagree (docs/sync-policy.md §2, docs/merge.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Authority {
