@@ -1,5 +1,11 @@
 //! Admin routes: `Authorization: Bearer <api.admin_token>`. Without a configured token they
 //! do not exist (404), so an unconfigured server offers nothing to guess at.
+//!
+//! Each answered call that shows member data appends an `audit_logs` row (actor `admin-api`,
+//! action `admin_<route>`; the API role may append only such rows, V19). `status` is not
+//! recorded: it shows no member data and is made to be polled, so its rows would bury the
+//! others. A refused call is logged and counted, not recorded: an unauthenticated caller must
+//! not be able to make the database grow.
 
 use std::sync::Arc;
 
@@ -66,5 +72,30 @@ pub async fn dlq(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Resp
         }
     };
     let listed = dlq::listing(&letters, &replayed);
+    if let Err(e) = audit(
+        &state,
+        "admin_dlq_list",
+        json!({"topic": topic, "count": listed.len()}),
+    )
+    .await
+    {
+        // The letters are not shown without their trace.
+        tracing::warn!(error = %e, "API: cannot record the admin call in audit_logs");
+        return Problem::unavailable("database_unavailable", "audit_logs cannot be written now")
+            .into_response();
+    }
     Json(json!({"topic": topic, "count": listed.len(), "dead_letters": listed})).into_response()
+}
+
+/// Appends the call's `audit_logs` row.
+async fn audit(state: &ApiState, action: &str, details: serde_json::Value) -> Result<(), String> {
+    let client = state.db.get().await.map_err(|e| e.to_string())?;
+    client
+        .execute(
+            "insert into public.audit_logs (actor, action, details) values ('admin-api', $1, $2)",
+            &[&action, &details],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
 }

@@ -37,12 +37,14 @@ const MERGE_NEEDS: &[(&str, &str)] = &[
     ("public.audit_logs", "INSERT"),
 ];
 
-/// What the API reads (src/api/sync_view.rs, src/api/status.rs).
+/// What the API reads (src/api/sync_view.rs, src/api/status.rs), and the one table it appends
+/// to: its admin calls' audit rows (src/api/admin.rs, V19).
 const API_NEEDS: &[(&str, &str)] = &[
     ("public.members", "SELECT"),
     ("public.sync_state", "SELECT"),
     ("public.error_logs", "SELECT"),
     ("public.audit_logs", "SELECT"),
+    ("public.audit_logs", "INSERT"),
 ];
 
 pub(super) async fn check(config: &Config) -> Vec<Item> {
@@ -139,14 +141,16 @@ async fn privileges(
         }
     }
     if login == Login::Api && own_role {
-        // Read-only: no write privilege on any table of ours.
+        // Read-only but for appending its audit rows: no other write privilege on any table of
+        // ours.
         let writable: Vec<String> = client
             .query(
                 "select n.nspname || '.' || c.relname
                    from pg_class c join pg_namespace n on n.oid = c.relnamespace
                   where n.nspname in ('public', 'membersync_meta') and c.relkind in ('r', 'p')
-                    and has_table_privilege(current_user, c.oid,
-                          'INSERT, UPDATE, DELETE, TRUNCATE')
+                    and (has_table_privilege(current_user, c.oid, 'UPDATE, DELETE, TRUNCATE')
+                         or (has_table_privilege(current_user, c.oid, 'INSERT')
+                             and c.oid <> 'public.audit_logs'::regclass))
                   order by 1",
                 &[],
             )
@@ -156,7 +160,7 @@ async fn privileges(
             .collect();
         if !writable.is_empty() {
             problems.push(format!(
-                "may write {} (the API role must be read-only)",
+                "may write {} (the API role must be read-only but for appending audit_logs)",
                 writable.join(", ")
             ));
         }

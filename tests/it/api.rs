@@ -654,6 +654,24 @@ async fn admin_routes_need_the_admin_token() {
     assert_eq!(status, 200, "{dlq}");
     assert_eq!(dlq["count"], 0);
     assert_eq!(dlq["dead_letters"], json!([]));
+
+    // The dead-letter listing left its trace; the polled status and the refused calls did not.
+    let audit: Vec<(String, String)> =
+        s.db.admin()
+            .await
+            .query(
+                "select actor, action from public.audit_logs order by created_at",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+    assert_eq!(
+        audit,
+        vec![("admin-api".to_owned(), "admin_dlq_list".to_owned())]
+    );
 }
 
 #[tokio::test]

@@ -220,6 +220,7 @@ async fn duty_roles_have_exactly_their_duties() {
         "select * from public.sync_state",
         "select * from public.error_logs",
         "select * from public.audit_logs",
+        "insert into public.audit_logs (actor, action) values ('admin-api', 'admin_dlq_list')",
         "select * from pg_replication_slots",
     ] {
         assert_eq!(as_role("membersync_api", sql).await, Ok(()), "api: {sql}");
@@ -229,6 +230,11 @@ async fn duty_roles_have_exactly_their_duties() {
         "update public.members set email = null",
         "delete from public.sync_state",
         "insert into public.error_logs (error_type, error_message) values ('x', 'y')",
+        // Its own audit rows only (V19): never one that marks a dead letter replayed.
+        "insert into public.audit_logs (actor, action) values ('admin-api', 'dlq_replay')",
+        "insert into public.audit_logs (actor, action) values ('cli', 'admin_x')",
+        "update public.audit_logs set action = 'x'",
+        "delete from public.audit_logs",
         "select * from public.webhook_log",
         "select * from membersync_meta.member_column_edits",
         "select pg_create_logical_replication_slot('duty_api_slot', 'pgoutput')",
@@ -237,7 +243,9 @@ async fn duty_roles_have_exactly_their_duties() {
         assert!(
             refused
                 .as_ref()
-                .is_err_and(|m| m.contains("permission denied") || m.contains("replication")),
+                .is_err_and(|m| m.contains("permission denied")
+                    || m.contains("row-level security")
+                    || m.contains("replication")),
             "api may not: {sql} → {refused:?}"
         );
     }
